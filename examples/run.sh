@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# Launch one GPT pre-training run (or all implemented methods) with the
+# paper's default sizes.
+#
+#   examples/run.sh -m METHOD -l LAYERS -h HIDDEN -b BATCH -w WINDOW [-n NPROC] [-- extra args...]
+#
+# See usage() below, or run `examples/run.sh --help`.
+set -euo pipefail
+
+# Methods the launcher accepts, and those that pretrain_gpt.py implements now.
+VALID_METHODS="megatron-lm l2l zero-offload zero-infinity stronghold all"
+IMPLEMENTED="megatron-lm stronghold"
+
+# Paper defaults (GPU).
+DEFAULT_LAYERS=16
+DEFAULT_HIDDEN=2048
+DEFAULT_HEADS=16
+DEFAULT_SEQ=1024
+DEFAULT_BATCH=4
+DEFAULT_WINDOW=4
+DEFAULT_NPROC=1
+TRAIN_ITERS=20
+
+# Small model used on a machine without a GPU (unless -l or -h is given).
+SMALL_LAYERS=4
+SMALL_HIDDEN=128
+SMALL_HEADS=4
+SMALL_SEQ=128
+
+PY="${PYTHON:-python3}"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROG="examples/run.sh"
+
+usage() {
+    cat <<EOF
+Usage: $PROG [-m METHOD] [-l LAYERS] [-h HIDDEN] [-b BATCH] [-w WINDOW] [-n NPROC] [--dry-run] [-- EXTRA...]
+
+Run GPT pre-training through pretrain_gpt.py with Megatron-LM style flags.
+
+  -m METHOD   offload method: ${VALID_METHODS// /, } (default: megatron-lm)
+              'all' runs every implemented method in turn with the same sizes.
+  -l LAYERS   number of transformer layers   (default: $DEFAULT_LAYERS)
+  -h HIDDEN   hidden size                    (default: $DEFAULT_HIDDEN; must be divisible by the heads)
+  -b BATCH    micro batch size per process; global batch = BATCH x NPROC (default: $DEFAULT_BATCH)
+  -w WINDOW   StrongHold window size         (default: $DEFAULT_WINDOW)
+  -n NPROC    processes on this node; > 1 uses torchrun (default: $DEFAULT_NPROC)
+  --dry-run   print the command(s) and the log path, do not run them
+  --help, -?  show this help (note: -h is the hidden size)
+  -- EXTRA    everything after '--' is passed to pretrain_gpt.py last, so it
+              overrides the defaults (e.g. -- --num-attention-heads 8 --train-iters 100)
+
+Defaults: $DEFAULT_HEADS heads, sequence length $DEFAULT_SEQ, $TRAIN_ITERS iterations, mock data, bf16 on GPU.
+Without a GPU (fp32) and unless -l or -h is given, a small model is used:
+$SMALL_LAYERS layers, hidden $SMALL_HIDDEN, $SMALL_HEADS heads, sequence length $SMALL_SEQ.
+
+Implemented methods: $IMPLEMENTED
+Environment: PYTHON (interpreter, default python3), RESULTS_DIR (log directory, default results/).
+Logs: \$RESULTS_DIR/log_<method>_l-<layers>_hs-<hidden>_bs-<batch>_ws-<window>_<YYYYmmdd-HHMMSS>.txt
+EOF
+}
+
+# die MESSAGE [STATUS]: print an error on stderr and exit (default status 2).
+die() {
+    echo "$PROG: error: $1" >&2
+    [[ "${2:-2}" == 2 ]] && echo "Try '$PROG --help' for more information." >&2
+    exit "${2:-2}"
+}
+
+note() { echo "$PROG: $*" >&2; }
+
+contains() { # contains WORD LIST
+    local w
+    for w in $2; do [[ "$w" == "$1" ]] && return 0; done
+    return 1
+}
+
+# require_positive_int NAME VALUE: VALUE must be a positive decimal integer.
+require_positive_int() {
+    local name="$1" value="$2"
+    if ! [[ "$value" =~ ^[0-9]{1,9}$ ]] || (( 10#$value == 0 )); then
+        die "$name must be a positive integer, got '$value'"
+    fi
+}
+
+# ---------------------------------------------------------------- arguments
+METHOD="megatron-lm"
+LAYERS="" HIDDEN="" BATCH="" WINDOW="" NPROC=""
+DRY_RUN=0
+EXTRA=()
+
+# take_value OPTION [NEXT...]: set VALUE to the option's argument, or die.
+take_value() {
+    local opt="$1"
+    shift
+    if (( $# == 0 )) || [[ "$1" == "--" || "$1" =~ ^-[a-zA-Z?]$ || "$1" == --* ]]; then
+        die "option $opt requires a value"
+    fi
+    VALUE="$1"
+}
+
+parse_args() {
+    while (( $# > 0 )); do
+        case "$1" in
+            -m | -l | -h | -b | -w | -n)
+                take_value "$@"
+                case "$1" in
+                    -m) METHOD="$VALUE" ;;
+                    -l) LAYERS="$VALUE" ;;
+                    -h) HIDDEN="$VALUE" ;;
+                    -b) BATCH="$VALUE" ;;
+                    -w) WINDOW="$VALUE" ;;
+                    -n) NPROC="$VALUE" ;;
+                esac
+                shift 2 ;;
+            --help | -\?) usage; exit 0 ;;
+            --dry-run) DRY_RUN=1; shift ;;
+            --) shift; EXTRA=("$@"); break ;;
+            *) die "unknown option '$1' (extra arguments for pretrain_gpt.py go after '--')" ;;
+        esac
+    done
+}
+
+# extra_value FLAG: print the last value given to FLAG in the extra args
+# ("--flag V" or "--flag=V"); print nothing if absent.
+extra_value() {
+    local flag="$1" found="" i
+    for (( i = 0; i < ${#EXTRA[@]}; i++ )); do
+        case "${EXTRA[i]}" in
+            "$flag")
+                (( i + 1 < ${#EXTRA[@]} )) || die "$flag after '--' requires a value"
+                found="${EXTRA[i + 1]}" ;;
+            "$flag="*) found="${EXTRA[i]#"$flag="}" ;;
+        esac
+    done
+    printf '%s' "$found"
+}
+
+# ---------------------------------------------------------------- validation
+validate() {
+    contains "$METHOD" "$VALID_METHODS" ||
+        die "unknown method '$METHOD'; valid methods: ${VALID_METHODS// /, }"
+    [[ -z "$LAYERS" ]] || require_positive_int "-l (layers)" "$LAYERS"
+    [[ -z "$HIDDEN" ]] || require_positive_int "-h (hidden size)" "$HIDDEN"
+    [[ -z "$BATCH" ]] || require_positive_int "-b (batch size)" "$BATCH"
+    [[ -z "$WINDOW" ]] || require_positive_int "-w (window size)" "$WINDOW"
+    [[ -z "$NPROC" ]] || require_positive_int "-n (processes)" "$NPROC"
+
+    USER_HEADS="$(extra_value --num-attention-heads)"
+    [[ -z "$USER_HEADS" ]] || require_positive_int "--num-attention-heads" "$USER_HEADS"
+    USER_SEQ="$(extra_value --seq-length)"
+    [[ -z "$USER_SEQ" ]] || require_positive_int "--seq-length" "$USER_SEQ"
+
+    if [[ "$METHOD" != all ]] && ! contains "$METHOD" "$IMPLEMENTED"; then
+        die "method $METHOD is not implemented yet (see its issue); implemented: $IMPLEMENTED" 3
+    fi
+}
+
+# Sizes are resolved once we know whether a GPU is present.
+resolve_sizes() {
+    local gpu
+    gpu="$("$PY" -c 'import torch;print(torch.cuda.is_available())' 2>/dev/null)" ||
+        die "cannot import torch with '$PY' (set PYTHON to the interpreter of your environment)" 1
+    if [[ "$gpu" == True ]]; then
+        HAS_GPU=1
+    else
+        HAS_GPU=0
+        echo "$PROG: no GPU found (torch.cuda.is_available() is False): training in fp32 on the CPU"
+    fi
+
+    if (( HAS_GPU == 0 )) && [[ -z "$LAYERS" && -z "$HIDDEN" ]]; then
+        echo "$PROG: using a small model ($SMALL_LAYERS layers, hidden $SMALL_HIDDEN, $SMALL_HEADS heads, seq $SMALL_SEQ); pass -l/-h for other sizes"
+        LAYERS=$SMALL_LAYERS HIDDEN=$SMALL_HIDDEN HEADS=$SMALL_HEADS SEQ=$SMALL_SEQ
+    else
+        LAYERS=${LAYERS:-$DEFAULT_LAYERS} HIDDEN=${HIDDEN:-$DEFAULT_HIDDEN}
+        HEADS=$DEFAULT_HEADS SEQ=$DEFAULT_SEQ
+    fi
+    HEADS=${USER_HEADS:-$HEADS}
+    SEQ=${USER_SEQ:-$SEQ}
+    BATCH=${BATCH:-$DEFAULT_BATCH} WINDOW=${WINDOW:-$DEFAULT_WINDOW} NPROC=${NPROC:-$DEFAULT_NPROC}
+    # Strip leading zeros so the numbers are plain decimals from here on.
+    LAYERS=$((10#$LAYERS)) HIDDEN=$((10#$HIDDEN)) HEADS=$((10#$HEADS)) SEQ=$((10#$SEQ))
+    BATCH=$((10#$BATCH)) WINDOW=$((10#$WINDOW)) NPROC=$((10#$NPROC))
+
+    (( HIDDEN % HEADS == 0 )) ||
+        die "hidden size $HIDDEN is not divisible by the number of attention heads $HEADS"
+}
+
+# ---------------------------------------------------------------- running
+# build_command METHOD: set CMD to the full training command line.
+build_command() {
+    local method="$1"
+    local args=(
+        --num-layers "$LAYERS"
+        --hidden-size "$HIDDEN"
+        --num-attention-heads "$HEADS"
+        --seq-length "$SEQ"
+        --max-position-embeddings "$SEQ"
+        --micro-batch-size "$BATCH"
+        --global-batch-size "$(( BATCH * NPROC ))"
+        --train-iters "$TRAIN_ITERS"
+        --log-interval 5
+        --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-iters 2
+        --weight-decay 0.01 --clip-grad 1.0
+        --mock-data
+    )
+    (( HAS_GPU )) && args+=(--bf16)
+    args+=(--offload-method "$method" --window-size "$WINDOW")
+    if (( NPROC > 1 )); then
+        # `python -m torch.distributed.run` is torchrun, for the same interpreter.
+        CMD=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" pretrain_gpt.py)
+    else
+        CMD=("$PY" pretrain_gpt.py)
+    fi
+    CMD+=("${args[@]}" ${EXTRA[@]+"${EXTRA[@]}"})
+}
+
+# run_method METHOD: run one training job, tee its output to a log file.
+# Returns the exit status of the training command.
+run_method() {
+    local method="$1" log status
+    build_command "$method"
+    log="$RESULTS_DIR/log_${method}_l-${LAYERS}_hs-${HIDDEN}_bs-${BATCH}_ws-${WINDOW}_$(date +%Y%m%d-%H%M%S).txt"
+    echo "$PROG: running: ${CMD[*]}"
+    if (( DRY_RUN )); then
+        echo "$PROG: log would be: $log"
+        return 0
+    fi
+    [[ -f pretrain_gpt.py ]] || die "pretrain_gpt.py not found in $REPO_ROOT" 1
+    mkdir -p "$RESULTS_DIR"
+    set +e
+    "${CMD[@]}" 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    echo "$PROG: method $method exited with status $status"
+    echo "$PROG: log: $log"
+    return "$status"
+}
+
+main() {
+    parse_args "$@"
+    validate
+
+    # Resolve RESULTS_DIR against the caller's directory before moving to the repo root.
+    RESULTS_DIR="${RESULTS_DIR:-$REPO_ROOT/results}"
+    [[ "$RESULTS_DIR" == /* ]] || RESULTS_DIR="$PWD/$RESULTS_DIR"
+    cd "$REPO_ROOT"
+
+    resolve_sizes
+
+    if [[ "$METHOD" != all ]]; then
+        run_method "$METHOD"
+        return
+    fi
+
+    local m failed="" status=0
+    for m in $VALID_METHODS; do
+        [[ "$m" == all ]] && continue
+        if ! contains "$m" "$IMPLEMENTED"; then
+            note "skipping $m: not implemented yet (see its issue)"
+            continue
+        fi
+        run_method "$m" || { status=$?; failed+=" $m"; }
+    done
+    if [[ -n "$failed" ]]; then
+        note "failed methods:$failed"
+    fi
+    return "$status"
+}
+
+main "$@"

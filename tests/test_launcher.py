@@ -1,0 +1,146 @@
+"""Tests for examples/run.sh: argument validation and one tiny training run."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_SH = os.path.join(REPO_ROOT, "examples", "run.sh")
+LOG_NAME = re.compile(
+    r"^log_(?P<method>[a-z-]+)_l-(?P<l>\d+)_hs-(?P<hs>\d+)_bs-(?P<bs>\d+)_ws-(?P<ws>\d+)_\d{8}-\d{6}\.txt$"
+)
+
+
+def run_launcher(args, results_dir, timeout=60):
+    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(results_dir))
+    return subprocess.run(
+        ["bash", RUN_SH, *args],
+        env=env,
+        cwd=str(results_dir),  # the launcher must work from any directory
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, status, message",
+    [
+        (["-m", "foo"], 2, r"unknown method 'foo'.*megatron-lm.*stronghold"),
+        (["-l"], 2, r"option -l requires a value"),
+        (["-l", "-b", "2"], 2, r"option -l requires a value"),
+        (["-l", "abc"], 2, r"-l \(layers\) must be a positive integer, got 'abc'"),
+        (["-l", "0"], 2, r"-l \(layers\) must be a positive integer, got '0'"),
+        (["-l", "-3"], 2, r"-l \(layers\) must be a positive integer, got '-3'"),
+        (["-b", "x"], 2, r"-b \(batch size\) must be a positive integer"),
+        (["-x"], 2, r"unknown option '-x'"),
+        (["--", "--num-attention-heads", "many"], 2, r"--num-attention-heads must be a positive integer"),
+        (
+            ["-h", "100", "--", "--num-attention-heads", "16"],
+            2,
+            r"hidden size 100 is not divisible by the number of attention heads 16",
+        ),
+        (["-m", "l2l"], 3, r"method l2l is not implemented yet \(see its issue\)"),
+        (["-m", "zero-infinity"], 3, r"method zero-infinity is not implemented yet"),
+    ],
+)
+def test_bad_input_is_rejected(tmp_path, args, status, message):
+    result = run_launcher(args, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == status, output
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in output
+    assert "running:" not in output  # no training command was started
+    assert list(tmp_path.iterdir()) == []  # and no log written
+
+
+def test_help(tmp_path):
+    for flag in ("--help", "-?"):
+        result = run_launcher([flag], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "Usage:" in result.stdout
+        assert "-h HIDDEN" in result.stdout
+
+
+def dry_run_command(tmp_path, args):
+    result = run_launcher(["--dry-run", *args], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = [line.split("running: ", 1)[1].split() for line in result.stdout.splitlines() if "running: " in line]
+    return result, commands
+
+
+def flag_value(command, flag):
+    """The value argparse would see: the last occurrence wins."""
+    positions = [i for i, word in enumerate(command) if word == flag]
+    assert positions, f"{flag} missing from {command}"
+    return command[positions[-1] + 1]
+
+
+def test_dry_run_builds_the_command(tmp_path):
+    result, commands = dry_run_command(
+        tmp_path,
+        ["-m", "stronghold", "-l", "3", "-h", "96", "-b", "2", "-w", "5", "--",
+         "--num-attention-heads", "6", "--seq-length", "64", "--global-batch-size", "8"],
+    )
+    assert len(commands) == 1
+    command = commands[0]
+    assert command[0] == sys.executable and command[1] == "pretrain_gpt.py"
+    assert flag_value(command, "--num-layers") == "3"
+    assert flag_value(command, "--hidden-size") == "96"
+    assert flag_value(command, "--num-attention-heads") == "6"
+    assert flag_value(command, "--max-position-embeddings") == "64"  # follows --seq-length
+    assert flag_value(command, "--micro-batch-size") == "2"
+    assert flag_value(command, "--global-batch-size") == "8"  # the user's value comes last
+    assert flag_value(command, "--offload-method") == "stronghold"
+    assert flag_value(command, "--window-size") == "5"
+    assert "--mock-data" in command
+    log = result.stdout.split("log would be: ", 1)[1].split()[0]
+    assert os.path.dirname(log) == str(tmp_path)
+    assert LOG_NAME.match(os.path.basename(log)).groupdict() == {
+        "method": "stronghold", "l": "3", "hs": "96", "bs": "2", "ws": "5"}
+
+
+def test_dry_run_all_and_torchrun(tmp_path):
+    result, commands = dry_run_command(tmp_path, ["-m", "all", "-l", "2", "-h", "64", "-n", "2"])
+    assert [flag_value(c, "--offload-method") for c in commands] == ["megatron-lm", "stronghold"]
+    for command in commands:
+        assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+        assert flag_value(command, "--global-batch-size") == "8"  # 4 per process x 2
+    assert "skipping l2l: not implemented yet" in result.stderr
+
+
+def test_small_model_without_gpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the paper sizes are used")
+    result, (command,) = dry_run_command(tmp_path, [])
+    assert "no GPU" in result.stdout
+    assert flag_value(command, "--num-layers") == "4"
+    assert flag_value(command, "--hidden-size") == "128"
+    assert flag_value(command, "--num-attention-heads") == "4"
+    assert flag_value(command, "--seq-length") == "128"
+    assert "--bf16" not in command
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(REPO_ROOT, "pretrain_gpt.py")),
+    reason="pretrain_gpt.py (the training entry point) does not exist yet",
+)
+def test_tiny_training_run_writes_log(tmp_path):
+    result = run_launcher(
+        ["-m", "megatron-lm", "-l", "2", "-h", "64", "-b", "2", "--",
+         "--num-attention-heads", "4", "--seq-length", "32", "--max-position-embeddings", "32",
+         "--train-iters", "3", "--log-interval", "1"],
+        tmp_path,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    logs = [p for p in tmp_path.iterdir() if LOG_NAME.match(p.name)]
+    assert len(logs) == 1, sorted(p.name for p in tmp_path.iterdir())
+    assert logs[0].name.startswith("log_megatron-lm_l-2_hs-64_bs-2_ws-4_")
+    assert re.search(r" iteration\s+3/", logs[0].read_text()), logs[0].read_text()[-3000:]
+    assert f"log: {logs[0]}" in result.stdout
