@@ -1,0 +1,165 @@
+"""Command-line flags, named as in Megatron-LM, plus the offloading flags of this project.
+
+Validation lives here too: every mistake a user can make on the command line is reported with a
+clear message and exit code 2 before anything large is allocated.
+"""
+
+import argparse
+import os
+
+METHODS = ("megatron-lm", "stronghold", "l2l", "zero-offload", "zero-infinity")
+
+
+class ArgumentError(ValueError):
+    """Bad command-line input: reported to the user without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_gpt.py",
+        description="Train a megatron-core GPT, optionally streaming its layers through host memory "
+        "(StrongHold) or with one of the baseline methods.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=16, help="Number of transformer layers.")
+    g.add_argument("--hidden-size", type=int, default=2048, help="Transformer hidden size.")
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP hidden size (default 4 x hidden).")
+    g.add_argument("--num-attention-heads", type=int, default=16, help="Number of attention heads.")
+    g.add_argument("--seq-length", type=int, default=1024, help="Tokens per sample.")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="Size of the learned position embedding table (default: --seq-length).")
+    g.add_argument("--hidden-dropout", type=float, default=0.1, help="Dropout after attention and MLP.")
+    g.add_argument("--attention-dropout", type=float, default=0.1, help="Dropout on attention probabilities.")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="Give the output layer its own weights instead of sharing the input embedding.")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="Pad the vocabulary to a multiple of this (as Megatron-LM).")
+    g.add_argument("--use-cpu-initialization", action="store_true",
+                   help="Initialise weights on the CPU. Always the case here, so that every method starts "
+                   "from bit-identical weights for a given --seed; accepted for compatibility.")
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="Samples per forward/backward pass.")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="Samples per optimizer step; gradients are accumulated over "
+                   "global / (micro x data-parallel) micro-batches (default: micro x data-parallel).")
+    g.add_argument("--train-iters", type=int, default=20, help="Optimizer steps to run.")
+    g.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate.")
+    g.add_argument("--min-lr", type=float, default=0.0, help="Learning rate at the end of the decay.")
+    g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   help="Shape of the learning-rate decay.")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="Iterations of linear warmup.")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="Warmup as a fraction of --lr-decay-iters (overrides --lr-warmup-iters).")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="Iterations to decay over (default: --train-iters).")
+    g.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay; biases and norm parameters get none, as in Megatron-LM.")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="Global gradient-norm clipping (0 disables).")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2.")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon.")
+    g.add_argument("--seed", type=int, default=1234, help="Random seed for weights, dropout and data order.")
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--fp16", action="store_true", help="fp16 compute with dynamic loss scaling, fp32 master weights.")
+    g.add_argument("--bf16", action="store_true", help="bf16 compute, fp32 master weights (fp32 if neither flag).")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32, help="fp16: starting loss scale.")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16: smallest loss scale.")
+    g.add_argument("--loss-scale-window", type=int, default=1000, help="fp16: clean iterations before the scale grows.")
+    g.add_argument("--hysteresis", type=int, default=2, help="fp16: overflows tolerated before the scale shrinks.")
+
+    g = p.add_argument_group("activation recompute")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: recompute each checkpointed layer in backward. selective: recompute only "
+                   "core attention, which the fused SDPA kernel already does, so it changes nothing here.")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
+                   help="uniform: checkpoint every layer. block: checkpoint the first --recompute-num-layers.")
+    g.add_argument("--recompute-num-layers", type=int, default=1,
+                   help="block: how many layers to checkpoint. uniform: layers per checkpoint (each layer "
+                   "is checkpointed on its own here, which saves the same activations per layer).")
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=1, help="Iterations between log lines.")
+    g.add_argument("--eval-interval", type=int, default=1000, help="Iterations between validation runs.")
+    g.add_argument("--eval-iters", type=int, default=0, help="Validation batches per evaluation (0: none).")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="Megatron .bin/.idx prefixes, optionally weighted: '0.7 a 0.3 b'.")
+    g.add_argument("--mock-data", action="store_true", help="Synthetic data (also used without --data-path).")
+    g.add_argument("--split", default="969,30,1", help="Train/valid/test split of the data, in parts.")
+    g.add_argument("--tokenizer-type", default=None,
+                   choices=["GPT2BPETokenizer", "ByteTokenizer", "NullTokenizer"],
+                   help="Tokenizer (default: GPT2BPETokenizer with --vocab-file, else ByteTokenizer).")
+    g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json.")
+    g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt.")
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: vocabulary size.")
+    g.add_argument("--data-cache-path", default=None, help="Where dataset index caches are written.")
+
+    g = p.add_argument_group("offloading")
+    g.add_argument("--offload-method", choices=METHODS, default="megatron-lm",
+                   help="megatron-lm: every layer on the GPU. stronghold: layers in host memory, a window "
+                   "of them on the GPU with asynchronous prefetch and a per-layer CPU optimizer. l2l, "
+                   "zero-offload, zero-infinity: the baselines.")
+    g.add_argument("--window-size", type=int, default=4,
+                   help="stronghold: transformer layers held on the GPU at once (clamped to --num-layers).")
+    g.add_argument("--cpu-optimizer-threads", type=int, default=None,
+                   help="stronghold: intra-op threads of the CPU optimizer (default: all cores).")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def _positive(args, name):
+    value = getattr(args, name)
+    if value is None or value < 1:
+        raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Fill derived defaults and reject inconsistent sizes (raises ArgumentError)."""
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                 "train_iters", "log_interval", "eval_interval"):
+        _positive(args, name)
+    if args.hidden_size % args.num_attention_heads:
+        raise ArgumentError(f"--hidden-size {args.hidden_size} is not divisible by "
+                            f"--num-attention-heads {args.num_attention_heads}")
+    if args.fp16 and args.bf16:
+        raise ArgumentError("choose one of --fp16 and --bf16")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ArgumentError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                            f"{args.max_position_embeddings}")
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.data_parallel_size = args.world_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % per_step:
+        raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                            f"--micro-batch-size x data-parallel size = {per_step}")
+    args.num_microbatches = args.global_batch_size // per_step
+
+    if args.window_size < 1:
+        raise ArgumentError(f"--window-size must hold at least one layer, got {args.window_size}")
+    if args.recompute_num_layers < 1:
+        raise ArgumentError("--recompute-num-layers must be at least 1")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_fraction is not None:
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    if args.clip_grad < 0:
+        raise ArgumentError("--clip-grad must be >= 0")
+    if not args.data_path:
+        args.mock_data = True
+    if args.tokenizer_type is None:
+        args.tokenizer_type = "GPT2BPETokenizer" if args.vocab_file else "ByteTokenizer"
+    args.params_dtype_name = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"

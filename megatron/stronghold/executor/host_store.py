@@ -1,0 +1,160 @@
+"""Host-memory home of one streamed transformer layer, and its CPU AdamW.
+
+Each layer's parameters are packed into one flat buffer, weight-decayed parameters first, so that
+- the host->GPU copy of a layer is one transfer (pinned compute-dtype weights -> GPU slot);
+- its parameters on the GPU are views into the slot;
+- the optimizer is two fused AdamW calls (decay / no-decay group) over contiguous fp32 views.
+
+Bytes per parameter: fp32 master + two fp32 Adam moments (12), pinned compute-dtype weights and
+pinned compute-dtype gradient (2 + 2 in bf16/fp16). In fp32 the pinned weights are the master
+itself, so also 16. An fp32 accumulation buffer (+4) exists only with gradient accumulation.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..optim import adamw, no_weight_decay
+
+
+@dataclass
+class LayerLayout:
+    """Where each parameter of a layer sits in the flat buffer (same for every layer)."""
+
+    names: list
+    shapes: list
+    offsets: list
+    decay_numel: int  # the first decay_numel elements take weight decay
+    numel: int
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module) -> "LayerLayout":
+        named = list(layer.named_parameters())
+        order = [x for x in named if not no_weight_decay(*x)] + [x for x in named if no_weight_decay(*x)]
+        offsets, off = [], 0
+        for _, p in order:
+            offsets.append(off)
+            off += p.numel()
+        decay = sum(p.numel() for n, p in order if not no_weight_decay(n, p))
+        return cls([n for n, _ in order], [tuple(p.shape) for _, p in order], offsets, decay, off)
+
+    def views(self, flat: torch.Tensor):
+        return [flat[o:o + _numel(s)].view(s) for o, s in zip(self.offsets, self.shapes)]
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class HostLayer:
+    """fp32 master, Adam state, pinned compute copy and pinned gradient of one layer."""
+
+    def __init__(self, layer: torch.nn.Module, layout: LayerLayout, dtype: torch.dtype, pin: bool,
+                 accumulate: bool, args):
+        params = dict(layer.named_parameters())
+        n = layout.numel
+        self.layout = layout
+        if dtype == torch.float32:
+            self.master = torch.empty(n, dtype=torch.float32, pin_memory=pin)
+            self.weights = self.master
+        else:
+            self.master = torch.empty(n, dtype=torch.float32)
+            self.weights = torch.empty(n, dtype=dtype, pin_memory=pin)
+        for view, name in zip(layout.views(self.master), layout.names):
+            view.copy_(params[name].detach())
+        if self.weights is not self.master:
+            self.weights.copy_(self.master)
+        self.grad = torch.empty(n, dtype=dtype, pin_memory=pin)
+        self.grad_accum = torch.zeros(n, dtype=torch.float32) if accumulate else None
+
+        # (flat view, start, end) per non-empty group: decay first, then no-decay.
+        cut = layout.decay_numel
+        self.parts = [(self.master[a:b], a, b) for a, b, in ((0, cut), (cut, n)) if b > a]
+        wd_mults = [1.0 if a == 0 and cut > 0 else 0.0 for _, a, _ in self.parts]
+        groups = [{"params": [view], "wd_mult": w} for (view, _, _), w in zip(self.parts, wd_mults)]
+        self.optimizer = adamw(groups, args, self.master.device)
+
+    def _set_hyperparameters(self, hyper: dict) -> None:
+        """hyper: wd_mult -> (lr, weight decay), snapshotted when the work was queued."""
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = hyper[group["wd_mult"]]
+
+    def nbytes(self) -> dict:
+        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t))
+        pinned = self.grad.numel() * self.grad.element_size() + self.weights.numel() * self.weights.element_size()
+        pageable = (0 if self.weights is self.master else self.master.numel() * 4) + state
+        if self.grad_accum is not None:
+            pageable += self.grad_accum.numel() * 4
+        return {"pinned": pinned, "pageable": pageable}
+
+    def init_optimizer_state(self) -> None:
+        """Allocate Adam moments up front so host memory is known before training starts."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+
+    # ----- gradient handling (runs on the CPU worker) -----
+
+    def accumulate(self, first: bool) -> None:
+        if first:
+            self.grad_accum.copy_(self.grad)
+        else:
+            self.grad_accum.add_(self.grad)
+
+    def final_grad(self, scratch: torch.Tensor, inv_scale: float, unscale_accum: bool) -> torch.Tensor:
+        """This step's fp32 gradient. Recomputed identically when a step is redone."""
+        if self.grad_accum is not None:
+            if unscale_accum and inv_scale != 1.0:
+                self.grad_accum.mul_(inv_scale)
+            return self.grad_accum
+        if self.grad.dtype == torch.float32 and inv_scale == 1.0:
+            return self.grad
+        g = scratch[:self.layout.numel].copy_(self.grad)
+        if inv_scale != 1.0:
+            g.mul_(inv_scale)  # in fp32, as Megatron unscales its fp32 main grads
+        return g
+
+    def step(self, grad: torch.Tensor, hyper: dict) -> None:
+        self._set_hyperparameters(hyper)
+        for view, a, b in self.parts:
+            view.grad = grad[a:b]
+        self.optimizer.step()
+        for view, _, _ in self.parts:
+            view.grad = None
+        if self.weights is not self.master:
+            self.weights.copy_(self.master)
+
+    def undo_step(self, grad: torch.Tensor, hyper: dict) -> None:
+        """Invert the last AdamW step given the gradient it used (exact up to rounding).
+
+        Used when the global gradient norm, known only after every layer has stepped, turns out to
+        need clipping, or an overflow elsewhere means the step must be skipped.
+        """
+        self._set_hyperparameters(hyper)
+        for group, (p, a, b) in zip(self.optimizer.param_groups, self.parts):
+            g = grad[a:b]
+            p = group["params"][0]
+            st = self.optimizer.state[p]
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            step = float(st["step"])
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            bias1 = 1 - beta1 ** step
+            bias2_sqrt = (1 - beta2 ** step) ** 0.5
+            denom = (v.sqrt() / bias2_sqrt).add_(eps)
+            p.addcdiv_(m, denom, value=lr / bias1)
+            if wd != 0.0:
+                p.div_(1 - lr * wd)
+            v.addcmul_(g, g, value=-(1 - beta2)).div_(beta2).clamp_(min=0.0)
+            m.add_(g, alpha=-(1 - beta1)).div_(beta1)
+            st["step"] -= 1
+        if self.weights is not self.master:
+            self.weights.copy_(self.master)

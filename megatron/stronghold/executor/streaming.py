@@ -1,0 +1,264 @@
+"""The StrongHold executor: transformer layers live in host memory and stream through W GPU slots.
+
+Schedule (layer i always uses slot i % W, so loads never need a free-slot search):
+- forward of layer i: the compute stream waits for "i loaded"; once i's kernels are queued, the
+  load of i + W into the same slot is queued on the H2D stream behind the event "slot free".
+- backward of layer i: an identity autograd node on the layer's output makes the compute stream
+  wait for "i loaded" before the layer's backward kernels. When the last parameter gradient of the
+  layer has been accumulated, its gradients go to the pinned host buffer on the D2H stream, the
+  slot is released, i - W is loaded into it, and the layer's CPU work (accumulate, or step) is
+  queued on the optimizer worker.
+- the CPU step is speculative: the global gradient norm is known only once every layer is done, so
+  each layer steps as soon as its gradients arrive; if clipping fires or an overflow skips the
+  iteration, the steps are undone and redone from the kept gradients (see HostLayer.undo_step).
+- the next iteration's load of a layer waits for that layer's CPU work (a host wait on a future,
+  the one true dependency); everything on the GPU is ordered by events only.
+
+Without CUDA the same code runs with host-to-host copies and no streams, which is how CI tests it.
+"""
+
+import concurrent.futures
+import math
+
+import torch
+
+from .host_store import HostLayer, LayerLayout
+
+
+class _WaitForLoad(torch.autograd.Function):
+    """Identity whose backward makes the compute stream wait until the layer is back on the GPU."""
+
+    @staticmethod
+    def forward(ctx, hidden, executor, index):
+        ctx.executor, ctx.index = executor, index
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.executor.wait_loaded(ctx.index)
+        return grad, None, None
+
+
+class StreamingExecutor:
+    def __init__(self, layers, window: int, dtype: torch.dtype, device: torch.device, args, log=print):
+        self.layers = list(layers)
+        self.num_layers = len(self.layers)
+        if window > self.num_layers:
+            log(f"window size {window} > {self.num_layers} layers: clamped to {self.num_layers}")
+        self.window = min(window, self.num_layers)
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.num_microbatches = args.num_microbatches
+        self.layout = LayerLayout.of(self.layers[0])
+
+        self.host = []
+        for layer in self.layers:
+            if LayerLayout.of(layer) != self.layout:
+                raise ValueError("streamed layers must all have the same parameter layout")
+            self.host.append(HostLayer(layer, self.layout, dtype, pin=self.cuda,
+                                       accumulate=self.num_microbatches > 1, args=args))
+        self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
+        self._bind_parameters()
+        for host in self.host:
+            host.init_optimizer_state()
+
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+        self.slot_owner = [-1] * self.window   # layer whose current weights are (being) loaded
+        self.slot_free = [None] * self.window  # event: last kernels reading the slot are queued before it
+        self.loaded = [None] * self.num_layers  # event: layer i's weights are in its slot
+        self.grad_pending = [None] * self.num_layers  # future: CPU work reading layer i's grad buffer
+        self.weight_pending = [None] * self.num_layers  # future: CPU step writing layer i's weights
+        self.grads_seen = [0] * self.num_layers
+        self.microbatch = 0
+        self.inv_scale = 1.0
+        self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stronghold-cpu-adam")
+        self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
+        self.stats = {}  # layer -> (sum of squares, finite) of this iteration's gradient
+
+    # ----- setup -----
+
+    def _bind_parameters(self):
+        """Point every layer's parameters at its slot, and hook its forward/backward."""
+        self.grad_targets = []  # per layer: (parameter, its view in the pinned host grad buffer)
+        for i, layer in enumerate(self.layers):
+            views = dict(zip(self.layout.names, self.layout.views(self.slots[i % self.window])))
+            host_grads = dict(zip(self.layout.names, self.layout.views(self.host[i].grad)))
+            self.grad_targets.append([])
+            for name, p in layer.named_parameters():
+                p.data = views[name]
+                p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_param_grad(i))
+                self.grad_targets[i].append((p, host_grads[name]))
+            layer.register_forward_pre_hook(lambda m, a, i=i: self._before_forward(i))
+            layer.register_forward_hook(lambda m, a, out, i=i: self._after_forward(i, out))
+        self.params_per_layer = len(self.layout.names)
+
+    @property
+    def param_groups(self):
+        """What the LR scheduler writes; CPU work reads a snapshot taken when it is queued."""
+        return self.schedule_groups
+
+    def _hyperparameters(self) -> dict:
+        return {g["wd_mult"]: (g["lr"], g["weight_decay"]) for g in self.schedule_groups}
+
+    def host_bytes(self) -> dict:
+        total = {"pinned": 0, "pageable": 0}
+        for h in self.host:
+            for k, v in h.nbytes().items():
+                total[k] += v
+        return total
+
+    def gpu_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.slots)
+
+    # ----- copies -----
+
+    def _record(self):
+        return torch.cuda.current_stream(self.device).record_event() if self.cuda else None
+
+    def load(self, i: int) -> None:
+        slot = i % self.window
+        if self.slot_owner[slot] == i:
+            return
+        self._wait(self.weight_pending, i)
+        src, dst = self.host[i].weights, self.slots[slot]
+        if self.cuda:
+            if self.slot_free[slot] is not None:
+                self.h2d.wait_event(self.slot_free[slot])
+            with torch.cuda.stream(self.h2d):
+                dst.copy_(src, non_blocking=True)
+                self.loaded[i] = self.h2d.record_event()
+        else:
+            dst.copy_(src)
+        self.slot_owner[slot] = i
+
+    def wait_loaded(self, i: int) -> None:
+        if self.slot_owner[i % self.window] != i:  # not prefetched (first use): load it now
+            self.load(i)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.loaded[i])
+
+    @staticmethod
+    def _wait(futures, i: int) -> None:
+        fut, futures[i] = futures[i], None
+        if fut is None:
+            return
+        try:
+            fut.result()
+        except Exception as exc:
+            raise RuntimeError(f"CPU optimizer work on transformer layer {i} failed: {exc}") from exc
+
+    def _wait_all(self) -> None:
+        for i in range(self.num_layers):
+            self._wait(self.grad_pending, i)
+            self._wait(self.weight_pending, i)
+
+    # ----- hooks -----
+
+    def start_forward(self) -> None:
+        """Called before each forward pass: queue the loads of the first W layers."""
+        for i in range(self.window):
+            self.load(i)
+
+    def _before_forward(self, i: int) -> None:
+        self.wait_loaded(i)
+
+    def _after_forward(self, i: int, output):
+        hidden, context = output
+        if torch.is_grad_enabled():
+            hidden = _WaitForLoad.apply(hidden, self, i)
+        self.slot_free[i % self.window] = self._record()
+        if i + self.window < self.num_layers:
+            self.load(i + self.window)
+        return hidden, context
+
+    def _on_param_grad(self, i: int) -> None:
+        self.grads_seen[i] += 1
+        if self.grads_seen[i] < self.params_per_layer:
+            return
+        self.grads_seen[i] = 0
+        self._offload_grads(i)
+        if i - self.window >= 0:
+            self.load(i - self.window)
+
+    def _offload_grads(self, i: int) -> None:
+        """Layer i's backward is complete: send its grads to the host and queue its CPU work."""
+        self._wait(self.grad_pending, i)  # the previous micro-batch's accumulation reads the buffer
+        done = self._record()
+        self.slot_free[i % self.window] = done
+        copied = None
+        if self.cuda:
+            self.d2h.wait_event(done)
+            with torch.cuda.stream(self.d2h):
+                for p, host_grad in self.grad_targets[i]:
+                    host_grad.copy_(p.grad, non_blocking=True)
+                    p.grad.record_stream(self.d2h)
+                copied = self.d2h.record_event()
+        else:
+            for p, host_grad in self.grad_targets[i]:
+                host_grad.copy_(p.grad)
+        for p, _ in self.grad_targets[i]:
+            p.grad = None
+        last = self.microbatch == self.num_microbatches - 1
+        first = self.microbatch == 0
+        future = self.worker.submit(self._cpu_work, i, copied, first, last, self.inv_scale,
+                                    self._hyperparameters() if last else None)
+        self.grad_pending[i] = future
+        if last:
+            self.weight_pending[i] = future
+
+    def _cpu_work(self, i, copied, first, last, inv_scale, hyper):
+        if copied is not None:
+            copied.synchronize()
+        host = self.host[i]
+        if host.grad_accum is not None:
+            host.accumulate(first)
+        if not last:
+            return None
+        grad = host.final_grad(self.scratch, inv_scale, unscale_accum=True)
+        sumsq = float(torch.linalg.vector_norm(grad)) ** 2
+        finite = math.isfinite(sumsq)
+        if finite:
+            host.step(grad, hyper)
+        self.stats[i] = (sumsq, finite)
+        return None
+
+    # ----- the step -----
+
+    def begin_microbatch(self, index: int, inv_scale: float) -> None:
+        self.microbatch, self.inv_scale = index, inv_scale
+
+    def gradient_stats(self):
+        """Wait for every layer's CPU work; return (sum of squares, all finite) over streamed layers."""
+        self._wait_all()
+        missing = [i for i in range(self.num_layers) if i not in self.stats]
+        if missing:
+            raise RuntimeError(f"no gradients reached the host for layers {missing}")
+        sumsq = sum(s for s, _ in self.stats.values())
+        finite = all(f for _, f in self.stats.values())
+        return sumsq, finite
+
+    def finish_step(self, clip_coeff: float, skip: bool) -> None:
+        """Make the speculative steps final: redo with clipped grads, or undo when skipped."""
+        stats, self.stats = self.stats, {}
+        if skip or clip_coeff != 1.0:
+            # Forward order, so layer 0 is ready first for the next iteration.
+            for i in range(self.num_layers):
+                self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
+                    self._redo, i, stats[i][1], clip_coeff, skip, self._hyperparameters())
+        # The new weights must be reloaded before the next forward pass.
+        self.slot_owner = [-1] * self.window
+
+    def _redo(self, i, stepped, clip_coeff, skip, hyper):
+        host = self.host[i]
+        grad = host.final_grad(self.scratch, self.inv_scale, unscale_accum=False)
+        if stepped:
+            host.undo_step(grad, hyper)
+        if not skip:
+            grad = grad * clip_coeff
+            host.step(grad, hyper)
+
+    def shutdown(self) -> None:
+        self._wait_all()
+        self.worker.shutdown(wait=True)

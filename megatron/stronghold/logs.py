@@ -1,0 +1,75 @@
+"""The log contract: Megatron-LM's iteration line plus a start banner and an end summary.
+
+Writing and reading live side by side so they cannot drift apart; tests and the extraction scripts
+read logs only through `parse_log`.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+
+def iteration_line(it, train_iters, fields: dict) -> str:
+    parts = [f" iteration {it:8d}/{train_iters:8d} |"]
+    for key, value in fields.items():
+        parts.append(f" {key}: {value} |")
+    return "".join(parts)
+
+
+def summary_line(fields: dict) -> str:
+    return "summary |" + "".join(
+        f" {k}: {v:.3f} |" if isinstance(v, float) else f" {k}: {v} |" for k, v in fields.items())
+
+
+_ITER = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
+_FIELD = re.compile(r"\s*([^:|]+?):\s*([^|]+?)\s*\|")
+_PARAMS = re.compile(r"total parameters: (\d+) \(([\d.]+) B\)")
+
+
+def _number(text):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text.strip()
+
+
+@dataclass
+class TrainingLog:
+    config: dict = field(default_factory=dict)      # the start banner's "key: value" fields
+    total_parameters: int = None
+    iterations: list = field(default_factory=list)  # one dict per iteration line
+    summary: dict = field(default_factory=dict)
+
+    def series(self, key):
+        return [row[key] for row in self.iterations]
+
+
+def parse_fields(text: str) -> dict:
+    return {k.strip(): _number(v) for k, v in _FIELD.findall(text if text.endswith("|") else text + " |")}
+
+
+def parse_log(text: str) -> TrainingLog:
+    log = TrainingLog()
+    for line in text.splitlines():
+        m = _ITER.search(line)
+        if m:
+            row = {"iteration": int(m.group(1)), "train_iters": int(m.group(2))}
+            row.update(parse_fields(m.group(3)))
+            log.iterations.append(row)
+            continue
+        m = _PARAMS.search(line)
+        if m:
+            log.total_parameters = int(m.group(1))
+            continue
+        if line.startswith("config |"):
+            log.config.update(parse_fields(line[len("config |"):]))
+        elif line.startswith("summary |"):
+            log.summary.update(parse_fields(line[len("summary |"):]))
+    return log
+
+
+def read_log(path) -> TrainingLog:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return parse_log(f.read())

@@ -1,0 +1,127 @@
+"""The one model every method trains: megatron-core's GPTModel with the local layer spec.
+
+Two things are plugged in through megatron-core's public surface:
+- core attention through torch's scaled_dot_product_attention (flash kernels on GPU, and it runs on
+  the CPU, where the spec's default attention needs CUDA);
+- full activation recompute through torch.utils.checkpoint, per layer, which saves and restores both
+  CPU and CUDA RNG state, so recompute is exact with dropout on either device (megatron-core's own
+  recompute path is CUDA-only).
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SDPAttention(DotProductAttention):
+    """Causal attention through F.scaled_dot_product_attention, for [s, b, heads, dim] inputs."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        assert packed_seq_params is None and attention_bias is None
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=2)
+            value = value.repeat_interleave(groups, dim=2)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+        dropout = self.attention_dropout.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                             scale=self.softmax_scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
+
+
+def transformer_config(args) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        # Megatron-LM's GPT defaults that matter for numerics.
+        init_method_std=0.02,
+        apply_residual_connection_post_layernorm=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def layer_spec():
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model(args, vocab_size: int) -> GPTModel:
+    """Build the GPT in fp32 on the CPU from the current RNG state (same weights for every method)."""
+    model = GPTModel(
+        config=transformer_config(args),
+        transformer_layer_spec=layer_spec(),
+        vocab_size=vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type="learned_absolute",
+    )
+    for index in checkpointed_layers(args):
+        enable_recompute(model.decoder.layers[index])
+    return model
+
+
+def checkpointed_layers(args):
+    if args.recompute_granularity != "full":
+        return []
+    if args.recompute_method == "block":
+        return list(range(min(args.recompute_num_layers, args.num_layers)))
+    return list(range(args.num_layers))
+
+
+def enable_recompute(layer: torch.nn.Module) -> None:
+    """Recompute this layer's forward in backward; hooks on the layer still fire once per call."""
+    inner = layer.forward
+
+    @functools.wraps(inner)
+    def forward(*a, **kw):
+        return checkpoint(inner, *a, use_reentrant=False, **kw)
+
+    layer.forward = forward
+
+
+def transformer_layers(model: GPTModel):
+    return list(model.decoder.layers)
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def lm_loss(model, batch):
+    """Mean per-token loss over the micro-batch's unmasked tokens, as Megatron-LM's loss_func."""
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = batch["loss_mask"]
+    return (losses.float() * mask).sum() / mask.sum()
+
+
+def flops_per_iteration(args, vocab_size: int) -> float:
+    """Model FLOPs per iteration, Megatron-LM's formula (dense GPT, no recompute counted)."""
+    b, s, h, L = args.global_batch_size, args.seq_length, args.hidden_size, args.num_layers
+    ffn = args.ffn_hidden_size
+    per_layer = 2 * b * s * (4 * h * h + 2 * h * ffn) + 4 * b * s * s * h  # matmuls + attention scores
+    forward = L * per_layer + 2 * b * s * h * vocab_size
+    return 3 * forward

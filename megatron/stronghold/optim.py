@@ -1,0 +1,155 @@
+"""Mixed-precision AdamW with Megatron-LM's semantics, shared by every method.
+
+Megatron-LM's recipe, which both the GPU-resident and the host-streamed parameters follow:
+- gradients are accumulated over micro-batches in fp32 ("main grads");
+- fp16 grads are unscaled by the loss scale; any inf/nan anywhere skips the whole step;
+- the global L2 norm over all main grads is logged, and grads are multiplied by
+  clip / (norm + 1e-6) when that is below one;
+- AdamW on fp32 master weights; biases and 1-D (norm) parameters get no weight decay;
+- the learning rate comes from megatron-core's OptimizerParamScheduler, stepped by the global batch
+  size after each successful step.
+"""
+
+import math
+
+import torch
+
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    return name.endswith(".bias") or param.dim() == 1
+
+
+def adamw(groups, args, device: torch.device) -> torch.optim.AdamW:
+    """torch's fused AdamW (CPU and CUDA): one kernel per group, releases the GIL."""
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
+
+
+def clip_coefficient(grad_norm: float, clip_grad: float) -> float:
+    """Megatron-LM's clip_grad_norm_fp32 coefficient (1.0 means: leave the grads alone)."""
+    if clip_grad <= 0:
+        return 1.0
+    coeff = clip_grad / (grad_norm + 1.0e-6)
+    return coeff if coeff < 1.0 else 1.0
+
+
+class LossScaler:
+    """Megatron's loss scaling: constant 1 for fp32/bf16, dynamic with hysteresis for fp16."""
+
+    def __init__(self, args):
+        self.dynamic = bool(args.fp16)
+        self.scale = float(args.initial_loss_scale) if self.dynamic else 1.0
+        self.min_scale = args.min_loss_scale
+        self.growth_interval = args.loss_scale_window
+        self.hysteresis = args.hysteresis
+        self._hysteresis_left = args.hysteresis
+        self._growth_tracker = 0
+
+    def update(self, found_inf: bool) -> None:
+        if not self.dynamic:
+            return
+        if found_inf:
+            self._growth_tracker = 0
+            self._hysteresis_left -= 1
+            if self._hysteresis_left <= 0:
+                self.scale = max(self.scale * 0.5, self.min_scale)
+        else:
+            self._growth_tracker += 1
+            if self._growth_tracker == self.growth_interval:
+                self._growth_tracker = 0
+                self._hysteresis_left = self.hysteresis
+                self.scale *= 2.0
+
+    def state_dict(self):
+        return {"scale": self.scale, "growth_tracker": self._growth_tracker,
+                "hysteresis_left": self._hysteresis_left}
+
+    def load_state_dict(self, state):
+        self.scale = state["scale"]
+        self._growth_tracker = state["growth_tracker"]
+        self._hysteresis_left = state["hysteresis_left"]
+
+
+class ResidentOptimizer:
+    """Mixed-precision AdamW for parameters that live on the compute device.
+
+    Model parameters are in the compute dtype; fp32 masters and main grads sit beside them on the
+    same device. A post-accumulate-grad hook moves each micro-batch's gradient into the fp32 main
+    grad and frees it, as Megatron's DDP grad buffer does.
+    """
+
+    def __init__(self, named_params, args):
+        self.params = [p for _, p in named_params]
+        self.same_dtype = all(p.dtype == torch.float32 for p in self.params)
+        self.masters = [p.detach() if self.same_dtype else p.detach().float() for p in self.params]
+        self.main_grads = [torch.zeros_like(m) for m in self.masters]
+        decay = [m for (n, p), m in zip(named_params, self.masters) if not no_weight_decay(n, p)]
+        nodecay = [m for (n, p), m in zip(named_params, self.masters) if no_weight_decay(n, p)]
+        groups = [g for g in ({"params": decay, "wd_mult": 1.0}, {"params": nodecay, "wd_mult": 0.0})
+                  if g["params"]]
+        self.optimizer = adamw(groups, args, self.params[0].device) if self.params else None
+        for p, g in zip(self.params, self.main_grads):
+            p.register_post_accumulate_grad_hook(self._make_accumulator(g))
+
+    @staticmethod
+    def _make_accumulator(main_grad):
+        def accumulate(param):
+            main_grad.add_(param.grad)
+            param.grad = None
+        return accumulate
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups if self.optimizer else []
+
+    def unscale_and_measure(self, inv_scale: float):
+        """Unscale main grads in place; return (sum of squares, any non-finite) as 0-dim tensors."""
+        if not self.main_grads:
+            return torch.zeros(()), torch.zeros((), dtype=torch.bool)
+        if inv_scale != 1.0:
+            torch._foreach_mul_(self.main_grads, inv_scale)
+        norms = torch._foreach_norm(self.main_grads)
+        sumsq = torch.stack(norms).square().sum()
+        return sumsq, ~torch.isfinite(sumsq)
+
+    def step(self, clip_coeff: float, skip: bool) -> None:
+        if not skip and self.optimizer is not None:
+            if clip_coeff != 1.0:
+                torch._foreach_mul_(self.main_grads, clip_coeff)
+            for m, g in zip(self.masters, self.main_grads):
+                m.grad = g
+            self.optimizer.step()
+            for m in self.masters:
+                m.grad = None
+            if not self.same_dtype:
+                torch._foreach_copy_([p.data for p in self.params], self.masters)
+        for g in self.main_grads:
+            g.zero_()
+
+
+class GroupsView:
+    """What OptimizerParamScheduler needs from an optimizer: the param groups of all of ours."""
+
+    def __init__(self, *sources):
+        self.sources = sources
+
+    @property
+    def param_groups(self):
+        return [g for s in self.sources for g in s.param_groups]
+
+
+def lr_scheduler(args, optimizers) -> OptimizerParamScheduler:
+    """Megatron-LM's sample-based schedule: steps are counted in samples."""
+    gbs = args.global_batch_size
+    return OptimizerParamScheduler(
+        GroupsView(*optimizers), init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=args.lr_decay_iters * gbs,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        wsd_decay_steps=None, lr_wsd_decay_style=None)
+
+
+def global_norm(sumsq_total: float) -> float:
+    return math.sqrt(sumsq_total) if math.isfinite(sumsq_total) else float("nan")

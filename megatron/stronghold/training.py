@@ -1,0 +1,250 @@
+"""Training entry: setup, then a loop that reads top to bottom, logging Megatron-LM's lines.
+
+Every method trains the same megatron-core GPT from the same initial weights; they differ only in
+where the transformer layers' model states live (see `build_method`).
+"""
+
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import arguments
+from .logs import iteration_line, summary_line
+from .model import build_model, flops_per_iteration, lm_loss, num_parameters
+from .optim import LossScaler, ResidentOptimizer, clip_coefficient, lr_scheduler
+
+GiB = 1024 ** 3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLEMENTED = ("megatron-lm", "stronghold")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def init_distributed(device: torch.device) -> None:
+    """One process group and megatron-core's parallel state (idempotent: tests call train() often)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                rank=int(os.environ.get("RANK", "0")),
+                                world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu (no CUDA GPU found: training on the CPU)"
+
+
+@dataclass
+class Method:
+    """What differs between methods: where layers live and who steps them."""
+
+    name: str
+    resident: ResidentOptimizer
+    executor: object = None  # StreamingExecutor for stronghold
+
+    @property
+    def optimizers(self):
+        return [self.resident] + ([self.executor] if self.executor else [])
+
+
+def build_method(args, model, device, dtype) -> Method:
+    if args.offload_method == "megatron-lm":
+        model.to(device=device, dtype=dtype)
+        return Method(args.offload_method, ResidentOptimizer(list(model.named_parameters()), args))
+    if args.offload_method == "stronghold":
+        from .executor import StreamingExecutor
+
+        layers = list(model.decoder.layers)
+        executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log)
+        model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
+        streamed = {id(p) for layer in layers for p in layer.parameters()}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]
+        return Method(args.offload_method, ResidentOptimizer(named, args), executor)
+    raise arguments.ArgumentError(f"--offload-method {args.offload_method} is not implemented yet")
+
+
+@dataclass
+class History:
+    """Per-iteration results, for tests and for the summary."""
+
+    losses: list = field(default_factory=list)
+    grad_norms: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    loss_scales: list = field(default_factory=list)
+    lrs: list = field(default_factory=list)
+    times: list = field(default_factory=list)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(args) -> History:
+    from .data import build_data_iterators, build_tokenizer, check_data_paths, padded_vocab_size
+
+    if args.offload_method not in IMPLEMENTED:
+        raise arguments.ArgumentError(f"--offload-method {args.offload_method} is not implemented yet")
+    try:
+        check_data_paths(args)
+    except ValueError as exc:
+        raise arguments.ArgumentError(str(exc)) from None
+    device = pick_device()
+    dtype = DTYPES[args.params_dtype_name]
+    init_distributed(device)
+    if device.type == "cpu" and args.cpu_optimizer_threads:
+        torch.set_num_threads(args.cpu_optimizer_threads)
+
+    tokenizer = build_tokenizer(args)
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(args.seed)
+    model = build_model(args, vocab_size)
+    total = num_parameters(model)
+    log(f"total parameters: {total} ({total / 1e9:.3f} B)")
+    log(f"config | method: {args.offload_method} | precision: {args.params_dtype_name} | "
+        f"device: {device_name(device)} | layers: {args.num_layers} | hidden: {args.hidden_size} | "
+        f"heads: {args.num_attention_heads} | seq: {args.seq_length} | "
+        f"micro batch: {args.micro_batch_size} | global batch: {args.global_batch_size} | "
+        f"micro batches per step: {args.num_microbatches} | window: {args.window_size} | "
+        f"recompute: {args.recompute_granularity or 'none'} |")
+
+    t0 = time.perf_counter()
+    method = build_method(args, model, device, dtype)
+    model.train()
+    if method.executor is not None:
+        host = method.executor.host_bytes()
+        streamed = method.executor.num_layers * method.executor.layout.numel
+        log(f"host store: {streamed} streamed parameters, pinned {host['pinned'] / GiB:.3f} GiB + pageable "
+            f"{host['pageable'] / GiB:.3f} GiB = {(host['pinned'] + host['pageable']) / streamed:.2f} B/param; "
+            f"GPU window {method.executor.window} layers = {method.executor.gpu_bytes() / GiB:.3f} GiB; "
+            f"setup {time.perf_counter() - t0:.1f} s")
+
+    scheduler = lr_scheduler(args, method.optimizers)
+    scaler = LossScaler(args)
+    train_iter, _ = build_data_iterators(args, tokenizer)
+    flops = flops_per_iteration(args, vocab_size)
+    history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops)
+    if method.executor is not None:
+        method.executor.shutdown()
+    log_summary(args, method, history, device)
+    return history
+
+
+def train_step(args, model, method, scaler, batches, device):
+    """One optimizer step over the micro-batches; returns (loss, grad norm, skipped)."""
+    n, executor = len(batches), method.executor
+    inv_scale = 1.0 / scaler.scale
+    losses = []
+    for index, batch in enumerate(batches):
+        if executor is not None:
+            executor.begin_microbatch(index, inv_scale)
+            executor.start_forward()
+        loss = lm_loss(model, to_device(batch, device))
+        (loss * (scaler.scale / n)).backward()
+        losses.append(loss.detach())
+
+    sumsq, found_inf = method.resident.unscale_and_measure(inv_scale)
+    sumsq, found_inf = float(sumsq), bool(found_inf)
+    if executor is not None:
+        host_sumsq, host_finite = executor.gradient_stats()
+        sumsq, found_inf = sumsq + host_sumsq, found_inf or not host_finite
+    grad_norm = math.sqrt(sumsq) if math.isfinite(sumsq) else float("nan")
+    coeff = 1.0 if found_inf else clip_coefficient(grad_norm, args.clip_grad)
+    method.resident.step(coeff, skip=found_inf)
+    if executor is not None:
+        executor.finish_step(coeff, skip=found_inf)
+    scaler.update(found_inf)
+    return float(torch.stack(losses).mean()), grad_norm, found_inf
+
+
+def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops) -> History:
+    history = History()
+    interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
+    for it in range(1, args.train_iters + 1):
+        batches = [next(train_iter) for _ in range(args.num_microbatches)]
+        start = time.perf_counter()
+        loss, grad_norm, skipped = train_step(args, model, method, scaler, batches, device)
+        if not skipped:
+            scheduler.step(increment=args.global_batch_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+
+        lr = method.resident.param_groups[0]["lr"] if method.resident.param_groups else scheduler.get_lr({})
+        history.losses.append(loss)
+        history.grad_norms.append(grad_norm)
+        history.skipped.append(skipped)
+        history.loss_scales.append(scaler.scale)
+        history.lrs.append(lr)
+        history.times.append(elapsed)
+        interval["loss"] += loss
+        interval["time"] += elapsed
+        interval["iters"] += 1
+        interval["skipped"] += int(skipped)
+        if it % args.log_interval == 0 or it == args.train_iters:
+            per_iter = interval["time"] / interval["iters"]
+            log(iteration_line(it, args.train_iters, {
+                "consumed samples": it * args.global_batch_size,
+                "elapsed time per iteration (ms)": f"{per_iter * 1000:.1f}",
+                "learning rate": f"{lr:.6E}",
+                "global batch size": args.global_batch_size,
+                "lm loss": f"{interval['loss'] / interval['iters']:.6E}",
+                "loss scale": f"{scaler.scale:.1f}",
+                "grad norm": f"{grad_norm:.6f}",
+                "number of skipped iterations": interval["skipped"],
+                "number of nan iterations": int(not math.isfinite(loss)),
+                "samples per second": f"{args.global_batch_size / per_iter:.3f}",
+                "TFLOP/s per GPU": f"{flops / per_iter / 1e12 / args.world_size:.3f}",
+            }))
+            interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
+    return history
+
+
+def log_summary(args, method, history, device) -> None:
+    steady = history.times[1:] or history.times  # the first iteration pays for warm-up
+    mean = sum(steady) / len(steady)
+    peak_gpu = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else 0.0
+    pinned = method.executor.host_bytes()["pinned"] / GiB if method.executor else 0.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+    log(summary_line({
+        "method": args.offload_method,
+        "iterations": len(history.times),
+        "mean iteration time (ms)": mean * 1000,
+        "samples per second": args.global_batch_size / mean,
+        "peak GPU memory (GiB)": peak_gpu,
+        "peak host RSS (GiB)": rss,
+        "pinned host memory (GiB)": pinned,
+    }))
+
+
+def main(argv=None) -> int:
+    try:
+        args = arguments.parse_args(argv)
+        train(args)
+    except arguments.ArgumentError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
