@@ -58,7 +58,8 @@ def device_name(device: torch.device) -> str:
 
 @dataclass
 class Method:
-    """What differs between methods: where layers live and who steps them."""
+    """Where the layers live and who steps them. The baselines in `baselines/` provide the same
+    interface: train_step, learning_rate, pinned_bytes, shutdown."""
 
     name: str
     resident: ResidentOptimizer
@@ -68,21 +69,42 @@ class Method:
     def optimizers(self):
         return [self.resident] + ([self.executor] if self.executor else [])
 
+    def learning_rate(self) -> float:
+        groups = self.resident.param_groups or self.executor.param_groups
+        return groups[0]["lr"]
 
-def build_method(args, model, device, dtype) -> Method:
-    if args.offload_method == "megatron-lm":
-        model.to(device=device, dtype=dtype)
-        return Method(args.offload_method, ResidentOptimizer(list(model.named_parameters()), args))
-    if args.offload_method == "stronghold":
-        from .executor import StreamingExecutor
+    def pinned_bytes(self) -> int:
+        return self.executor.host_bytes()["pinned"] if self.executor else 0
 
-        layers = list(model.decoder.layers)
-        executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log)
-        model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
-        streamed = {id(p) for layer in layers for p in layer.parameters()}
-        named = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]
-        return Method(args.offload_method, ResidentOptimizer(named, args), executor)
-    raise arguments.ArgumentError(f"--offload-method {args.offload_method} is not implemented yet")
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def train_step(self, args, model, scaler, batches, device):
+        """One optimizer step over the micro-batches; returns (loss, grad norm, skipped)."""
+        n, executor = len(batches), self.executor
+        inv_scale = 1.0 / scaler.scale
+        losses = []
+        for index, batch in enumerate(batches):
+            if executor is not None:
+                executor.begin_microbatch(index, inv_scale)
+                executor.start_forward()
+            loss = lm_loss(model, to_device(batch, device))
+            (loss * (scaler.scale / n)).backward()
+            losses.append(loss.detach())
+
+        sumsq, found_inf = self.resident.unscale_and_measure(inv_scale)
+        sumsq, found_inf = float(sumsq), bool(found_inf)
+        if executor is not None:
+            host_sumsq, host_finite = executor.gradient_stats()
+            sumsq, found_inf = sumsq + host_sumsq, found_inf or not host_finite
+        grad_norm = math.sqrt(sumsq) if math.isfinite(sumsq) else float("nan")
+        coeff = 1.0 if found_inf else clip_coefficient(grad_norm, args.clip_grad)
+        self.resident.step(coeff, skip=found_inf)
+        if executor is not None:
+            executor.finish_step(coeff, skip=found_inf)
+        scaler.update(found_inf)
+        return float(torch.stack(losses).mean()), grad_norm, found_inf
 
 
 @dataclass
@@ -147,37 +169,9 @@ def train(args) -> History:
     train_iter, _ = build_data_iterators(args, tokenizer)
     flops = flops_per_iteration(args, vocab_size)
     history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops)
-    if method.executor is not None:
-        method.executor.shutdown()
+    method.shutdown()
     log_summary(args, method, history, device)
     return history
-
-
-def train_step(args, model, method, scaler, batches, device):
-    """One optimizer step over the micro-batches; returns (loss, grad norm, skipped)."""
-    n, executor = len(batches), method.executor
-    inv_scale = 1.0 / scaler.scale
-    losses = []
-    for index, batch in enumerate(batches):
-        if executor is not None:
-            executor.begin_microbatch(index, inv_scale)
-            executor.start_forward()
-        loss = lm_loss(model, to_device(batch, device))
-        (loss * (scaler.scale / n)).backward()
-        losses.append(loss.detach())
-
-    sumsq, found_inf = method.resident.unscale_and_measure(inv_scale)
-    sumsq, found_inf = float(sumsq), bool(found_inf)
-    if executor is not None:
-        host_sumsq, host_finite = executor.gradient_stats()
-        sumsq, found_inf = sumsq + host_sumsq, found_inf or not host_finite
-    grad_norm = math.sqrt(sumsq) if math.isfinite(sumsq) else float("nan")
-    coeff = 1.0 if found_inf else clip_coefficient(grad_norm, args.clip_grad)
-    method.resident.step(coeff, skip=found_inf)
-    if executor is not None:
-        executor.finish_step(coeff, skip=found_inf)
-    scaler.update(found_inf)
-    return float(torch.stack(losses).mean()), grad_norm, found_inf
 
 
 def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops) -> History:
@@ -186,14 +180,14 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
     for it in range(1, args.train_iters + 1):
         batches = [next(train_iter) for _ in range(args.num_microbatches)]
         start = time.perf_counter()
-        loss, grad_norm, skipped = train_step(args, model, method, scaler, batches, device)
+        loss, grad_norm, skipped = method.train_step(args, model, scaler, batches, device)
         if not skipped:
             scheduler.step(increment=args.global_batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
 
-        lr = method.resident.param_groups[0]["lr"] if method.resident.param_groups else scheduler.get_lr({})
+        lr = method.learning_rate()
         history.losses.append(loss)
         history.grad_norms.append(grad_norm)
         history.skipped.append(skipped)
@@ -227,7 +221,7 @@ def log_summary(args, method, history, device) -> None:
     steady = history.times[1:] or history.times  # the first iteration pays for warm-up
     mean = sum(steady) / len(steady)
     peak_gpu = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else 0.0
-    pinned = method.executor.host_bytes()["pinned"] / GiB if method.executor else 0.0
+    pinned = method.pinned_bytes() / GiB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
     log(summary_line({
         "method": args.offload_method,
