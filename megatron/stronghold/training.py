@@ -107,6 +107,22 @@ class Method:
         return float(torch.stack(losses).mean()), grad_norm, found_inf
 
 
+def build_method(args, model, device, dtype) -> Method:
+    if args.offload_method == "megatron-lm":
+        model.to(device=device, dtype=dtype)
+        return Method(args.offload_method, ResidentOptimizer(list(model.named_parameters()), args))
+    if args.offload_method == "stronghold":
+        from .executor import StreamingExecutor
+
+        layers = list(model.decoder.layers)
+        executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log)
+        model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
+        streamed = {id(p) for layer in layers for p in layer.parameters()}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]
+        return Method(args.offload_method, ResidentOptimizer(named, args), executor)
+    raise arguments.ArgumentError(f"--offload-method {args.offload_method} is not implemented yet")
+
+
 @dataclass
 class History:
     """Per-iteration results, for tests and for the summary."""
