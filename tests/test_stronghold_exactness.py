@@ -1,0 +1,85 @@
+"""StrongHold must train exactly like megatron-lm: same per-iteration loss and grad norm (fp32, 1e-5).
+
+Tiny models on the CPU: the executor runs its real schedule with host-to-host copies.
+"""
+
+import functools
+
+import pytest
+
+from megatron.stronghold import arguments, training
+
+RTOL = 1e-5
+ITERS = 20
+
+
+def run(method, layers=3, window=2, extra=()):
+    argv = ["--num-layers", str(layers), "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", str(ITERS),
+            "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "3", "--lr-decay-style", "cosine",
+            "--weight-decay", "0.1", "--seed", "7", "--mock-data", "--log-interval", "5",
+            "--offload-method", method, "--window-size", str(window), *extra]
+    return training.train(arguments.parse_args(argv))
+
+
+@functools.lru_cache(maxsize=None)
+def baseline(layers, extra):
+    return run("megatron-lm", layers, 1, extra)
+
+
+def assert_same_training(reference, candidate):
+    assert len(candidate.losses) == len(reference.losses) == ITERS
+    for it, (a, b) in enumerate(zip(reference.losses, candidate.losses), 1):
+        assert b == pytest.approx(a, rel=RTOL), f"lm loss differs at iteration {it}"
+    for it, (a, b) in enumerate(zip(reference.grad_norms, candidate.grad_norms), 1):
+        assert b == pytest.approx(a, rel=RTOL), f"grad norm differs at iteration {it}"
+    assert candidate.skipped == reference.skipped
+    assert candidate.lrs == pytest.approx(reference.lrs, rel=1e-12)
+
+
+@pytest.mark.parametrize("layers,window", [(1, 1), (2, 1), (3, 1), (3, 2), (4, 3), (4, 4), (5, 2), (5, 9)])
+def test_window_sizes_and_depths(layers, window):
+    assert_same_training(baseline(layers, ()), run("stronghold", layers, window))
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_gradient_accumulation(window):
+    extra = ("--global-batch-size", "6")  # three micro-batches per step
+    assert_same_training(baseline(3, extra), run("stronghold", 3, window, extra))
+
+
+@pytest.mark.parametrize("extra", [
+    ("--recompute-granularity", "full"),
+    ("--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "2"),
+    ("--recompute-granularity", "full", "--global-batch-size", "4"),
+])
+def test_recompute(extra):
+    assert_same_training(baseline(4, extra), run("stronghold", 4, 2, extra))
+
+
+def test_clipping_fires_on_some_iterations_only():
+    free = baseline(3, ("--clip-grad", "0"))
+    norms = sorted(free.grad_norms)
+    clip = norms[len(norms) // 2]  # about half of the iterations exceed it
+    extra = ("--clip-grad", repr(clip))
+    reference = baseline(3, extra)
+    clipped = sum(n > clip for n in reference.grad_norms)
+    assert 0 < clipped < ITERS
+    assert_same_training(reference, run("stronghold", 3, 2, extra))
+
+
+def test_learning_rate_schedule_reaches_every_layer():
+    """Warmup then decay: a streamed layer that kept a stale lr would diverge from megatron-lm."""
+    reference = baseline(3, ())
+    assert reference.lrs[0] < reference.lrs[2] and reference.lrs[-1] < reference.lrs[3]
+    assert_same_training(reference, run("stronghold", 3, 1))
+
+
+def test_window_larger_than_model_is_clamped_with_a_log_line(capsys):
+    run("stronghold", 2, 5)
+    assert "window size 5 > 2 layers: clamped to 2" in capsys.readouterr().out
+
+
+def test_window_smaller_than_one_layer_is_refused():
+    with pytest.raises(arguments.ArgumentError, match="window-size"):
+        arguments.parse_args(["--window-size", "0"])
