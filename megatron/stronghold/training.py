@@ -20,7 +20,7 @@ from .optim import LossScaler, ResidentOptimizer, clip_coefficient, lr_scheduler
 
 GiB = 1024 ** 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLEMENTED = ("megatron-lm", "stronghold")
+IMPLEMENTED = ("megatron-lm", "stronghold", "zero-offload", "zero-infinity")
 
 
 def log(msg: str) -> None:
@@ -120,6 +120,10 @@ def build_method(args, model, device, dtype) -> Method:
         streamed = {id(p) for layer in layers for p in layer.parameters()}
         named = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]
         return Method(args.offload_method, ResidentOptimizer(named, args), executor)
+    if args.offload_method in ("zero-offload", "zero-infinity"):
+        from .baselines.zero import build_zero_method  # imports DeepSpeed: only when asked for
+
+        return build_zero_method(args, model, device, dtype)
     raise arguments.ArgumentError(f"--offload-method {args.offload_method} is not implemented yet")
 
 
@@ -133,6 +137,7 @@ class History:
     loss_scales: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
     times: list = field(default_factory=list)
+    layer_steps: dict = field(default_factory=dict)  # stronghold: kept / redone / deferred counts
 
 
 def to_device(batch, device):
@@ -186,6 +191,8 @@ def train(args) -> History:
     flops = flops_per_iteration(args, vocab_size)
     history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops)
     method.shutdown()
+    if method.executor is not None:
+        history.layer_steps = dict(method.executor.counts)
     log_summary(args, method, history, device)
     return history
 
@@ -239,6 +246,10 @@ def log_summary(args, method, history, device) -> None:
     peak_gpu = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else 0.0
     pinned = method.pinned_bytes() / GiB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+    extra = {}
+    if method.executor is not None:
+        n = len(history.times)
+        extra = {f"{k} (ms/iter)": v * 1000 / n for k, v in method.executor.timers.items()}
     log(summary_line({
         "method": args.offload_method,
         "iterations": len(history.times),
@@ -247,6 +258,7 @@ def log_summary(args, method, history, device) -> None:
         "peak GPU memory (GiB)": peak_gpu,
         "peak host RSS (GiB)": rss,
         "pinned host memory (GiB)": pinned,
+        **extra,
     }))
 
 

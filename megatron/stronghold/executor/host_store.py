@@ -104,16 +104,18 @@ class HostLayer:
     # ----- gradient handling (runs on the CPU worker) -----
 
     def accumulate(self, first: bool) -> None:
+        self.accum_unscaled = False
         if first:
             self.grad_accum.copy_(self.grad)
         else:
             self.grad_accum.add_(self.grad)
 
-    def final_grad(self, scratch: torch.Tensor, inv_scale: float, unscale_accum: bool) -> torch.Tensor:
-        """This step's fp32 gradient. Recomputed identically when a step is redone."""
+    def final_grad(self, scratch: torch.Tensor, inv_scale: float) -> torch.Tensor:
+        """This step's fp32 gradient; the same tensor values however often it is asked for."""
         if self.grad_accum is not None:
-            if unscale_accum and inv_scale != 1.0:
+            if not self.accum_unscaled and inv_scale != 1.0:
                 self.grad_accum.mul_(inv_scale)
+            self.accum_unscaled = True
             return self.grad_accum
         if self.grad.dtype == torch.float32 and inv_scale == 1.0:
             return self.grad

@@ -19,6 +19,7 @@ Without CUDA the same code runs with host-to-host copies and no streams, which i
 
 import concurrent.futures
 import math
+import time
 
 import torch
 
@@ -73,8 +74,19 @@ class StreamingExecutor:
         self.microbatch = 0
         self.inv_scale = 1.0
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
-        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stronghold-cpu-adam")
+        threads = args.cpu_optimizer_threads or torch.get_num_threads()
+        self.worker = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="stronghold-cpu-adam", initializer=torch.set_num_threads, initargs=(threads,))
+        # Seconds, for the log: CPU work (its own thread) and the main thread's waits for it.
+        self.timers = {"cpu work": 0.0, "waits for cpu": 0.0, "copy waits": 0.0}
+        # Layer steps: guessed during backward and kept, guessed and redone, deferred to finish_step.
+        self.counts = {"kept": 0, "redone": 0, "deferred": 0}
         self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
+        self.clip_grad = args.clip_grad
+        self.seen_sumsq, self.guessing = 0.0, True  # see _update
+        if self.cuda:
+            self.sumsq_device = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
+            self.sumsq_host = torch.zeros(self.num_layers, dtype=torch.float32, pin_memory=True)
         self.stats = {}  # layer -> (sum of squares, finite) of this iteration's gradient
 
     # ----- setup -----
@@ -139,13 +151,14 @@ class StreamingExecutor:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.loaded[i])
 
-    @staticmethod
-    def _wait(futures, i: int) -> None:
+    def _wait(self, futures, i: int) -> None:
         fut, futures[i] = futures[i], None
         if fut is None:
             return
+        start = time.perf_counter()
         try:
             fut.result()
+            self.timers["waits for cpu"] += time.perf_counter() - start
         except Exception as exc:
             raise RuntimeError(f"CPU optimizer work on transformer layer {i} failed: {exc}") from exc
 
@@ -185,44 +198,77 @@ class StreamingExecutor:
     def _offload_grads(self, i: int) -> None:
         """Layer i's backward is complete: send its grads to the host and queue its CPU work."""
         self._wait(self.grad_pending, i)  # the previous micro-batch's accumulation reads the buffer
+        last = self.microbatch == self.num_microbatches - 1
+        first = self.microbatch == 0
+        grads = [p.grad for p, _ in self.grad_targets[i]]
+        gpu_norm = self.cuda and self.num_microbatches == 1
+        if gpu_norm:
+            # The norm costs microseconds on the GPU and tens of milliseconds on the CPU.
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            torch.stack(norms).square().sum(out=self.sumsq_device[i])
         done = self._record()
         self.slot_free[i % self.window] = done
         copied = None
         if self.cuda:
             self.d2h.wait_event(done)
             with torch.cuda.stream(self.d2h):
-                for p, host_grad in self.grad_targets[i]:
-                    host_grad.copy_(p.grad, non_blocking=True)
-                    p.grad.record_stream(self.d2h)
+                for (_, host_grad), g in zip(self.grad_targets[i], grads):
+                    host_grad.copy_(g, non_blocking=True)
+                    g.record_stream(self.d2h)
+                if gpu_norm:
+                    self.sumsq_host[i].copy_(self.sumsq_device[i], non_blocking=True)
                 copied = self.d2h.record_event()
         else:
-            for p, host_grad in self.grad_targets[i]:
-                host_grad.copy_(p.grad)
+            for (_, host_grad), g in zip(self.grad_targets[i], grads):
+                host_grad.copy_(g)
         for p, _ in self.grad_targets[i]:
             p.grad = None
-        last = self.microbatch == self.num_microbatches - 1
-        first = self.microbatch == 0
         future = self.worker.submit(self._cpu_work, i, copied, first, last, self.inv_scale,
-                                    self._hyperparameters() if last else None)
+                                    gpu_norm, self._hyperparameters() if last else None)
         self.grad_pending[i] = future
         if last:
             self.weight_pending[i] = future
 
-    def _cpu_work(self, i, copied, first, last, inv_scale, hyper):
+    def _cpu_work(self, i, copied, first, last, inv_scale, gpu_norm, hyper):
+        start = time.perf_counter()
         if copied is not None:
             copied.synchronize()
+        self.timers["copy waits"] += time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            self._update(i, first, last, inv_scale, gpu_norm, hyper)
+        finally:
+            self.timers["cpu work"] += time.perf_counter() - start
+
+    def _update(self, i, first, last, inv_scale, gpu_norm, hyper):
+        """Accumulate; on the last micro-batch measure the grad and step if it is safe to guess.
+
+        A step taken before the global norm is known is a guess that clipping will not fire. The
+        running sum over the layers seen so far is a lower bound of the global norm: once it
+        exceeds the clip threshold (or a gradient overflows) guessing stops for this iteration and
+        the remaining layers step in finish_step, with the right coefficient, in forward order.
+        """
         host = self.host[i]
         if host.grad_accum is not None:
             host.accumulate(first)
         if not last:
-            return None
-        grad = host.final_grad(self.scratch, inv_scale, unscale_accum=True)
-        sumsq = float(torch.linalg.vector_norm(grad)) ** 2
+            return
+        if gpu_norm:
+            sumsq = float(self.sumsq_host[i]) * inv_scale * inv_scale  # the scale is a power of two
+        else:
+            grad = host.final_grad(self.scratch, inv_scale)
+            sumsq = float(torch.linalg.vector_norm(grad)) ** 2
         finite = math.isfinite(sumsq)
-        if finite:
+        self.seen_sumsq += sumsq
+        if not finite or (self.clip_grad > 0 and math.sqrt(self.seen_sumsq) + 1.0e-6 > self.clip_grad):
+            self.guessing = False
+        stepped = False
+        if self.guessing:
+            if gpu_norm:
+                grad = host.final_grad(self.scratch, inv_scale)
             host.step(grad, hyper)
-        self.stats[i] = (sumsq, finite)
-        return None
+            stepped = True
+        self.stats[i] = (sumsq, finite, stepped)
 
     # ----- the step -----
 
@@ -235,29 +281,36 @@ class StreamingExecutor:
         missing = [i for i in range(self.num_layers) if i not in self.stats]
         if missing:
             raise RuntimeError(f"no gradients reached the host for layers {missing}")
-        sumsq = sum(s for s, _ in self.stats.values())
-        finite = all(f for _, f in self.stats.values())
+        sumsq = sum(s for s, _, _ in self.stats.values())
+        finite = all(f for _, f, _ in self.stats.values())
         return sumsq, finite
 
     def finish_step(self, clip_coeff: float, skip: bool) -> None:
-        """Make the speculative steps final: redo with clipped grads, or undo when skipped."""
+        """Make the step final: redo guessed steps that were wrong, take the deferred ones."""
         stats, self.stats = self.stats, {}
-        if skip or clip_coeff != 1.0:
-            # Forward order, so layer 0 is ready first for the next iteration.
-            for i in range(self.num_layers):
+        hyper = self._hyperparameters()
+        for i in range(self.num_layers):  # forward order: layer 0 is needed first
+            stepped = stats[i][2]
+            kind = ("redone" if skip or clip_coeff != 1.0 else "kept") if stepped else "deferred"
+            self.counts[kind] += 1
+            if stepped and (skip or clip_coeff != 1.0) or not stepped and not skip:
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
-                    self._redo, i, stats[i][1], clip_coeff, skip, self._hyperparameters())
+                    self._finish_layer, i, stepped, clip_coeff, skip, hyper)
+        self.seen_sumsq, self.guessing = 0.0, True
         # The new weights must be reloaded before the next forward pass.
         self.slot_owner = [-1] * self.window
 
-    def _redo(self, i, stepped, clip_coeff, skip, hyper):
-        host = self.host[i]
-        grad = host.final_grad(self.scratch, self.inv_scale, unscale_accum=False)
-        if stepped:
-            host.undo_step(grad, hyper)
-        if not skip:
-            grad = grad * clip_coeff
-            host.step(grad, hyper)
+    def _finish_layer(self, i, stepped, clip_coeff, skip, hyper):
+        start = time.perf_counter()
+        try:
+            host = self.host[i]
+            grad = host.final_grad(self.scratch, self.inv_scale)
+            if stepped:
+                host.undo_step(grad, hyper)
+            if not skip:
+                host.step(grad * clip_coeff if clip_coeff != 1.0 else grad, hyper)
+        finally:
+            self.timers["cpu work"] += time.perf_counter() - start
 
     def shutdown(self) -> None:
         self._wait_all()
