@@ -81,3 +81,14 @@ def test_fp16_overflow_skips_the_step_for_every_layer():
     assert stronghold.skipped == reference.skipped
     assert stronghold.loss_scales == reference.loss_scales
     assert stronghold.losses == pytest.approx(reference.losses, rel=1e-3)
+
+
+@pytest.mark.parametrize("layers,extra", [
+    (3, ()),
+    (3, ("--global-batch-size", "4", "--recompute-granularity", "full")),
+])
+def test_l2l_trains_like_megatron(layers, extra):
+    """L2L: one layer on the device at a time, loaded on demand, every step after backward."""
+    l2l = run("l2l", layers, 1, extra)
+    assert_same_training(baseline(layers, extra), l2l)
+    assert l2l.layer_steps["kept"] == l2l.layer_steps["redone"] == 0

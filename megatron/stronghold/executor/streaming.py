@@ -41,7 +41,11 @@ class _WaitForLoad(torch.autograd.Function):
 
 
 class StreamingExecutor:
-    def __init__(self, layers, window: int, dtype: torch.dtype, device: torch.device, args, log=print):
+    def __init__(self, layers, window: int, dtype: torch.dtype, device: torch.device, args, log=print,
+                 overlap: bool = True):
+        """overlap=False gives L2L's schedule on the same store: each layer is copied in when it is
+        needed (no prefetch) and every CPU step runs after backward, before the next iteration."""
+        self.overlap = overlap
         self.layers = list(layers)
         self.num_layers = len(self.layers)
         if window > self.num_layers:
@@ -171,7 +175,7 @@ class StreamingExecutor:
 
     def start_forward(self) -> None:
         """Called before each forward pass: queue the loads of the first W layers."""
-        for i in range(self.window):
+        for i in range(self.window if self.overlap else 0):
             self.load(i)
 
     def _before_forward(self, i: int) -> None:
@@ -182,7 +186,7 @@ class StreamingExecutor:
         if torch.is_grad_enabled():
             hidden = _WaitForLoad.apply(hidden, self, i)
         self.slot_free[i % self.window] = self._record()
-        if i + self.window < self.num_layers:
+        if self.overlap and i + self.window < self.num_layers:
             self.load(i + self.window)
         return hidden, context
 
@@ -192,7 +196,7 @@ class StreamingExecutor:
             return
         self.grads_seen[i] = 0
         self._offload_grads(i)
-        if i - self.window >= 0:
+        if self.overlap and i - self.window >= 0:
             self.load(i - self.window)
 
     def _offload_grads(self, i: int) -> None:
@@ -263,7 +267,7 @@ class StreamingExecutor:
         if not finite or (self.clip_grad > 0 and math.sqrt(self.seen_sumsq) + 1.0e-6 > self.clip_grad):
             self.guessing = False
         stepped = False
-        if self.guessing:
+        if self.guessing and self.overlap:
             if gpu_norm:
                 grad = host.final_grad(self.scratch, inv_scale)
             host.step(grad, hyper)
@@ -297,6 +301,8 @@ class StreamingExecutor:
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
                     self._finish_layer, i, stepped, clip_coeff, skip, hyper)
         self.seen_sumsq, self.guessing = 0.0, True
+        if not self.overlap:
+            self._wait_all()
         # The new weights must be reloaded before the next forward pass.
         self.slot_owner = [-1] * self.window
 
