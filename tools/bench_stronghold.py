@@ -72,10 +72,8 @@ def measure_cpu_update(numel, reps=5):
     scratch = torch.empty(host.layout.numel)
     hyper = {1.0: (1e-4, 0.01), 0.0: (1e-4, 0.0)}
 
-    def update():
-        g = host.final_grad(scratch, 1.0)
-        float(torch.linalg.vector_norm(g))
-        host.step(g, hyper)
+    def update():  # the executor takes the norm on the GPU
+        host.step(host.final_grad(scratch, 1.0), hyper)
 
     update()
     t = time.perf_counter()
@@ -92,7 +90,7 @@ def measure_compute(args_list, hidden, heads, seq, mb, recompute):
     from megatron.stronghold.data import build_data_iterators, build_tokenizer, padded_vocab_size
 
     times = {}
-    for layers in (2, 6):
+    for layers in (4, 12):
         argv = ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
                 "--seq-length", str(seq), "--micro-batch-size", str(mb), "--bf16", "--mock-data"]
         if recompute:
@@ -105,7 +103,7 @@ def measure_compute(args_list, hidden, heads, seq, mb, recompute):
         for _ in range(3):
             model_lib.lm_loss(model, batch).backward()
         torch.cuda.synchronize()
-        reps = 10
+        reps = 20
         t = time.perf_counter()
         for _ in range(reps):
             model_lib.lm_loss(model, batch).backward()
@@ -113,8 +111,8 @@ def measure_compute(args_list, hidden, heads, seq, mb, recompute):
         times[layers] = (time.perf_counter() - t) / reps
         del model
         torch.cuda.empty_cache()
-    per_layer = (times[6] - times[2]) / 4
-    return per_layer, times[2] - 2 * per_layer
+    per_layer = (times[12] - times[4]) / 8
+    return per_layer, max(0.0, times[4] - 4 * per_layer)
 
 
 def run_training(method, layers, window, a, log_dir):
@@ -124,6 +122,7 @@ def run_training(method, layers, window, a, log_dir):
            "--log-interval", "1", "--mock-data", "--offload-method", method, "--window-size", str(window)]
     if a.recompute:
         cmd += ["--recompute-granularity", "full"]
+    cmd += a.extra
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     path = os.path.join(log_dir, f"log_{method}_l-{layers}_hs-{a.hidden}_bs-{a.micro_batch}_ws-{window}.txt")
     with open(path, "w") as f:
@@ -147,6 +146,7 @@ def main():
     p.add_argument("--recompute", action="store_true", help="full activation recompute in every run")
     p.add_argument("--skip-megatron", action="store_true")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "bench"))
+    p.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every run")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     card = torch.cuda.get_device_name()
@@ -158,7 +158,7 @@ def main():
     print(f"card: {card} | threads: {torch.get_num_threads()}")
     print(f"pinned copy: H2D {pcie['h2d'] / GB:.1f} GB/s, D2H {pcie['d2h'] / GB:.1f} GB/s")
     print(f"CPU update of one layer ({P / 1e6:.1f} M params): torch fused AdamW alone {adam_rate / 1e9:.2f} G params/s, "
-          f"host-store update (bf16 grad in, norm, AdamW, bf16 weights out) {ours_rate / 1e9:.2f} G params/s "
+          f"host-store update (bf16 grad in, AdamW, bf16 weights out) {ours_rate / 1e9:.2f} G params/s "
           f"({ours_rate / adam_rate:.2f}x)")
     print(f"GPU forward+backward, all resident: {per_layer * 1e3:.2f} ms per layer + {rest * 1e3:.2f} ms rest")
 

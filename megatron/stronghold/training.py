@@ -20,7 +20,7 @@ from .optim import LossScaler, ResidentOptimizer, clip_coefficient, lr_scheduler
 
 GiB = 1024 ** 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLEMENTED = ("megatron-lm", "stronghold", "zero-offload", "zero-infinity")
+IMPLEMENTED = ("megatron-lm", "stronghold", "l2l", "zero-offload", "zero-infinity")
 
 
 def log(msg: str) -> None:
@@ -33,11 +33,11 @@ def init_distributed(device: torch.device) -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                rank=int(os.environ.get("RANK", "0")),
-                                world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ:  # torchrun
+            dist.init_process_group(backend)
+        else:  # one process: an in-memory store, so no port can clash with another run
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
 
@@ -111,11 +111,15 @@ def build_method(args, model, device, dtype) -> Method:
     if args.offload_method == "megatron-lm":
         model.to(device=device, dtype=dtype)
         return Method(args.offload_method, ResidentOptimizer(list(model.named_parameters()), args))
-    if args.offload_method == "stronghold":
+    if args.offload_method in ("stronghold", "l2l"):
+        from .baselines.l2l import build_l2l_executor
         from .executor import StreamingExecutor
 
         layers = list(model.decoder.layers)
-        executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log)
+        if args.offload_method == "l2l":
+            executor = build_l2l_executor(layers, dtype, device, args, log=log)
+        else:
+            executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log)
         model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
         streamed = {id(p) for layer in layers for p in layer.parameters()}
         named = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]

@@ -72,6 +72,7 @@ class StreamingExecutor:
         self.slot_owner = [-1] * self.window   # layer whose current weights are (being) loaded
         self.slot_free = [None] * self.window  # event: last kernels reading the slot are queued before it
         self.loaded = [None] * self.num_layers  # event: layer i's weights are in its slot
+        self.offloaded = [None] * self.num_layers  # event: layer i's gradients are on the host
         self.grad_pending = [None] * self.num_layers  # future: CPU work reading layer i's grad buffer
         self.weight_pending = [None] * self.num_layers  # future: CPU step writing layer i's weights
         self.grads_seen = [0] * self.num_layers
@@ -209,7 +210,7 @@ class StreamingExecutor:
         if gpu_norm:
             # The norm costs microseconds on the GPU and tens of milliseconds on the CPU.
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-            torch.stack(norms).square().sum(out=self.sumsq_device[i])
+            self.sumsq_device[i] = torch.stack(norms).square().sum()
         done = self._record()
         self.slot_free[i % self.window] = done
         copied = None
@@ -222,6 +223,12 @@ class StreamingExecutor:
                 if gpu_norm:
                     self.sumsq_host[i].copy_(self.sumsq_device[i], non_blocking=True)
                 copied = self.d2h.record_event()
+            self.offloaded[i] = copied
+            # Bound the gradients waiting for PCIe to W layers: when the GPU computes faster than
+            # the copies drain, backward waits (on the GPU) instead of piling up gradient memory.
+            ahead = i + self.window
+            if ahead < self.num_layers and self.offloaded[ahead] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.offloaded[ahead])
         else:
             for (_, host_grad), g in zip(self.grad_targets[i], grads):
                 host_grad.copy_(g)
@@ -314,7 +321,9 @@ class StreamingExecutor:
             if stepped:
                 host.undo_step(grad, hyper)
             if not skip:
-                host.step(grad * clip_coeff if clip_coeff != 1.0 else grad, hyper)
+                if clip_coeff != 1.0:
+                    grad.mul_(clip_coeff)  # in place, as Megatron clips its main grads; not needed after
+                host.step(grad, hyper)
         finally:
             self.timers["cpu work"] += time.perf_counter() - start
 
