@@ -9,7 +9,7 @@ set -euo pipefail
 
 # Methods the launcher accepts, and those that pretrain_gpt.py implements now.
 VALID_METHODS="megatron-lm l2l zero-offload zero-infinity stronghold all"
-IMPLEMENTED="megatron-lm stronghold"
+IMPLEMENTED="megatron-lm l2l zero-offload zero-infinity stronghold"
 
 # Paper defaults (GPU).
 DEFAULT_LAYERS=16
