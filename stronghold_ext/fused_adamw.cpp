@@ -1,0 +1,350 @@
+// One-pass host AdamW update for a StrongHold layer.
+//
+// Per element, in one streaming pass over memory:
+//   g  = float(grad) * grad_scale                      (bf16/fp16 -> fp32 in registers, then unscale/clip)
+//   p *= 1 - lr * wd                                   (decoupled weight decay)
+//   m  = lerp(m, g, 1 - beta1)
+//   v  = beta2 * v + (1 - beta2) * g * g
+//   p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//   weights_out = bf16/fp16(p)                         (round to nearest even, as Tensor.to())
+//
+// It replaces three passes of the torch path (grad -> fp32 scratch copy, torch fused AdamW,
+// fp32 master -> compute-dtype weights copy): 28 bytes moved per parameter (bf16 grad and weights)
+// instead of 40, the same 28 as torch's fused AdamW alone on an fp32 gradient. The weights go out
+// through streaming stores (no read of the destination lines), else they would cost 30.
+//
+// The arithmetic follows torch's CPU fused AdamW (aten/src/ATen/native/cpu/FusedAdamKernel.cpp,
+// vectorised fp32 path) operation by operation: same constants (computed in double, used as
+// float), lerp as one fma on the same branch, beta2 * v + (c2 * g) * g as one fma (torch's build
+// contracts it), a division by sqrt(bias correction 2), param + (-step_size * m) / denom. Built
+// with -ffp-contract=off so that nothing else is fused, the result is bitwise equal to torch's
+// (tested on torch 2.13 x86; torch's scalar tails of a few elements per thread may differ by an ulp).
+//
+// Parallelism: at::parallel_for (torch's intra-op pool, torch.get_num_threads() of the calling
+// thread) over blocks of kBlock elements, so every thread streams one contiguous range. The loop
+// is AVX-512 intrinsics where the compiler targets AVX-512 (-march=native on Skylake-SP, Sapphire
+// Rapids, Zen 4), else plain C++ the compiler vectorises; both are exact, tests cover both
+// (-DSTRONGHOLD_GENERIC builds the portable one; -DSTRONGHOLD_NO_STREAM drops streaming stores).
+
+// Light headers on purpose (not torch/extension.h): the JIT build takes seconds, not a minute.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 + at::Tensor / std::optional casters
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 64;    // elements: 256 B of fp32, 128 B of bf16, whole cache lines
+constexpr int64_t kGrain = 256;   // blocks (16K elements) per task at least
+
+struct Consts {
+  float grad_scale;
+  float decay;          // 1 - lr * wd
+  float lerp_coeff;     // lerp(m, g, w) = fma(coeff, g - m, base)
+  bool lerp_from_m;     // base = m when |w| < 0.5, else g (torch's two-sided lerp)
+  float beta2;
+  float c2;             // 1 - beta2
+  float bc2_sqrt;       // sqrt(1 - beta2^t)
+  float eps;
+  float neg_step_size;  // -lr / (1 - beta1^t)
+};
+
+struct NoOut { using T = uint16_t; };  // weights_out = None
+
+inline float bits_to_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t f32_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// --- bf16 (stored as uint16_t) ---
+inline float load_bf16(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
+inline uint16_t store_bf16(float f) {
+  // c10::BFloat16 round_to_nearest_even
+  uint32_t u = f32_to_bits(f);
+  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return std::isnan(f) ? uint16_t(0x7FC0) : static_cast<uint16_t>(r);
+}
+
+// --- IEEE fp16 (stored as uint16_t): c10's fp16_ieee_{to,from}_fp32_value, branch-free ---
+inline float load_fp16(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t r = sign | (two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized));
+  return bits_to_f32(r);
+}
+inline uint16_t store_fp16(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = f32_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = bits_to_f32((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+struct F32 { using T = float; static float load(float x) { return x; } };
+struct BF16 { using T = uint16_t; static float load(uint16_t x) { return load_bf16(x); }
+              static uint16_t store(float x) { return store_bf16(x); } };
+struct FP16 { using T = uint16_t; static float load(uint16_t x) { return load_fp16(x); }
+              static uint16_t store(float x) { return store_fp16(x); } };
+
+// The update on n elements with an fp32 gradient.
+template <typename W>
+void adamw_core(float* __restrict p, float* __restrict m, float* __restrict v, const float* __restrict g,
+                typename W::T* __restrict w, int64_t n, const Consts& c) {
+  const float grad_scale = c.grad_scale, decay = c.decay, coeff = c.lerp_coeff, beta2 = c.beta2,
+              c2 = c.c2, bc2_sqrt = c.bc2_sqrt, eps = c.eps, neg_step_size = c.neg_step_size;
+  const bool from_m = c.lerp_from_m;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] * grad_scale;
+    float pi = p[i] * decay;
+    float mi = m[i];
+    mi = std::fma(coeff, gi - mi, from_m ? mi : gi);
+    const float vi = std::fma(c2 * gi, gi, v[i] * beta2);  // torch's build contracts this one
+    const float denom = std::sqrt(vi) / bc2_sqrt + eps;
+    pi = pi + (neg_step_size * mi) / denom;
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    if constexpr (!std::is_same_v<W, NoOut>) w[i] = W::store(pi);
+  }
+}
+
+// Copy n 16-bit values to dst with non-temporal (streaming) stores where dst is aligned: the
+// weights are read next by the GPU's DMA, not by this CPU, and a streaming store does not first
+// read the destination line into the cache (a normal store would: 2 more bytes per parameter).
+inline void stream_copy_u16(uint16_t* dst, const uint16_t* src, int64_t n) {
+  int64_t i = 0;
+#if (defined(__AVX512F__) || defined(__SSE2__)) && !defined(STRONGHOLD_NO_STREAM)  // (a benchmark switch)
+#if defined(__AVX512F__)
+  constexpr int64_t kLanes = 32;  // 64 B
+#else
+  constexpr int64_t kLanes = 8;   // 16 B
+#endif
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) % (2 * kLanes)) != 0; ++i) dst[i] = src[i];
+  for (; i + kLanes <= n; i += kLanes) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
+#else
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+#endif
+  }
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();  // streaming stores are weakly ordered: make them visible before the step returns
+#endif
+}
+
+// The update runs a tile at a time: a 16-bit gradient is first widened into an L1-resident fp32
+// buffer (gcc 12 does not vectorise one loop that loads and stores 16-bit data next to fp32 data),
+// and the 16-bit weights are written to an L1 buffer and then streamed out.
+constexpr int64_t kTile = 1024;
+
+template <typename G, typename W>
+void adamw_range_generic(float* p, float* m, float* v, const typename G::T* g, void* out, int64_t n, const Consts& c) {
+  auto* w = static_cast<typename W::T*>(out);
+  constexpr bool widen = !std::is_same_v<G, F32>, stream = !std::is_same_v<W, NoOut>;
+  if constexpr (!widen && !stream) {
+    adamw_core<W>(p, m, v, g, w, n, c);
+  } else {
+    alignas(64) float gbuf[widen ? kTile : 1];
+    alignas(64) uint16_t wbuf[stream ? kTile : 1];
+    for (int64_t s = 0; s < n; s += kTile) {
+      const int64_t len = std::min(kTile, n - s);
+      const float* gt;
+      if constexpr (widen) {
+        const typename G::T* __restrict gs = g + s;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) gbuf[i] = G::load(gs[i]);
+        gt = gbuf;
+      } else {
+        gt = g + s;
+      }
+      if constexpr (stream) {
+        adamw_core<W>(p + s, m + s, v + s, gt, wbuf, len, c);
+        stream_copy_u16(w + s, wbuf, len);
+      } else {
+        adamw_core<W>(p + s, m + s, v + s, gt, nullptr, len, c);
+      }
+    }
+    if constexpr (stream) stream_fence();
+  }
+}
+
+#if defined(__AVX512F__) && !defined(STRONGHOLD_GENERIC)
+// AVX-512 (Skylake-SP and later, Zen 4): one loop, 16 elements a step, the same operations in the
+// same order as adamw_core; the 16-bit weights leave through streaming stores.
+template <typename G> inline __m512 load16(const typename G::T* g) {
+  if constexpr (std::is_same_v<G, F32>) {
+    return _mm512_loadu_ps(g);
+  } else if constexpr (std::is_same_v<G, BF16>) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g)));
+  }
+}
+
+template <typename W> inline __m256i pack16(__m512 x) {
+  if constexpr (std::is_same_v<W, BF16>) {  // round to nearest even, NaN -> 0x7FC0 (c10::BFloat16)
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                          _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+  } else {  // IEEE half, round to nearest even
+    return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+
+template <typename G, typename W>
+void adamw_range(float* p, float* m, float* v, const typename G::T* g, void* out, int64_t n, const Consts& c) {
+  constexpr bool has_out = !std::is_same_v<W, NoOut>;
+  auto* w = static_cast<typename W::T*>(out);
+  int64_t i = 0;
+  if constexpr (has_out) {  // up to the first 32-byte aligned weight, for the streaming stores
+    const int64_t head = std::min<int64_t>(n, ((32 - reinterpret_cast<uintptr_t>(w) % 32) % 32) / 2);
+    adamw_range_generic<G, W>(p, m, v, g, w, head, c);
+    i = head;
+  }
+  const __m512 grad_scale = _mm512_set1_ps(c.grad_scale), decay = _mm512_set1_ps(c.decay),
+               coeff = _mm512_set1_ps(c.lerp_coeff), beta2 = _mm512_set1_ps(c.beta2), c2 = _mm512_set1_ps(c.c2),
+               bc2_sqrt = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps),
+               neg_step_size = _mm512_set1_ps(c.neg_step_size);
+  const __mmask16 base_is_m = c.lerp_from_m ? 0xFFFF : 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 gi = _mm512_mul_ps(load16<G>(g + i), grad_scale);
+    __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), decay);
+    __m512 mi = _mm512_loadu_ps(m + i);
+    mi = _mm512_fmadd_ps(coeff, _mm512_sub_ps(gi, mi), _mm512_mask_blend_ps(base_is_m, gi, mi));
+    const __m512 vi = _mm512_fmadd_ps(_mm512_mul_ps(c2, gi), gi, _mm512_mul_ps(_mm512_loadu_ps(v + i), beta2));
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2_sqrt), eps);
+    pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(neg_step_size, mi), denom));
+    _mm512_storeu_ps(p + i, pi);
+    _mm512_storeu_ps(m + i, mi);
+    _mm512_storeu_ps(v + i, vi);
+    if constexpr (has_out) {
+#if defined(STRONGHOLD_NO_STREAM)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), pack16<W>(pi));
+#else
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(w + i), pack16<W>(pi));
+#endif
+    }
+  }
+  adamw_range_generic<G, W>(p + i, m + i, v + i, g + i, has_out ? w + i : nullptr, n - i, c);
+  if constexpr (has_out) stream_fence();
+}
+#else
+template <typename G, typename W>
+void adamw_range(float* p, float* m, float* v, const typename G::T* g, void* out, int64_t n, const Consts& c) {
+  adamw_range_generic<G, W>(p, m, v, g, out, n, c);
+}
+#endif
+
+template <typename G, typename W>
+void adamw_parallel(float* p, float* m, float* v, const void* g, void* out, int64_t n, const Consts& c) {
+  const auto* gt = static_cast<const typename G::T*>(g);
+  const int64_t out_size = std::is_same_v<W, NoOut> ? 0 : 2;
+  auto* ob = static_cast<char*>(out);
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, kGrain, [&](int64_t b0, int64_t b1) {
+    const int64_t s = b0 * kBlock, e = std::min(b1 * kBlock, n);
+    adamw_range<G, W>(p + s, m + s, v + s, gt + s, out_size ? ob + s * out_size : nullptr, e - s, c);
+  });
+}
+
+template <typename G>
+void dispatch_out(float* p, float* m, float* v, const void* g, void* out, at::ScalarType out_type,
+                  int64_t n, const Consts& c) {
+  if (out == nullptr) return adamw_parallel<G, NoOut>(p, m, v, g, out, n, c);
+  if (out_type == at::kBFloat16) return adamw_parallel<G, BF16>(p, m, v, g, out, n, c);
+  return adamw_parallel<G, FP16>(p, m, v, g, out, n, c);
+}
+
+void check_f32(const at::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              name, " must be a contiguous CPU float32 tensor, got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.numel() == n, name, " has ", t.numel(), " elements, master has ", n);
+}
+
+}  // namespace
+
+void adamw_step(at::Tensor master, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor grad,
+                std::optional<at::Tensor> weights_out, double lr, double beta1, double beta2, double eps,
+                double weight_decay, int64_t step, double grad_scale) {
+  const int64_t n = master.numel();
+  check_f32(master, "master", n);
+  check_f32(exp_avg, "exp_avg", n);
+  check_f32(exp_avg_sq, "exp_avg_sq", n);
+  const auto gt = grad.scalar_type();
+  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() &&
+              (gt == at::kFloat || gt == at::kBFloat16 || gt == at::kHalf),
+              "grad must be a contiguous CPU float32/bfloat16/float16 tensor, got ", gt, " on ", grad.device());
+  TORCH_CHECK(grad.numel() == n, "grad has ", grad.numel(), " elements, master has ", n);
+  void* out = nullptr;
+  at::ScalarType ot = at::kBFloat16;
+  if (weights_out.has_value() && weights_out->defined()) {
+    const at::Tensor& w = *weights_out;
+    ot = w.scalar_type();
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && (ot == at::kBFloat16 || ot == at::kHalf),
+                "weights_out must be a contiguous CPU bfloat16/float16 tensor, got ", ot, " on ", w.device());
+    TORCH_CHECK(w.numel() == n, "weights_out has ", w.numel(), " elements, master has ", n);
+    out = w.data_ptr();
+  }
+  TORCH_CHECK(step >= 1, "step must be >= 1 (already incremented), got ", step);
+  if (n == 0) return;
+
+  // Constants exactly as torch's fused AdamW forms them: double, then cast to float at use.
+  const double bias_correction1 = 1 - std::pow(beta1, static_cast<double>(step));
+  const double bias_correction2 = 1 - std::pow(beta2, static_cast<double>(step));
+  const double step_size = lr / bias_correction1;
+  const float w = static_cast<float>(1 - beta1);
+  Consts c;
+  c.grad_scale = static_cast<float>(grad_scale);
+  c.decay = weight_decay != 0.0 ? static_cast<float>(1 - lr * weight_decay) : 1.0f;
+  c.lerp_from_m = std::abs(w) < 0.5f;
+  c.lerp_coeff = c.lerp_from_m ? w : w - 1.0f;
+  c.beta2 = static_cast<float>(beta2);
+  c.c2 = static_cast<float>(1 - beta2);
+  c.bc2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
+  c.eps = static_cast<float>(eps);
+  c.neg_step_size = static_cast<float>(-step_size);
+
+  float* p = master.data_ptr<float>();
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  const void* g = grad.data_ptr();
+  if (gt == at::kFloat) dispatch_out<F32>(p, m, v, g, out, ot, n, c);
+  else if (gt == at::kBFloat16) dispatch_out<BF16>(p, m, v, g, out, ot, n, c);
+  else dispatch_out<FP16>(p, m, v, g, out, ot, n, c);
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "StrongHold one-pass host AdamW (torch fused AdamW numerics, compute-dtype grad in, weights out)";
+  mod.def("adamw_step", &adamw_step, py::call_guard<py::gil_scoped_release>(),
+          "One AdamW step in place on fp32 master/exp_avg/exp_avg_sq; grad fp32|bf16|fp16 is multiplied "
+          "by grad_scale; writes bf16|fp16(master) to weights_out unless None. step: already incremented.",
+          py::arg("master"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad"),
+          py::arg("weights_out"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+          py::arg("weight_decay"), py::arg("step"), py::arg("grad_scale") = 1.0);
+}
