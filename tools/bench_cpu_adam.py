@@ -96,7 +96,8 @@ def main():
                "?") if os.path.exists("/proc/cpuinfo") else "?"
     print(f"CPU: {cpu}; threads {threads}; N = {n / 1e6:.1f}M params; median of {args.reps} (round-robin); torch {torch.__version__}")
     if ext is None:
-        print("stronghold_ext kernel unavailable (see the log line above): rows (c), (d) skipped")
+        reason = stronghold_ext.load_errors.get("stronghold_fused_adamw", "?")
+        print(f"stronghold_ext kernel unavailable ({reason}): rows (c), (d) skipped")
     else:
         print(f"extension load: {t_load:.1f} s (includes the compile when the build cache was cold)")
     ref = results[0][1]
