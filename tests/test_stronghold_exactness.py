@@ -92,3 +92,13 @@ def test_l2l_trains_like_megatron(layers, extra):
     l2l = run("l2l", layers, 1, extra)
     assert_same_training(baseline(layers, extra), l2l)
     assert l2l.layer_steps["kept"] == l2l.layer_steps["redone"] == 0
+
+
+@pytest.mark.parametrize("resident", [0, 2, 4])
+def test_resident_layers_train_like_megatron(resident):
+    """The first R layers on the device with the device optimizer, the rest streamed."""
+    extra = ("--resident-layers", str(resident))
+    got = run("stronghold", 4, 2, extra)
+    assert_same_training(baseline(4, ()), got)
+    streamed_steps = sum(got.layer_steps.values())
+    assert streamed_steps == (4 - resident) * ITERS

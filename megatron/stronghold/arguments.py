@@ -101,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron-lm: every layer on the GPU. stronghold: layers in host memory, a window "
                    "of them on the GPU with asynchronous prefetch and a per-layer CPU optimizer. l2l, "
                    "zero-offload, zero-infinity: the baselines.")
-    g.add_argument("--window-size", type=int, default=4,
-                   help="stronghold: transformer layers held on the GPU at once (clamped to --num-layers).")
+    g.add_argument("--window-size", type=int, default=None,
+                   help="stronghold: GPU slots that streamed layers pass through (default: the planner's "
+                   "choice, 4; clamped to the number of streamed layers).")
+    g.add_argument("--resident-layers", type=int, default=None,
+                   help="stronghold: transformer layers kept on the GPU with a GPU optimizer (default: as many "
+                   "as fit in free GPU memory, as planned at start; 0 on a machine without CUDA).")
     g.add_argument("--cpu-optimizer-threads", type=int, default=None,
                    help="stronghold: intra-op threads of the CPU optimizer (default: all cores).")
     return p
@@ -148,8 +152,11 @@ def validate_args(args: argparse.Namespace) -> None:
                             f"--micro-batch-size x data-parallel size = {per_step}")
     args.num_microbatches = args.global_batch_size // per_step
 
-    if args.window_size < 1:
+    if args.window_size is not None and args.window_size < 1:
         raise ArgumentError(f"--window-size must hold at least one layer, got {args.window_size}")
+    if args.resident_layers is not None and not 0 <= args.resident_layers <= args.num_layers:
+        raise ArgumentError(f"--resident-layers must be between 0 and --num-layers {args.num_layers}, "
+                            f"got {args.resident_layers}")
     if args.recompute_num_layers < 1:
         raise ArgumentError("--recompute-num-layers must be at least 1")
     if args.lr_decay_iters is None:

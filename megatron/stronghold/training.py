@@ -107,6 +107,30 @@ class Method:
         return float(torch.stack(losses).mean()), grad_norm, found_inf
 
 
+def preflight(args, vocab_size, device):
+    """Check that the model fits and settle --resident-layers / --window-size; returns the plan line."""
+    from .planner import DoesNotFit, ModelCosts, available_memory, make_plan, megatron_check
+
+    costs = ModelCosts.of(args, vocab_size)
+    gpu_free, host_free = available_memory(device)
+    try:
+        if args.offload_method == "megatron-lm":
+            megatron_check(costs, gpu_free, host_free)
+            return None
+        if args.offload_method == "l2l":
+            args.resident_layers, args.window_size = 0, 1
+        if args.offload_method in ("stronghold", "l2l"):
+            resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0
+            plan = make_plan(costs, gpu_free, host_free, resident, args.window_size)
+            args.resident_layers = plan.resident
+            if args.window_size is None:
+                args.window_size = max(plan.window, 1)
+            return plan.describe(costs)
+    except DoesNotFit as exc:
+        raise arguments.ArgumentError(str(exc)) from None
+    return None
+
+
 def build_method(args, model, device, dtype) -> Method:
     if args.offload_method == "megatron-lm":
         model.to(device=device, dtype=dtype)
@@ -115,10 +139,13 @@ def build_method(args, model, device, dtype) -> Method:
         from .baselines.l2l import build_l2l_executor
         from .executor import StreamingExecutor
 
-        layers = list(model.decoder.layers)
+        # The first R layers stay on the GPU: their CPU steps would finish last in backward and
+        # hold up the next forward pass; the rest stream.
+        layers = list(model.decoder.layers)[args.resident_layers:]
+        executor = None
         if args.offload_method == "l2l":
             executor = build_l2l_executor(layers, dtype, device, args, log=log)
-        else:
+        elif layers:
             executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log)
         model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
         streamed = {id(p) for layer in layers for p in layer.parameters()}
@@ -165,6 +192,7 @@ def train(args) -> History:
 
     tokenizer = build_tokenizer(args)
     vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by)
+    plan = preflight(args, vocab_size, device)  # before any large allocation
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(args.seed)
@@ -176,7 +204,9 @@ def train(args) -> History:
         f"heads: {args.num_attention_heads} | seq: {args.seq_length} | "
         f"micro batch: {args.micro_batch_size} | global batch: {args.global_batch_size} | "
         f"micro batches per step: {args.num_microbatches} | window: {args.window_size} | "
-        f"recompute: {args.recompute_granularity or 'none'} |")
+        f"resident layers: {args.resident_layers} | recompute: {args.recompute_granularity or 'none'} |")
+    if plan is not None:
+        log(plan)
 
     t0 = time.perf_counter()
     method = build_method(args, model, device, dtype)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stronghold_ext import adamw_step
+
 from ..optim import adamw, no_weight_decay
 
 
@@ -49,6 +51,30 @@ def _numel(shape):
     return n
 
 
+class PinnedBlock:
+    """Host memory of an exact size, page-locked with cudaHostRegister.
+
+    torch's pin_memory allocator rounds every block up to a power of two (100 MB -> 128 MB), which
+    at a few hundred layers wastes tens of GiB; registering a plain allocation costs the same time
+    and nothing more.
+    """
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self.pinned = False
+        if pin and nbytes:
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed ({err}): "
+                                   "is the locked-memory limit (ulimit -l) too low?")
+            self.pinned = True
+
+    def __del__(self):
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
+
+
 class HostLayer:
     """fp32 master, Adam state, pinned compute copy and pinned gradient of one layer."""
 
@@ -57,17 +83,16 @@ class HostLayer:
         params = dict(layer.named_parameters())
         n = layout.numel
         self.layout = layout
-        if dtype == torch.float32:
-            self.master = torch.empty(n, dtype=torch.float32, pin_memory=pin)
-            self.weights = self.master
-        else:
-            self.master = torch.empty(n, dtype=torch.float32)
-            self.weights = torch.empty(n, dtype=dtype, pin_memory=pin)
+        # What crosses PCIe (weights in, gradients out) shares one page-locked block.
+        self.block = PinnedBlock(2 * n * dtype.itemsize, pin)
+        self.weights = self.block.tensor[:n * dtype.itemsize].view(dtype)
+        self.grad = self.block.tensor[n * dtype.itemsize:].view(dtype)
+        # In fp32 the pinned weights are the master; otherwise the master is pageable.
+        self.master = self.weights if dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
         for view, name in zip(layout.views(self.master), layout.names):
             view.copy_(params[name].detach())
         if self.weights is not self.master:
             self.weights.copy_(self.master)
-        self.grad = torch.empty(n, dtype=dtype, pin_memory=pin)
         self.grad_accum = torch.zeros(n, dtype=torch.float32) if accumulate else None
 
         # (flat view, start, end) per non-empty group: decay first, then no-decay.
@@ -85,7 +110,7 @@ class HostLayer:
     def nbytes(self) -> dict:
         state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
                     for t in s.values() if torch.is_tensor(t))
-        pinned = self.grad.numel() * self.grad.element_size() + self.weights.numel() * self.weights.element_size()
+        pinned = self.block.tensor.numel()
         pageable = (0 if self.weights is self.master else self.master.numel() * 4) + state
         if self.grad_accum is not None:
             pageable += self.grad_accum.numel() * 4
@@ -104,35 +129,42 @@ class HostLayer:
     # ----- gradient handling (runs on the CPU worker) -----
 
     def accumulate(self, first: bool) -> None:
-        self.accum_unscaled = False
         if first:
             self.grad_accum.copy_(self.grad)
         else:
             self.grad_accum.add_(self.grad)
 
+    @property
+    def gradient(self) -> torch.Tensor:
+        """This step's gradient as received: fp32 accumulation, or the pinned compute-dtype buffer."""
+        return self.grad_accum if self.grad_accum is not None else self.grad
+
     def final_grad(self, scratch: torch.Tensor, inv_scale: float) -> torch.Tensor:
-        """This step's fp32 gradient; the same tensor values however often it is asked for."""
-        if self.grad_accum is not None:
-            if not self.accum_unscaled and inv_scale != 1.0:
-                self.grad_accum.mul_(inv_scale)
-            self.accum_unscaled = True
-            return self.grad_accum
-        if self.grad.dtype == torch.float32 and inv_scale == 1.0:
-            return self.grad
-        g = scratch[:self.layout.numel].copy_(self.grad)
+        """This step's unscaled fp32 gradient (a view of scratch unless no conversion is needed)."""
+        g = self.gradient
+        if g.dtype == torch.float32 and inv_scale == 1.0:
+            return g
+        g = scratch[:self.layout.numel].copy_(g)
         if inv_scale != 1.0:
             g.mul_(inv_scale)  # in fp32, as Megatron unscales its fp32 main grads
         return g
 
-    def step(self, grad: torch.Tensor, hyper: dict) -> None:
+    def step(self, hyper: dict, grad_scale: float, scratch: torch.Tensor) -> None:
+        """AdamW on gradient x grad_scale (loss unscale x clip coefficient), new weights out.
+
+        One pass per element through stronghold_ext's fused kernel (torch ops when it is absent):
+        grad in its received dtype, fp32 master and moments updated, compute-dtype weights written.
+        """
         self._set_hyperparameters(hyper)
-        for view, a, b in self.parts:
-            view.grad = grad[a:b]
-        self.optimizer.step()
-        for view, _, _ in self.parts:
-            view.grad = None
-        if self.weights is not self.master:
-            self.weights.copy_(self.master)
+        grad = self.gradient
+        out = None if self.weights is self.master else self.weights
+        for group, (view, a, b) in zip(self.optimizer.param_groups, self.parts):
+            st = self.optimizer.state[view]
+            st["step"] += 1
+            beta1, beta2 = group["betas"]
+            adamw_step(view, st["exp_avg"], st["exp_avg_sq"], grad[a:b], None if out is None else out[a:b],
+                       group["lr"], beta1, beta2, group["eps"], group["weight_decay"], int(st["step"]),
+                       grad_scale, scratch=scratch[a:b])
 
     def undo_step(self, grad: torch.Tensor, hyper: dict) -> None:
         """Invert the last AdamW step given the gradient it used (exact up to rounding).

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from stronghold_ext import fused_adamw
+
 from .host_store import HostLayer, LayerLayout
 
 
@@ -56,16 +58,17 @@ class StreamingExecutor:
         self.num_microbatches = args.num_microbatches
         self.layout = LayerLayout.of(self.layers[0])
 
-        self.host = []
-        for layer in self.layers:
+        self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
+        self.host, self.grad_targets = [], []
+        for i, layer in enumerate(self.layers):
             if LayerLayout.of(layer) != self.layout:
                 raise ValueError("streamed layers must all have the same parameter layout")
-            self.host.append(HostLayer(layer, self.layout, dtype, pin=self.cuda,
-                                       accumulate=self.num_microbatches > 1, args=args))
-        self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
-        self._bind_parameters()
-        for host in self.host:
+            host = HostLayer(layer, self.layout, dtype, pin=self.cuda, accumulate=self.num_microbatches > 1,
+                             args=args)
             host.init_optimizer_state()
+            self.host.append(host)
+            self._bind(i)  # frees the layer's fp32 initial weights before the next layer's store
+        self.params_per_layer = len(self.layout.names)
 
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
@@ -79,6 +82,7 @@ class StreamingExecutor:
         self.microbatch = 0
         self.inv_scale = 1.0
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
+        fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
         threads = args.cpu_optimizer_threads or torch.get_num_threads()
         self.worker = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="stronghold-cpu-adam", initializer=torch.set_num_threads, initargs=(threads,))
@@ -96,20 +100,18 @@ class StreamingExecutor:
 
     # ----- setup -----
 
-    def _bind_parameters(self):
-        """Point every layer's parameters at its slot, and hook its forward/backward."""
-        self.grad_targets = []  # per layer: (parameter, its view in the pinned host grad buffer)
-        for i, layer in enumerate(self.layers):
-            views = dict(zip(self.layout.names, self.layout.views(self.slots[i % self.window])))
-            host_grads = dict(zip(self.layout.names, self.layout.views(self.host[i].grad)))
-            self.grad_targets.append([])
-            for name, p in layer.named_parameters():
-                p.data = views[name]
-                p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_param_grad(i))
-                self.grad_targets[i].append((p, host_grads[name]))
-            layer.register_forward_pre_hook(lambda m, a, i=i: self._before_forward(i))
-            layer.register_forward_hook(lambda m, a, out, i=i: self._after_forward(i, out))
-        self.params_per_layer = len(self.layout.names)
+    def _bind(self, i: int) -> None:
+        """Point layer i's parameters at its slot, and hook its forward and backward."""
+        layer = self.layers[i]
+        views = dict(zip(self.layout.names, self.layout.views(self.slots[i % self.window])))
+        host_grads = dict(zip(self.layout.names, self.layout.views(self.host[i].grad)))
+        self.grad_targets.append([])  # (parameter, its view in the pinned host grad buffer)
+        for name, p in layer.named_parameters():
+            p.data = views[name]
+            p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_param_grad(i))
+            self.grad_targets[i].append((p, host_grads[name]))
+        layer.register_forward_pre_hook(lambda m, a, i=i: self._before_forward(i))
+        layer.register_forward_hook(lambda m, a, out, i=i: self._after_forward(i, out))
 
     @property
     def param_groups(self):
@@ -267,17 +269,14 @@ class StreamingExecutor:
         if gpu_norm:
             sumsq = float(self.sumsq_host[i]) * inv_scale * inv_scale  # the scale is a power of two
         else:
-            grad = host.final_grad(self.scratch, inv_scale)
-            sumsq = float(torch.linalg.vector_norm(grad)) ** 2
+            sumsq = float(torch.linalg.vector_norm(host.final_grad(self.scratch, inv_scale))) ** 2
         finite = math.isfinite(sumsq)
         self.seen_sumsq += sumsq
         if not finite or (self.clip_grad > 0 and math.sqrt(self.seen_sumsq) + 1.0e-6 > self.clip_grad):
             self.guessing = False
         stepped = False
         if self.guessing and self.overlap:
-            if gpu_norm:
-                grad = host.final_grad(self.scratch, inv_scale)
-            host.step(grad, hyper)
+            host.step(hyper, inv_scale, self.scratch)
             stepped = True
         self.stats[i] = (sumsq, finite, stepped)
 
@@ -317,13 +316,11 @@ class StreamingExecutor:
         start = time.perf_counter()
         try:
             host = self.host[i]
-            grad = host.final_grad(self.scratch, self.inv_scale)
             if stepped:
-                host.undo_step(grad, hyper)
+                host.undo_step(host.final_grad(self.scratch, self.inv_scale), hyper)
             if not skip:
-                if clip_coeff != 1.0:
-                    grad.mul_(clip_coeff)  # in place, as Megatron clips its main grads; not needed after
-                host.step(grad, hyper)
+                # inv_scale is a power of two: (g * inv_scale) * clip == g * (inv_scale * clip)
+                host.step(hyper, self.inv_scale * clip_coeff, self.scratch)
         finally:
             self.timers["cpu work"] += time.perf_counter() - start
 

@@ -1,0 +1,192 @@
+"""Where each transformer layer lives, decided before anything large is allocated.
+
+The planner counts the bytes every placement needs, compares them with the free GPU memory and the
+available host memory, and picks
+- R resident layers (the first R: their CPU steps would otherwise finish last and hold up the
+  next forward pass), kept on the GPU with the GPU optimizer, as in megatron-lm;
+- W window slots through which the other S = L - R layers stream from host memory.
+It keeps as many layers resident as fit, so a model that fits on the GPU runs like megatron-lm and a
+larger one streams only what does not fit. A model that fits nowhere is refused with the numbers.
+
+Byte counts (P parameters per layer, c = bytes of the compute dtype):
+- resident parameter: c weights + 4 fp32 master (not in fp32) + 8 Adam + 4 main grad + c grad;
+- streamed layer on the host: 16 P (fp32 master + Adam, pinned weights and gradient), +4 P with
+  gradient accumulation; on the GPU a slot of c P, and at most W layers' gradients in flight;
+- activations kept from forward to backward per layer: the layer input (c s b h) with full
+  recompute, else about 17 c s b h with flash attention (Korthikanti et al. 2022, without the
+  attention matrix); plus the fp32 logits and their gradient, 3 x 4 s b V.
+"""
+
+from dataclasses import dataclass
+
+GiB = 1024 ** 3
+HOST_RESERVE = 4 * GiB       # interpreter, CUDA context, data, allocator slack
+GPU_RESERVE = 2 * GiB        # CUDA context, cuBLAS workspaces, fragmentation
+GPU_FRACTION = 0.95          # of the free memory the plan may use
+ACHIEVED_TFLOPS = 350e12     # bf16 layer forward+backward measured on H200 (see the bench); a model
+CPU_ADAM_RATE = 4e9          # params/s of fused AdamW on 16 cores (gpu-machine.md)
+PCIE_RATE = 45e9             # bytes/s each way with both directions busy (gpu-machine.md)
+
+
+@dataclass
+class ModelCosts:
+    layers: int
+    layer_params: int
+    other_params: int
+    compute_bytes: int
+    act_per_layer: int
+    act_fixed: int
+    accumulate: bool
+    tokens: int  # per micro-batch
+    recompute: bool
+
+    @classmethod
+    def of(cls, args, vocab_size: int) -> "ModelCosts":
+        h, ffn, s, b = args.hidden_size, args.ffn_hidden_size, args.seq_length, args.micro_batch_size
+        c = 4 if args.params_dtype_name == "fp32" else 2
+        layer = 4 * h * h + 2 * h * ffn + 9 * h + ffn
+        other = vocab_size * h + args.max_position_embeddings * h + 2 * h
+        if args.untie_embeddings_and_output_weights:
+            other += vocab_size * h
+        recompute = args.recompute_granularity == "full"
+        act = c * s * b * h * (1 if recompute else 17)
+        return cls(args.num_layers, layer, other, c, act, 3 * 4 * s * b * vocab_size,
+                   args.num_microbatches > 1, s * b, recompute)
+
+    @property
+    def resident_bytes_per_param(self) -> int:
+        c = self.compute_bytes
+        return c + (0 if c == 4 else 4) + 8 + 4 + c
+
+    @property
+    def host_bytes_per_param(self) -> int:
+        return 16 + (4 if self.accumulate else 0)
+
+
+@dataclass
+class Plan:
+    resident: int
+    window: int
+    gpu_bytes: int
+    host_bytes: int
+    predicted_s: float
+
+    def describe(self, costs: ModelCosts) -> str:
+        return (f"plan | resident layers: {self.resident} | streamed layers: {costs.layers - self.resident} | "
+                f"window: {self.window} | GPU: {self.gpu_bytes / GiB:.1f} GiB | host: {self.host_bytes / GiB:.1f} GiB | "
+                f"predicted iteration (ms): {self.predicted_s * 1e3:.0f} |")
+
+
+def gpu_bytes(costs: ModelCosts, resident: int, window: int) -> int:
+    streamed = costs.layers - resident
+    slots = 2 * window * costs.layer_params * costs.compute_bytes if streamed else 0  # weights + grads in flight
+    return (costs.other_params * costs.resident_bytes_per_param
+            + resident * costs.layer_params * costs.resident_bytes_per_param
+            + slots + costs.layers * costs.act_per_layer + costs.act_fixed + GPU_RESERVE)
+
+
+def host_bytes(costs: ModelCosts, resident: int) -> int:
+    """Peak host bytes: the store of the streamed layers, plus the fp32 initial weights of what is
+    not yet on the GPU when the store is complete (layers are converted one at a time)."""
+    streamed = costs.layers - resident
+    initial = 4 * (resident * costs.layer_params + costs.other_params)
+    return streamed * costs.layer_params * costs.host_bytes_per_param + initial + HOST_RESERVE
+
+
+def predicted_seconds(costs: ModelCosts, resident: int, window: int) -> float:
+    """A model, not a measurement: the largest of compute, PCIe and CPU optimizer time."""
+    flops = 6 * costs.layer_params * costs.tokens * (4 / 3 if costs.recompute else 1)
+    compute = costs.layers * flops / ACHIEVED_TFLOPS
+    streamed = costs.layers - resident
+    loads = 0 if not streamed else (streamed if window >= streamed else 2 * streamed - window)
+    pcie = (loads + streamed) * costs.layer_params * costs.compute_bytes / PCIE_RATE
+    cpu = streamed * costs.layer_params / CPU_ADAM_RATE
+    return max(compute, pcie, cpu)
+
+
+class DoesNotFit(ValueError):
+    pass
+
+
+def _window(costs, resident, window):
+    streamed = costs.layers - resident
+    return min(window if window is not None else 4, streamed) if streamed else 0
+
+
+def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window=None) -> Plan:
+    """The plan with the most resident layers that fits; `resident`/`window` fix either choice.
+
+    gpu_free None means there is no GPU: device and host share the host memory.
+    """
+    shared = gpu_free is None
+    gpu_budget = host_free if shared else int(gpu_free * GPU_FRACTION)
+    L = costs.layers
+    candidates = [min(resident, L)] if resident is not None else range(L, -1, -1)
+    for r in candidates:
+        w = _window(costs, r, window)
+        g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
+        if (g + h <= host_free) if shared else (g <= gpu_budget and h <= host_free):
+            return Plan(r, w, g, h, predicted_seconds(costs, r, w))
+    r = min(resident, L) if resident is not None else 0
+    w = _window(costs, r, window)
+    g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
+    if shared:
+        raise DoesNotFit(
+            f"the model does not fit: it needs {(g + h) / GiB:.1f} GiB of host memory and this machine "
+            f"has {host_free / GiB:.1f} GiB available (no GPU). Use fewer layers (--num-layers) or a "
+            f"smaller hidden size.")
+    raise DoesNotFit(
+        f"the model does not fit: it needs {h / GiB:.1f} GiB host + {g / GiB:.1f} GiB GPU "
+        f"({r} resident layers, window {w}), and this machine has {host_free / GiB:.1f} GiB host and "
+        f"{gpu_budget / GiB:.1f} GiB GPU available. Use fewer layers (--num-layers), "
+        f"{'full activation recompute (--recompute-granularity full), ' if not costs.recompute else ''}"
+        f"a smaller micro-batch, or a machine with more memory.")
+
+
+def megatron_check(costs: ModelCosts, gpu_free, host_free: int) -> None:
+    """megatron-lm keeps everything on the GPU: refuse before allocating when it cannot fit."""
+    need = gpu_bytes(costs, costs.layers, 0)
+    if gpu_free is None:
+        make_plan(costs, None, host_free, resident=costs.layers)
+        return
+    if need > gpu_free * GPU_FRACTION:
+        raise DoesNotFit(
+            f"megatron-lm needs {need / GiB:.1f} GiB GPU for {costs.layers} layers and "
+            f"{gpu_free * GPU_FRACTION / GiB:.1f} GiB are available: use --offload-method stronghold, "
+            f"fewer layers or full activation recompute.")
+
+
+def available_memory(device) -> tuple:
+    """(free GPU bytes, available host bytes). Without CUDA both are host memory."""
+    import psutil
+    import torch
+
+    host = psutil.virtual_memory().available
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, host
+    return None, host
+
+
+def layers_that_fit(costs: ModelCosts, gpu_free: int, host_free: int) -> int:
+    """Most layers any plan can hold (for the largest-model search)."""
+    lo, hi = 0, 1
+    while _fits(costs, hi, gpu_free, host_free):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits(costs, mid, gpu_free, host_free) else (lo, mid)
+    return lo
+
+
+def _fits(costs, layers, gpu_free, host_free) -> bool:
+    trial = ModelCosts(**{**costs.__dict__, "layers": layers})
+    try:
+        make_plan(trial, gpu_free, host_free)
+        return True
+    except DoesNotFit:
+        return False
+
+
+__all__ = ["ModelCosts", "Plan", "DoesNotFit", "make_plan", "megatron_check", "available_memory",
+           "layers_that_fit"]

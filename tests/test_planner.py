@@ -1,0 +1,72 @@
+"""The planner: byte counts, the choice of resident layers, and refusing what cannot fit."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron.stronghold import arguments
+from megatron.stronghold.planner import GiB, DoesNotFit, ModelCosts, layers_that_fit, make_plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def costs(layers=64, *flags):
+    args = arguments.parse_args(["--num-layers", str(layers), "--bf16", *flags])
+    return ModelCosts.of(args, 50304)
+
+
+def test_layer_size_and_bytes_per_parameter():
+    c = costs()
+    assert c.layer_params == 12 * 2048 ** 2 + 13 * 2048  # the paper's 50M-parameter layer
+    assert c.host_bytes_per_param == 16  # bf16: fp32 master + Adam, pinned weights + gradient
+    assert c.resident_bytes_per_param == 20
+    assert costs(8, "--global-batch-size", "8").host_bytes_per_param == 20  # + fp32 accumulation
+
+
+def test_everything_resident_when_it_fits():
+    plan = make_plan(costs(16), gpu_free=140 * GiB, host_free=100 * GiB)
+    assert (plan.resident, plan.window) == (16, 0)
+
+
+def test_only_what_does_not_fit_is_streamed():
+    c = costs(200, "--recompute-granularity", "full")
+    plan = make_plan(c, gpu_free=80 * GiB, host_free=120 * GiB)
+    assert 0 < plan.resident < 200 and plan.window == 4
+    assert plan.gpu_bytes <= 80 * GiB * 0.95 and plan.host_bytes <= 120 * GiB
+    # one more resident layer would not fit on the GPU
+    with pytest.raises(DoesNotFit):
+        make_plan(c, gpu_free=80 * GiB, host_free=120 * GiB, resident=plan.resident + 1)
+
+
+def test_user_choice_overrides_the_plan():
+    plan = make_plan(costs(16), gpu_free=140 * GiB, host_free=100 * GiB, resident=3, window=2)
+    assert (plan.resident, plan.window) == (3, 2)
+
+
+def test_capacity_is_gpu_plus_host():
+    """Resident layers fill the GPU; every extra GiB of host memory holds more streamed layers."""
+    c = costs(1, "--recompute-granularity", "full")
+    small_host = layers_that_fit(c, 80 * GiB, 20 * GiB)
+    large_host = layers_that_fit(c, 80 * GiB, 120 * GiB)
+    per_layer_host = c.layer_params * c.host_bytes_per_param
+    assert small_host * c.layer_params * c.resident_bytes_per_param > 60 * GiB  # the GPU is used
+    assert large_host - small_host >= 100 * GiB // per_layer_host - 1
+
+
+def test_a_model_that_cannot_fit_is_refused_with_the_numbers():
+    with pytest.raises(DoesNotFit, match=r"needs [\d.]+ GiB host \+ [\d.]+ GiB GPU.*has [\d.]+ GiB host and [\d.]+ GiB GPU"):
+        make_plan(costs(2000), gpu_free=80 * GiB, host_free=120 * GiB)
+
+
+def test_refused_before_allocating_within_seconds():
+    start = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--num-layers", "100000",
+                           "--hidden-size", "8192", "--num-attention-heads", "64", "--offload-method",
+                           "stronghold", "--mock-data"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "does not fit" in proc.stderr and "GiB" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert time.time() - start < 60
