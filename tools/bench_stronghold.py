@@ -119,7 +119,9 @@ def run_training(method, layers, window, a, log_dir):
     cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--num-layers", str(layers),
            "--hidden-size", str(a.hidden), "--num-attention-heads", str(a.heads), "--seq-length", str(a.seq),
            "--micro-batch-size", str(a.micro_batch), "--bf16", "--train-iters", str(a.iters),
-           "--log-interval", "1", "--mock-data", "--offload-method", method, "--window-size", str(window)]
+           "--log-interval", "1", "--mock-data", "--offload-method", method]
+    if method == "stronghold" and window != "auto":
+        cmd += ["--window-size", str(window), "--resident-layers", "0"]  # the paper's setting: all streamed
     if a.recompute:
         cmd += ["--recompute-granularity", "full"]
     cmd += a.extra
@@ -127,17 +129,31 @@ def run_training(method, layers, window, a, log_dir):
     path = os.path.join(log_dir, f"log_{method}_l-{layers}_hs-{a.hidden}_bs-{a.micro_batch}_ws-{window}.txt")
     with open(path, "w") as f:
         f.write(proc.stdout + proc.stderr)
-    summary = parse_log(proc.stdout).summary
+    parsed = parse_log(proc.stdout)
+    summary = parsed.summary
     if proc.returncode != 0 or not summary:
-        reason = "out of memory" if "out of memory" in (proc.stdout + proc.stderr).lower() else "failed"
+        text = (proc.stdout + proc.stderr).lower()
+        reason = "out of memory" if "out of memory" in text else "does not fit" if "does not fit" in text else "failed"
         return None, reason
+    summary["plan"] = next((l for l in proc.stdout.splitlines() if l.startswith("plan |")), "")
     return summary["mean iteration time (ms)"] / 1e3, summary
+
+
+def _planned(info, layers):
+    """(streamed layers, window) from the plan line of an 'auto' run."""
+    from megatron.stronghold.logs import parse_fields
+
+    if not isinstance(info, dict) or not info.get("plan"):
+        return layers, 4
+    plan = parse_fields(info["plan"][len("plan |"):])
+    return plan["streamed layers"], max(plan["window"], 1)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--windows", type=lambda w: w if w == "auto" else int(w), nargs="+", default=[2, 4, 8],
+                   help="window sizes with every layer streamed; 'auto' lets the planner choose R and W")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--seq", type=int, default=1024)
@@ -168,12 +184,13 @@ def main():
         if not a.skip_megatron:
             mega_t, mega_info = run_training("megatron-lm", layers, 1, a, a.out)
         for window in a.windows:
-            if window > layers:
+            if window != "auto" and window > layers:
                 continue
             t, info = run_training("stronghold", layers, window, a, a.out)
-            loads = layers if window >= layers else 2 * layers - window
-            pcie_s = loads * P * 2 / pcie["h2d"] + layers * P * 2 / pcie["d2h"]
-            terms = {"compute": rest + layers * per_layer, "pcie": pcie_s, "cpu-adam": layers * P / adam_rate}
+            streamed, w = (layers, window) if window != "auto" else _planned(info, layers)
+            loads = streamed if w >= streamed else 2 * streamed - w
+            pcie_s = loads * P * 2 / pcie["h2d"] + streamed * P * 2 / pcie["d2h"]
+            terms = {"compute": rest + layers * per_layer, "pcie": pcie_s, "cpu-adam": streamed * P / adam_rate}
             bound = max(terms, key=terms.get)
             row = {"card": card, "layers": layers, "window": window,
                    "stronghold_ms": round(t * 1e3, 1) if t else info,
@@ -184,7 +201,8 @@ def main():
                    "x_floor": round(t / terms[bound], 3) if t else "-",
                    "speed_vs_megatron": round(mega_t / t, 3) if (t and mega_t) else "-",
                    "peak_gpu_gib": info.get("peak GPU memory (GiB)") if t else "-",
-                   "peak_rss_gib": info.get("peak host RSS (GiB)") if t else "-"}
+                   "peak_rss_gib": info.get("peak host RSS (GiB)") if t else "-",
+                   "plan": info.get("plan", "") if t else ""}
             rows.append(row)
             print(row, flush=True)
 

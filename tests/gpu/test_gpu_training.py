@@ -22,6 +22,8 @@ def run(method, layers, extra=(), window=2, iters=20, hidden=256, heads=8, seq=1
             "--seq-length", str(seq), "--micro-batch-size", str(micro_batch), "--train-iters", str(iters),
             "--lr", "1e-3", "--lr-warmup-iters", "2", "--seed", "11", "--mock-data", "--log-interval", "5",
             "--offload-method", method, "--window-size", str(window), *extra]
+    if method == "stronghold" and "--resident-layers" not in extra:
+        argv += ["--resident-layers", "0"]  # stream every layer (the planner would keep these resident)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
