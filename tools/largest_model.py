@@ -1,0 +1,103 @@
+"""Largest trainable model per method, by bisection over the number of layers.
+
+Trainable means: at least --iters iterations finish with a finite loss. Every trial runs in its own
+process (an out-of-memory kill cannot take the search down, and memory is clean for the next one),
+and the planner's pre-flight check turns most too-large trials into a refusal within seconds.
+
+    python tools/largest_model.py --method stronghold --hidden 2048 --heads 16 --seq 1024 --batch 4 \
+        --out results/case1
+
+Writes OUT/largest_<method>.csv (columns: method, largest layers, params (B), peak GPU (GiB),
+peak host (GiB), card) and one log per trial.
+"""
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megatron.stronghold.logs import parse_log  # noqa: E402
+
+
+def trial(a, layers, log_dir):
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--num-layers", str(layers),
+           "--hidden-size", str(a.hidden), "--num-attention-heads", str(a.heads), "--seq-length", str(a.seq),
+           "--micro-batch-size", str(a.batch), "--train-iters", str(a.iters), "--log-interval", "1",
+           "--mock-data", "--offload-method", a.method, *a.extra]
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=a.timeout)
+        out, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, code = (exc.stdout or b"").decode(errors="replace") + "\ntimed out", -1
+    with open(os.path.join(log_dir, f"log_{a.method}_l-{layers}_hs-{a.hidden}_bs-{a.batch}.txt"), "w") as f:
+        f.write(out)
+    log = parse_log(out)
+    losses = [row.get("lm loss") for row in log.iterations]
+    ok = code == 0 and len(losses) >= a.iters and all(isinstance(x, float) and math.isfinite(x) for x in losses)
+    why = "ok" if ok else ("refused: does not fit" if "does not fit" in out else
+                           "out of memory" if "out of memory" in out.lower() else f"failed (exit {code})")
+    print(f"{a.method}: {layers} layers -> {why} ({time.time() - start:.0f} s)", flush=True)
+    return ok, log
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--start", type=int, default=8, help="first size tried; doubled until a trial fails")
+    p.add_argument("--max-layers", type=int, default=4096)
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per trial")
+    p.add_argument("--out", default=os.path.join(ROOT, "results"))
+    p.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every trial "
+                   "(default: --bf16 --recompute-granularity full, which lets every method go largest)")
+    a = p.parse_args()
+    a.extra = a.extra or ["--bf16", "--recompute-granularity", "full"]
+    os.makedirs(a.out, exist_ok=True)
+
+    best, best_log, lo, hi = 0, None, 0, None
+    size = a.start
+    while hi is None and size <= a.max_layers:  # grow until the first failure
+        ok, log = trial(a, size, a.out)
+        if ok:
+            best, best_log, lo, size = size, log, size, size * 2
+        else:
+            hi = size
+    hi = hi or a.max_layers + 1
+    while hi - lo > 1:  # then bisect
+        mid = (lo + hi) // 2
+        ok, log = trial(a, mid, a.out)
+        if ok:
+            best, best_log, lo = mid, log, mid
+        else:
+            hi = mid
+
+    summary = best_log.summary if best_log else {}
+    device = best_log.config.get("device", "") if best_log else ""
+    card = device[len("cuda ("):-1] if device.startswith("cuda (") else device.split(" ")[0]
+    row = {"method": a.method, "largest layers": best,
+           "params (B)": round(best_log.total_parameters / 1e9, 3) if best_log else 0,
+           "peak GPU (GiB)": summary.get("peak GPU memory (GiB)", ""),
+           "peak host (GiB)": summary.get("peak host RSS (GiB)", ""), "card": card,
+           "hidden": a.hidden, "batch": a.batch}
+    path = os.path.join(a.out, f"largest_{a.method}.csv")
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    os.replace(path + ".tmp", path)
+    print(f"{a.method}: largest trainable {best} layers ({row['params (B)']} B parameters) on {card}; {path}")
+
+
+if __name__ == "__main__":
+    main()
