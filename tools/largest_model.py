@@ -86,7 +86,7 @@ def main():
     device = best_log.config.get("device", "") if best_log else ""
     card = device[len("cuda ("):-1] if device.startswith("cuda (") else device.split(" ")[0]
     row = {"method": a.method, "largest layers": best,
-           "params (B)": round(best_log.total_parameters / 1e9, 3) if best_log else 0,
+           "params (B)": round(best_log.total_parameters / 1e9, 6) if best_log else 0,
            "peak GPU (GiB)": summary.get("peak GPU memory (GiB)", ""),
            "peak host (GiB)": summary.get("peak host RSS (GiB)", ""), "card": card,
            "hidden": a.hidden, "batch": a.batch}
