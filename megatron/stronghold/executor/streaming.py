@@ -226,11 +226,13 @@ class StreamingExecutor:
                     self.sumsq_host[i].copy_(self.sumsq_device[i], non_blocking=True)
                 copied = self.d2h.record_event()
             self.offloaded[i] = copied
-            # Bound the gradients waiting for PCIe to W layers: when the GPU computes faster than
-            # the copies drain, backward waits (on the GPU) instead of piling up gradient memory.
-            ahead = i + self.window
+            # Bound the gradients waiting for PCIe to 2W layers. The caching allocator frees a
+            # gradient only once it sees its copy finished; a host running far ahead of the GPU
+            # would otherwise hold every layer's gradients. When compute outpaces PCIe this
+            # waits; in the steady state of a real model the copy finished long ago.
+            ahead = i + 2 * self.window
             if ahead < self.num_layers and self.offloaded[ahead] is not None:
-                torch.cuda.current_stream(self.device).wait_event(self.offloaded[ahead])
+                self.offloaded[ahead].synchronize()
         else:
             for (_, host_grad), g in zip(self.grad_targets[i], grads):
                 host_grad.copy_(g)
