@@ -131,6 +131,16 @@ def preflight(args, vocab_size, device):
     return None
 
 
+def _move_all_but(model, streamed, device, dtype) -> None:
+    """Move every module except the streamed layers to the device, before the store is built."""
+    skip = {id(m) for m in streamed}
+    for module in model.modules():
+        if id(module) in skip or any(id(m) in skip for m in module.children()):
+            continue
+        if not any(id(m) in skip for m in module.modules()):
+            module.to(device=device, dtype=dtype)
+
+
 def build_method(args, model, device, dtype) -> Method:
     if args.offload_method == "megatron-lm":
         model.to(device=device, dtype=dtype)
@@ -142,6 +152,7 @@ def build_method(args, model, device, dtype) -> Method:
         # The first R layers stay on the GPU: their CPU steps would finish last in backward and
         # hold up the next forward pass; the rest stream.
         layers = list(model.decoder.layers)[args.resident_layers:]
+        _move_all_but(model, layers, device, dtype)  # frees host memory for the store
         executor = None
         if args.offload_method == "l2l":
             executor = build_l2l_executor(layers, dtype, device, args, log=log)

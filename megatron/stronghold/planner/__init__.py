@@ -86,11 +86,13 @@ def gpu_bytes(costs: ModelCosts, resident: int, window: int) -> int:
 
 
 def host_bytes(costs: ModelCosts, resident: int) -> int:
-    """Peak host bytes: the store of the streamed layers, plus the fp32 initial weights of what is
-    not yet on the GPU when the store is complete (layers are converted one at a time)."""
+    """Peak host bytes: the larger of the fp32 model as first built on the host and the store of
+    the streamed layers (resident parts leave for the GPU first, then each streamed layer's fp32
+    weights are freed as its store is built)."""
     streamed = costs.layers - resident
-    initial = 4 * (resident * costs.layer_params + costs.other_params)
-    return streamed * costs.layer_params * costs.host_bytes_per_param + initial + HOST_RESERVE
+    built = 4 * (costs.layers * costs.layer_params + costs.other_params)
+    store = streamed * costs.layer_params * costs.host_bytes_per_param + 4 * costs.layer_params
+    return max(built, store) + HOST_RESERVE
 
 
 def predicted_seconds(costs: ModelCosts, resident: int, window: int) -> float:
