@@ -132,13 +132,12 @@ def preflight(args, vocab_size, device):
 
 
 def _move_all_but(model, streamed, device, dtype) -> None:
-    """Move every module except the streamed layers to the device, before the store is built."""
-    skip = {id(m) for m in streamed}
-    for module in model.modules():
-        if id(module) in skip or any(id(m) in skip for m in module.children()):
-            continue
-        if not any(id(m) in skip for m in module.modules()):
-            module.to(device=device, dtype=dtype)
+    """Move every parameter except the streamed layers' to the device, before the store is built,
+    so the host holds at most the fp32 weights of the layers not yet in the store."""
+    keep = {id(p) for layer in streamed for p in layer.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.data = p.data.to(device=device, dtype=dtype)
 
 
 def build_method(args, model, device, dtype) -> Method:
@@ -234,6 +233,10 @@ def train(args) -> History:
     scaler = LossScaler(args)
     train_iter, _ = build_data_iterators(args, tokenizer)
     flops = flops_per_iteration(args, vocab_size)
+    if device.type == "cuda":
+        log(f"GPU memory after setup: {torch.cuda.memory_allocated(device) / GiB:.3f} GiB allocated, "
+            f"peak {torch.cuda.max_memory_allocated(device) / GiB:.3f} GiB")
+        torch.cuda.reset_peak_memory_stats(device)  # the summary reports the training peak
     history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops)
     method.shutdown()
     if method.executor is not None:
