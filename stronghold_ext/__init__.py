@@ -123,6 +123,30 @@ def adamw_step_torch(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: to
         weights_out.copy_(master)
 
 
+def _check_arguments(master, exp_avg, exp_avg_sq, grad, weights_out, step) -> None:
+    """Reject bad input in Python: an exception thrown inside an extension built against another
+    pybind11 ABI than torch's may not reach Python as an exception (seen as a crash with torch 2.11)."""
+    n = master.numel()
+    for name, t in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise RuntimeError(f"{name} must be a contiguous fp32 CPU tensor")
+        if t.numel() != n:
+            raise RuntimeError(f"{name} has {t.numel()} elements, master has {n}")
+    if grad.device.type != "cpu" or not grad.is_contiguous() or \
+            grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise RuntimeError("grad must be a contiguous fp32/bf16/fp16 CPU tensor")
+    if grad.numel() != n:
+        raise RuntimeError(f"grad has {grad.numel()} elements, master has {n}")
+    if weights_out is not None:
+        if weights_out.device.type != "cpu" or not weights_out.is_contiguous() or \
+                weights_out.dtype not in (torch.bfloat16, torch.float16):
+            raise RuntimeError("weights_out must be a contiguous bf16/fp16 CPU tensor")
+        if weights_out.numel() != n:
+            raise RuntimeError(f"weights_out has {weights_out.numel()} elements, master has {n}")
+    if step < 1:
+        raise RuntimeError(f"step must be >= 1 (already incremented), got {step}")
+
+
 def adamw_step(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
                weights_out: Optional[torch.Tensor], lr: float, beta1: float, beta2: float, eps: float,
                weight_decay: float, step: int, grad_scale: float = 1.0,
@@ -137,6 +161,7 @@ def adamw_step(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Te
     scratch: fp32 buffer used only by the torch fallback (avoids allocating n floats per call).
     Releases the GIL while it runs; threads: torch.get_num_threads() of the calling thread.
     """
+    _check_arguments(master, exp_avg, exp_avg_sq, grad, weights_out, step)
     ext = fused_adamw()
     if ext is None:
         return adamw_step_torch(master, exp_avg, exp_avg_sq, grad, weights_out, lr, beta1, beta2, eps,

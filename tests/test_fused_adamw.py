@@ -118,16 +118,19 @@ def test_kernel_conversions(ext):
         assert torch.equal(w, vals.to(dtype)), dtype
 
 
-def test_kernel_rejects_bad_arguments(ext):
+def test_bad_arguments_are_rejected_before_the_kernel(ext):
     a = torch.zeros(16)
+    step = stronghold_ext.adamw_step
     with pytest.raises(RuntimeError, match="master"):
-        ext.adamw_step(a.double(), a, a, a, None, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)
+        step(a.double(), a, a, a, None, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)
     with pytest.raises(RuntimeError, match="elements"):
-        ext.adamw_step(a, a.clone(), a.clone(), torch.zeros(15), None, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)
+        step(a, a.clone(), a.clone(), torch.zeros(15), None, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)
     with pytest.raises(RuntimeError, match="weights_out"):
-        ext.adamw_step(a, a.clone(), a.clone(), a.clone(), torch.zeros(16), 1e-3, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)
+        step(a, a.clone(), a.clone(), a.clone(), torch.zeros(16), 1e-3, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)
     with pytest.raises(RuntimeError, match="contiguous"):
-        ext.adamw_step(torch.zeros(32)[::2], a, a.clone(), a.clone(), None, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)
+        step(torch.zeros(32)[::2], a, a.clone(), a.clone(), None, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1, 1.0)
+    with pytest.raises(RuntimeError, match="step"):
+        step(a, a.clone(), a.clone(), a.clone(), None, 1e-3, 0.9, 0.95, 1e-8, 0.0, 0, 1.0)
 
 
 def test_no_ext_env_selects_fallback(monkeypatch):
