@@ -7,9 +7,8 @@
 # See usage() below, or run `examples/run.sh --help`.
 set -euo pipefail
 
-# Methods the launcher accepts, and those that pretrain_gpt.py implements now.
+# Methods the launcher accepts ('all' runs the others in turn).
 VALID_METHODS="megatron-lm l2l zero-offload zero-infinity stronghold all"
-IMPLEMENTED="megatron-lm l2l zero-offload zero-infinity stronghold"
 
 # Paper defaults (GPU).
 DEFAULT_LAYERS=16
@@ -53,7 +52,6 @@ Defaults: $DEFAULT_HEADS heads, sequence length $DEFAULT_SEQ, $TRAIN_ITERS itera
 Without a GPU (fp32) and unless -l or -h is given, a small model is used:
 $SMALL_LAYERS layers, hidden $SMALL_HIDDEN, $SMALL_HEADS heads, sequence length $SMALL_SEQ.
 
-Implemented methods: $IMPLEMENTED
 Environment: PYTHON (interpreter, default python3), RESULTS_DIR (log directory, default results/).
 Logs: \$RESULTS_DIR/log_<method>_l-<layers>_hs-<hidden>_bs-<batch>_ws-<window>_<YYYYmmdd-HHMMSS>.txt
 EOF
@@ -149,10 +147,6 @@ validate() {
     [[ -z "$USER_HEADS" ]] || require_positive_int "--num-attention-heads" "$USER_HEADS"
     USER_SEQ="$(extra_value --seq-length)"
     [[ -z "$USER_SEQ" ]] || require_positive_int "--seq-length" "$USER_SEQ"
-
-    if [[ "$METHOD" != all ]] && ! contains "$METHOD" "$IMPLEMENTED"; then
-        die "method $METHOD is not implemented yet (see its issue); implemented: $IMPLEMENTED" 3
-    fi
 }
 
 # Sizes are resolved once we know whether a GPU is present.
@@ -255,10 +249,6 @@ main() {
     local m failed="" status=0
     for m in $VALID_METHODS; do
         [[ "$m" == all ]] && continue
-        if ! contains "$m" "$IMPLEMENTED"; then
-            note "skipping $m: not implemented yet (see its issue)"
-            continue
-        fi
         run_method "$m" || { status=$?; failed+=" $m"; }
     done
     if [[ -n "$failed" ]]; then

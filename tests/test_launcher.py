@@ -43,8 +43,6 @@ def run_launcher(args, results_dir, timeout=60):
             2,
             r"hidden size 100 is not divisible by the number of attention heads 16",
         ),
-        (["-m", "l2l"], 3, r"method l2l is not implemented yet \(see its issue\)"),
-        (["-m", "zero-infinity"], 3, r"method zero-infinity is not implemented yet"),
     ],
 )
 def test_bad_input_is_rejected(tmp_path, args, status, message):
@@ -105,11 +103,11 @@ def test_dry_run_builds_the_command(tmp_path):
 
 def test_dry_run_all_and_torchrun(tmp_path):
     result, commands = dry_run_command(tmp_path, ["-m", "all", "-l", "2", "-h", "64", "-n", "2"])
-    assert [flag_value(c, "--offload-method") for c in commands] == ["megatron-lm", "stronghold"]
+    assert [flag_value(c, "--offload-method") for c in commands] == [
+        "megatron-lm", "l2l", "zero-offload", "zero-infinity", "stronghold"]
     for command in commands:
         assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
         assert flag_value(command, "--global-batch-size") == "8"  # 4 per process x 2
-    assert "skipping l2l: not implemented yet" in result.stderr
 
 
 def test_small_model_without_gpu(tmp_path):
