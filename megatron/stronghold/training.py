@@ -179,6 +179,7 @@ class History:
     lrs: list = field(default_factory=list)
     times: list = field(default_factory=list)
     layer_steps: dict = field(default_factory=dict)  # stronghold: kept / redone / deferred counts
+    valid_losses: list = field(default_factory=list)  # (iteration, validation loss)
 
 
 def to_device(batch, device):
@@ -231,13 +232,13 @@ def train(args) -> History:
 
     scheduler = lr_scheduler(args, method.optimizers)
     scaler = LossScaler(args)
-    train_iter, _ = build_data_iterators(args, tokenizer)
+    train_iter, valid_iter = build_data_iterators(args, tokenizer)
     flops = flops_per_iteration(args, vocab_size)
     if device.type == "cuda":
         log(f"GPU memory after setup: {torch.cuda.memory_allocated(device) / GiB:.3f} GiB allocated, "
             f"peak {torch.cuda.max_memory_allocated(device) / GiB:.3f} GiB")
         torch.cuda.reset_peak_memory_stats(device)  # the summary reports the training peak
-    history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops)
+    history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter)
     method.shutdown()
     if method.executor is not None:
         history.layer_steps = dict(method.executor.counts)
@@ -245,7 +246,20 @@ def train(args) -> History:
     return history
 
 
-def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops) -> History:
+def evaluate(args, model, method, valid_iter, device) -> float:
+    """Mean validation loss over --eval-iters global batches (forward only)."""
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for _ in range(args.eval_iters * args.num_microbatches):
+            if method.executor is not None:
+                method.executor.start_forward()
+            losses.append(float(lm_loss(model, to_device(next(valid_iter), device))))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter=None) -> History:
     history = History()
     interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
     for it in range(1, args.train_iters + 1):
@@ -285,6 +299,11 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
                 "TFLOP/s per GPU": f"{flops / per_iter / 1e12 / args.world_size:.3f}",
             }))
             interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
+        if valid_iter is not None and args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
+            loss = evaluate(args, model, method, valid_iter, device)
+            history.valid_losses.append((it, loss))
+            log(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
+                f"lm loss PPL: {math.exp(min(loss, 20)):.6E} |")
     return history
 
 

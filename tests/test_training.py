@@ -1,0 +1,104 @@
+"""The training entry on tiny CPU models: determinism, learning, accumulation, data, logs, memory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron.stronghold import arguments, training
+from megatron.stronghold.logs import parse_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--lr", "3e-3", "--log-interval", "5"]
+
+
+def train(*flags):
+    return training.train(arguments.parse_args([*TINY, *flags]))
+
+
+def test_same_seed_same_losses_other_seed_other_losses():
+    a = train("--train-iters", "5", "--seed", "5")
+    b = train("--train-iters", "5", "--seed", "5")
+    c = train("--train-iters", "5", "--seed", "6")
+    assert a.losses == b.losses and a.grad_norms == b.grad_norms
+    assert a.losses != c.losses
+
+
+def test_loss_falls_on_mock_data():
+    h = train("--train-iters", "30", "--mock-data")
+    assert sum(h.losses[-5:]) / 5 < h.losses[0] - 0.5
+
+
+def test_gradient_accumulation_equals_a_larger_batch():
+    """Three micro-batches of 2 and one micro-batch of 6 see the same samples and the same gradient
+    (dropout off: the two runs would draw different masks)."""
+    no_dropout = ("--hidden-dropout", "0", "--attention-dropout", "0", "--train-iters", "6")
+    accumulated = train("--global-batch-size", "6", *no_dropout)
+    one_batch = train("--micro-batch-size", "6", "--global-batch-size", "6", *no_dropout)
+    assert accumulated.losses == pytest.approx(one_batch.losses, rel=1e-5)
+    assert accumulated.grad_norms == pytest.approx(one_batch.grad_norms, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def real_text(tmp_path_factory):
+    """Python's own standard library, preprocessed to Megatron's .bin/.idx with the byte tokenizer."""
+    tmp = tmp_path_factory.mktemp("text")
+    sources = sorted(os.path.join(os.path.dirname(os.__file__), f) for f in os.listdir(os.path.dirname(os.__file__))
+                     if f.endswith(".py"))[:40]
+    with open(tmp / "corpus.jsonl", "w") as f:
+        for path in sources:
+            with open(path, encoding="utf-8", errors="replace") as src:
+                f.write(json.dumps({"text": src.read()}) + "\n")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",
+                    str(tmp / "corpus.jsonl"), "--output-prefix", str(tmp / "corpus"), "--tokenizer-type",
+                    "ByteTokenizer", "--append-eod"], check=True, capture_output=True)
+    return str(tmp / "corpus_text_document")
+
+
+def test_loss_falls_on_real_text_and_validation_runs(real_text, capsys):
+    h = train("--train-iters", "40", "--data-path", real_text, "--tokenizer-type", "ByteTokenizer",
+              "--split", "90,10,0", "--eval-interval", "20", "--eval-iters", "2")
+    assert sum(h.losses[-5:]) / 5 < h.losses[0] - 1.0  # bytes of Python source are very learnable
+    assert [it for it, _ in h.valid_losses] == [20, 40]
+    assert h.valid_losses[1][1] < h.losses[0]
+    assert "validation loss at iteration 40 | lm loss value:" in capsys.readouterr().out
+
+
+def test_host_store_is_16_bytes_per_parameter_in_bf16():
+    from megatron.stronghold.executor import StreamingExecutor
+    from megatron.stronghold.model import build_model
+
+    for flags, expected in (((), 16), (("--global-batch-size", "4"), 20)):  # + fp32 accumulation
+        args = arguments.parse_args([*TINY, "--bf16", "--offload-method", "stronghold", *flags])
+        training.init_distributed(torch.device("cpu"))
+        layers = list(build_model(args, 128).decoder.layers)
+        executor = StreamingExecutor(layers, 1, torch.bfloat16, torch.device("cpu"), args)
+        host = executor.host_bytes()
+        streamed = len(layers) * executor.layout.numel
+        total = host["pinned"] + host["pageable"]
+        # per parameter exactly `expected`, plus Adam's step counters (a few bytes per layer)
+        assert expected * streamed <= total <= expected * streamed + 64 * len(layers)
+        executor.shutdown()
+
+
+def test_log_lines_parse_back():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *TINY, "--train-iters", "4",
+                           "--log-interval", "2", "--offload-method", "stronghold", "--window-size", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = parse_log(proc.stdout)
+    assert [row["iteration"] for row in log.iterations] == [2, 4]
+    for row in log.iterations:
+        for key in ("consumed samples", "elapsed time per iteration (ms)", "learning rate", "global batch size",
+                    "lm loss", "loss scale", "grad norm", "number of skipped iterations", "samples per second",
+                    "TFLOP/s per GPU"):
+            assert key in row, key
+    assert log.iterations[1]["consumed samples"] == 8
+    assert log.total_parameters > 0
+    assert log.config["method"] == "stronghold" and log.config["precision"] == "fp32"
+    assert log.summary["iterations"] == 4 and log.summary["samples per second"] > 0
+    assert "peak host RSS (GiB)" in log.summary and "pinned host memory (GiB)" in log.summary
