@@ -20,6 +20,7 @@ from .optim import LossScaler, ResidentOptimizer, clip_coefficient, lr_scheduler
 
 GiB = 1024 ** 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+train_loop_hook = None  # called after every iteration (tools/trace_stronghold.py steps its profiler)
 IMPLEMENTED = ("megatron-lm", "stronghold", "l2l", "zero-offload", "zero-infinity")
 
 
@@ -271,6 +272,8 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
+        if train_loop_hook is not None:
+            train_loop_hook()
 
         lr = method.learning_rate()
         history.losses.append(loss)
