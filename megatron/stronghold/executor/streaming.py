@@ -96,7 +96,7 @@ class StreamingExecutor:
         if self.cuda:
             self.sumsq_device = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
             self.sumsq_host = torch.zeros(self.num_layers, dtype=torch.float32, pin_memory=True)
-        self.stats = {}  # layer -> (sum of squares, finite) of this iteration's gradient
+        self.stats = {}  # layer -> (sum of squares, finite, stepped) of this iteration's gradient
 
     # ----- setup -----
 
