@@ -109,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "as fit in free GPU memory, as planned at start; 0 on a machine without CUDA).")
     g.add_argument("--cpu-optimizer-threads", type=int, default=None,
                    help="stronghold: intra-op threads of the CPU optimizer (default: all cores).")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, metavar="DIR",
+                   help="Write checkpoints to DIR/iter_XXXXXXX/ (and DIR/latest_checkpointed_iteration.txt) "
+                   "at every --save-interval, at the end, at --exit-interval and on SIGTERM/SIGINT.")
+    g.add_argument("--save-interval", type=int, default=None, metavar="N",
+                   help="Iterations between checkpoints (needs --save).")
+    g.add_argument("--load", default=None, metavar="DIR",
+                   help="Resume from the newest checkpoint in DIR: weights, optimizer, schedule, loss "
+                   "scale, RNG and data position. Any method's checkpoint loads into any method except "
+                   "ZeRO's (those load only into the same ZeRO method). DIR must hold a checkpoint, "
+                   "unless it is also --save (then an empty DIR starts from scratch).")
+    g.add_argument("--exit-interval", type=int, default=None, metavar="N",
+                   help="Stop after an iteration divisible by N (saving first with --save).")
+    g.add_argument("--exit-on-nonfinite-iters", type=int, default=None, metavar="K",
+                   help="Stop (exit status 3, nothing saved) after K consecutive iterations whose loss is "
+                   "not finite, or, without --fp16, whose gradients are not finite (those steps are "
+                   "skipped). Default: 3 with --fp16 (whose loss scaler handles gradient overflows on "
+                   "its own), 1 otherwise; 0: never stop.")
     return p
 
 
@@ -170,3 +189,27 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.tokenizer_type is None:
         args.tokenizer_type = "GPT2BPETokenizer" if args.vocab_file else "ByteTokenizer"
     args.params_dtype_name = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    _validate_checkpointing(args)
+
+
+def _validate_checkpointing(args) -> None:
+    if args.save_interval is not None:
+        _positive(args, "save_interval")
+        if not args.save:
+            raise ArgumentError("--save-interval needs --save DIR")
+    if args.exit_interval is not None:
+        _positive(args, "exit_interval")
+    if args.exit_on_nonfinite_iters is None:
+        args.exit_on_nonfinite_iters = 3 if args.fp16 else 1
+    elif args.exit_on_nonfinite_iters < 0:
+        raise ArgumentError("--exit-on-nonfinite-iters must be >= 0")
+    if args.save:
+        try:
+            os.makedirs(args.save, exist_ok=True)
+        except OSError as exc:
+            raise ArgumentError(f"--save {args.save}: cannot create the directory ({exc.strerror})") from None
+        if not os.access(args.save, os.W_OK | os.X_OK):
+            raise ArgumentError(f"--save {args.save}: the directory is not writable")
+    from .checkpointing import check_load_dir  # reads DIR's tracker file: no tensor is loaded
+
+    check_load_dir(args)

@@ -81,6 +81,7 @@ class ResidentOptimizer:
     """
 
     def __init__(self, named_params, args):
+        self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.same_dtype = all(p.dtype == torch.float32 for p in self.params)
         self.masters = [p.detach() if self.same_dtype else p.detach().float() for p in self.params]
@@ -113,6 +114,46 @@ class ResidentOptimizer:
         norms = torch._foreach_norm(self.main_grads)
         sumsq = torch.stack(norms).square().sum()
         return sumsq, ~torch.isfinite(sumsq)
+
+    def state_dict(self) -> dict:
+        """{name: {"param": fp32 master, "exp_avg", "exp_avg_sq", "step"}} (Adam entries once it has
+        stepped); the tensors are the optimizer's own, not copies."""
+        out = {}
+        for name, master in zip(self.names, self.masters):
+            entry = {"param": master}
+            st = self.optimizer.state.get(master) if self.optimizer is not None else None
+            if st:
+                entry.update(exp_avg=st["exp_avg"], exp_avg_sq=st["exp_avg_sq"], step=int(st["step"]))
+            out[name] = entry
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take this optimizer's parameters from a {name: entry} dict as state_dict() returns (it may
+        hold other parameters too); ValueError on a missing name or another shape."""
+        for name, master in zip(self.names, self.masters):
+            if name not in state:
+                raise ValueError(f"{name} is missing from the checkpoint")
+            entry = state[name]
+            if tuple(entry["param"].shape) != tuple(master.shape):
+                raise ValueError(f"{name}: shape {tuple(entry['param'].shape)} in the checkpoint, "
+                                 f"{tuple(master.shape)} in this model")
+            master.copy_(entry["param"])
+            if self.optimizer is None:
+                continue
+            if "exp_avg" in entry:
+                own = {"dtype": torch.float32, "device": master.device}
+                self.optimizer.state[master] = {
+                    # fused AdamW keeps its step as an fp32 tensor on the parameter's device
+                    "step": torch.tensor(float(entry["step"]), **own),
+                    "exp_avg": entry["exp_avg"].to(copy=True, **own).view_as(master),
+                    "exp_avg_sq": entry["exp_avg_sq"].to(copy=True, **own).view_as(master),
+                }
+            else:
+                self.optimizer.state.pop(master, None)  # not stepped yet: fresh moments
+        if not self.same_dtype and self.params:
+            torch._foreach_copy_([p.data for p in self.params], self.masters)
+        for g in self.main_grads:
+            g.zero_()
 
     def step(self, clip_coeff: float, skip: bool) -> None:
         if not skip and self.optimizer is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import arguments
+from . import arguments, checkpointing
 from .logs import iteration_line, summary_line
 from .model import build_model, flops_per_iteration, lm_loss, num_parameters
 from .optim import LossScaler, ResidentOptimizer, clip_coefficient, lr_scheduler
@@ -80,6 +80,23 @@ class Method:
     def shutdown(self) -> None:
         if self.executor is not None:
             self.executor.shutdown()
+
+    def state_dict(self, model) -> dict:
+        """{parameter name in the model: {"param": fp32 value, "exp_avg", "exp_avg_sq", "step"}}, the
+        same for every method (so checkpoints cross methods); tensors are views of the method's own."""
+        state = self.resident.state_dict()
+        if self.executor is not None:
+            state.update(self.executor.state_dict(self._layer_prefixes(model)))
+        return state
+
+    def load_state_dict(self, model, state) -> None:
+        self.resident.load_state_dict(state)
+        if self.executor is not None:
+            self.executor.load_state_dict(state, self._layer_prefixes(model))
+
+    def _layer_prefixes(self, model):
+        names = {id(m): n for n, m in model.named_modules()}
+        return [names[id(layer)] + "." for layer in self.executor.layers]
 
     def train_step(self, args, model, scaler, batches, device):
         """One optimizer step over the micro-batches; returns (loss, grad norm, skipped)."""
@@ -181,6 +198,7 @@ class History:
     times: list = field(default_factory=list)
     layer_steps: dict = field(default_factory=dict)  # stronghold: kept / redone / deferred counts
     valid_losses: list = field(default_factory=list)  # (iteration, validation loss)
+    exit_code: int = 0  # process exit status (see checkpointing.RunGuard)
 
 
 def to_device(batch, device):
@@ -204,6 +222,7 @@ def train(args) -> History:
 
     tokenizer = build_tokenizer(args)
     vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by)
+    resume = checkpointing.open_checkpoint(args, vocab_size, log)  # read and checked, tensors not loaded
     plan = preflight(args, vocab_size, device)  # before any large allocation
     torch.manual_seed(args.seed)
     if device.type == "cuda":
@@ -239,11 +258,25 @@ def train(args) -> History:
         log(f"GPU memory after setup: {torch.cuda.memory_allocated(device) / GiB:.3f} GiB allocated, "
             f"peak {torch.cuda.max_memory_allocated(device) / GiB:.3f} GiB")
         torch.cuda.reset_peak_memory_stats(device)  # the summary reports the training peak
-    history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter)
+    if resume is not None:  # last: the RNG state it restores is the next iteration's
+        checkpointing.load_checkpoint(resume, args, model, method, scheduler, scaler, log)
+        del resume
+
+    def save(iteration):
+        progress = {"train": train_iter.consumed_samples,
+                    "valid": getattr(valid_iter, "consumed_samples", 0)}
+        checkpointing.save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
+                                      vocab_size, log)
+
+    with checkpointing.RunGuard(args, save, log) as guard:
+        history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter,
+                             guard)
+    history.exit_code = guard.exit_code
     method.shutdown()
     if method.executor is not None:
         history.layer_steps = dict(method.executor.counts)
-    log_summary(args, method, history, device)
+    if history.times:
+        log_summary(args, method, history, device)
     return history
 
 
@@ -260,10 +293,11 @@ def evaluate(args, model, method, valid_iter, device) -> float:
     return sum(losses) / len(losses)
 
 
-def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter=None) -> History:
+def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter=None,
+               guard=None) -> History:
     history = History()
     interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
-    for it in range(1, args.train_iters + 1):
+    for it in range(getattr(args, "iteration", 0) + 1, args.train_iters + 1):  # resumes after --load
         batches = [next(train_iter) for _ in range(args.num_microbatches)]
         start = time.perf_counter()
         loss, grad_norm, skipped = method.train_step(args, model, scaler, batches, device)
@@ -307,6 +341,8 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
             history.valid_losses.append((it, loss))
             log(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
                 f"lm loss PPL: {math.exp(min(loss, 20)):.6E} |")
+        if guard is not None and guard.after_iteration(it, history.losses[-1], skipped):
+            break  # saves at --save-interval; stops on a signal or non-finite losses
     return history
 
 
@@ -335,8 +371,7 @@ def log_summary(args, method, history, device) -> None:
 def main(argv=None) -> int:
     try:
         args = arguments.parse_args(argv)
-        train(args)
+        return train(args).exit_code
     except arguments.ArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    return 0

@@ -192,3 +192,45 @@ class HostLayer:
             st["step"] -= 1
         if self.weights is not self.master:
             self.weights.copy_(self.master)
+
+    # ----- checkpoints -----
+
+    def _param_parts(self):
+        """(name, shape, offset, numel, (view, a, b) of the optimizer part holding it) per parameter."""
+        for name, shape, off in zip(self.layout.names, self.layout.shapes, self.layout.offsets):
+            part = next(p for p in self.parts if p[1] <= off < p[2])
+            yield name, shape, off, _numel(shape), part
+
+    def state_dict(self) -> dict:
+        """{parameter name: {"param", "exp_avg", "exp_avg_sq", "step"}}: fp32 views of this store,
+        no copies (the caller must not hold them across a step)."""
+        out = {}
+        for name, shape, off, n, (view, a, _) in self._param_parts():
+            st = self.optimizer.state[view]
+            out[name] = {"param": self.master[off:off + n].view(shape),
+                         "exp_avg": st["exp_avg"][off - a:off - a + n].view(shape),
+                         "exp_avg_sq": st["exp_avg_sq"][off - a:off - a + n].view(shape),
+                         "step": int(st["step"])}
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy {parameter name: entry} (as state_dict returns; entries without Adam moments start
+        fresh) into the master, the Adam state and the pinned compute-dtype weights."""
+        steps = {}
+        for name, shape, off, n, (view, a, _) in self._param_parts():
+            entry = state[name]
+            if tuple(entry["param"].shape) != tuple(shape):
+                raise ValueError(f"{name}: shape {tuple(entry['param'].shape)} in the checkpoint, "
+                                 f"{tuple(shape)} in this model")
+            self.master[off:off + n].view(shape).copy_(entry["param"])
+            st = self.optimizer.state[view]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in entry:
+                    st[key][off - a:off - a + n].view(shape).copy_(entry[key])
+                else:
+                    st[key][off - a:off - a + n].zero_()
+            steps[a] = max(steps.get(a, 0), int(entry.get("step", 0)))
+        for view, a, _ in self.parts:  # one step count per part (every parameter steps together)
+            self.optimizer.state[view]["step"].fill_(steps.get(a, 0))
+        if self.weights is not self.master:
+            self.weights.copy_(self.master)

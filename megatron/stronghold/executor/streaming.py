@@ -326,6 +326,30 @@ class StreamingExecutor:
         finally:
             self.timers["cpu work"] += time.perf_counter() - start
 
+    # ----- checkpoints -----
+
+    def state_dict(self, prefixes) -> dict:
+        """{prefix + parameter name: fp32 value and Adam state} of every streamed layer, read from
+        the host store (views, nothing staged on the GPU); prefixes[i]: layer i's name in the model."""
+        self._wait_all()  # the last step's CPU work must have landed
+        out = {}
+        for prefix, host in zip(prefixes, self.host):
+            out.update({prefix + name: entry for name, entry in host.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict, prefixes) -> None:
+        """Load the streamed layers' masters and Adam state, refresh their pinned compute-dtype
+        weights, and forget what the GPU slots hold so the next forward pass reloads them."""
+        self._wait_all()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # no copy may still read the host weights
+        for prefix, host in zip(prefixes, self.host):
+            missing = [prefix + n for n in self.layout.names if prefix + n not in state]
+            if missing:
+                raise ValueError(f"{missing[0]} is missing from the checkpoint")
+            host.load_state_dict({n: state[prefix + n] for n in self.layout.names})
+        self.slot_owner = [-1] * self.window
+
     def shutdown(self) -> None:
         self._wait_all()
         self.worker.shutdown(wait=True)

@@ -1,0 +1,497 @@
+"""Checkpoints for every method, and the rules that end a run safely.
+
+Layout (Megatron-LM's names, one process):
+
+    DIR/latest_checkpointed_iteration.txt   the iteration of the newest complete checkpoint
+    DIR/iter_0000010/model_optim_rng.pt     model, optimizer, schedule, loss scale, RNG, progress
+
+Megatron-LM puts the file one level deeper (`iter_0000010/mp_rank_00/`) for its tensor-parallel ranks;
+this trainer has none, so the file sits in the iteration directory.
+
+What a checkpoint holds does not depend on the method that wrote it (format "per-parameter"):
+- "model": megatron-core GPTModel.state_dict() keys (`decoder.layers.N....`), fp32 values taken from
+  the fp32 master weights (the compute-dtype copies are derived from them on load);
+- "optimizer": per parameter name, AdamW's `exp_avg`, `exp_avg_sq` (fp32) and `step` (int);
+- "opt_param_scheduler" (megatron-core OptimizerParamScheduler.state_dict()), "loss_scaler",
+  "iteration", "consumed_train_samples", "consumed_valid_samples", "rng_state" (python, numpy,
+  torch CPU, CUDA when present) and "args" (the model's shape, to refuse a mismatch up front).
+So a checkpoint written by stronghold loads into megatron-lm or l2l and the other way round, at any
+--resident-layers / --window-size, in any precision. StrongHold and L2L write their streamed layers
+straight from the host store: the tensors handed to torch.save alias the fp32 masters and Adam
+moments, so nothing is staged on the GPU or copied in host memory.
+
+ZeRO (zero-offload, zero-infinity) saves through DeepSpeed's own engine.save_checkpoint into the
+same DIR/iter_XXXXXXX/ (DeepSpeed's partitioned files), beside a model_optim_rng.pt that holds the
+trainer's part only (format "deepspeed"). Such a checkpoint loads only into a run of the same ZeRO
+method, through engine.load_checkpoint; the other methods refuse it, and ZeRO runs refuse
+per-parameter checkpoints.
+
+Safety:
+- a checkpoint is data: it is read with torch.load(weights_only=True), which cannot run code.
+  DeepSpeed's loader unpickles (weights_only=False), so its files are first read with
+  weights_only=True as well and refused if that fails;
+- a checkpoint is written into DIR/iter_XXXXXXX.tmp, flushed to disk, renamed to its final name
+  (os.replace), and only then is latest_checkpointed_iteration.txt replaced the same way: a run
+  killed at any moment leaves the pointer naming the previous complete checkpoint;
+- anything wrong with --load (no checkpoint, unreadable or truncated file, other model shape or
+  method) is an ArgumentError (message, exit 2) raised before the model is built.
+"""
+
+import math
+import os
+import random
+import shutil
+import signal
+import time
+
+import numpy as np
+import torch
+
+from .arguments import ArgumentError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FILE = "model_optim_rng.pt"
+VERSION = 1
+ZERO_METHODS = ("zero-offload", "zero-infinity")
+# The model's shape: a checkpoint loads only into a model with the same values.
+SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "max_position_embeddings", "padded_vocab_size", "untie_embeddings_and_output_weights")
+EXIT_NONFINITE = 3  # exit status of a run stopped by non-finite losses
+# Tests only: when set to an iteration, the save of that iteration sleeps after writing its files
+# and before publishing them, so a test can kill the process in the middle of a save.
+_PAUSE_ENV = "STRONGHOLD_TEST_SAVE_PAUSE_AT"
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+# ----- finding a checkpoint (also used by argument validation) -----
+
+def find_checkpoint(root: str):
+    """(iteration, directory) of the checkpoint named by DIR's tracker file; None when DIR or the
+    tracker does not exist; ValueError when the tracker is unreadable or names nothing complete."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    try:
+        with open(tracker) as f:
+            text = f.read().strip()
+        iteration = int(text)
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise ValueError(f"{tracker} does not hold an iteration number (corrupt checkpoint directory)") from None
+    path = iteration_dir(root, iteration)
+    if not os.path.isfile(os.path.join(path, FILE)):
+        raise ValueError(f"{tracker} names iteration {iteration}, but {os.path.join(path, FILE)} is missing")
+    return iteration, path
+
+
+def check_load_dir(args) -> None:
+    """--load DIR must hold a checkpoint. Only when DIR is also --save may it be empty or absent:
+    Megatron-LM's `--save D --load D` habit, which starts fresh and resumes on the next launch."""
+    args.load_checkpoint = None
+    if not args.load:
+        return
+    try:
+        found = find_checkpoint(args.load)
+    except ValueError as exc:
+        raise ArgumentError(f"--load {args.load}: {exc}") from None
+    if found is None:
+        same = args.save and os.path.abspath(args.save) == os.path.abspath(args.load)
+        if not same:
+            what = "does not exist" if not os.path.exists(args.load) else f"has no {TRACKER}"
+            raise ArgumentError(f"--load {args.load}: the directory {what}, so there is no checkpoint "
+                                "to resume from")
+    args.load_checkpoint = found
+
+
+# ----- state that every method shares -----
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, log) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        saved = state.get("cuda") or []
+        if len(saved) < torch.cuda.device_count():
+            log(f"warning: the checkpoint has CUDA RNG states for {len(saved)} devices, this machine "
+                f"has {torch.cuda.device_count()}: dropout masks will differ from an uninterrupted run")
+        for device, s in enumerate(saved[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device)
+
+
+def shape_args(args, vocab_size: int) -> dict:
+    values = {k: getattr(args, k) for k in SHAPE_ARGS if k != "padded_vocab_size"}
+    values["padded_vocab_size"] = int(vocab_size)
+    return values
+
+
+def _flag(name: str) -> str:
+    return "padded vocabulary size" if name == "padded_vocab_size" else "--" + name.replace("_", "-")
+
+
+def _own_storage(t):
+    """A tensor with the same memory whose storage is exactly its bytes (no copy), so torch.save
+    writes this parameter only and not the whole flat buffer it is a view of."""
+    if (t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
+            and t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+        return torch.from_numpy(t.detach().numpy())
+    return t
+
+
+# ----- saving -----
+
+def _write(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(root: str, tmp: str, final: str, iteration: int) -> None:
+    """Rename the finished directory into place, then point the tracker at it (both atomic)."""
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # the same iteration saved again: keep the old one until the new is in
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _fsync_dir(root)
+
+
+def _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, fmt) -> dict:
+    return {
+        "checkpoint_version": VERSION,
+        "format": fmt,
+        "method": args.offload_method,
+        "iteration": int(iteration),
+        "consumed_train_samples": int(progress.get("train", 0)),
+        "consumed_valid_samples": int(progress.get("valid", 0)),
+        "args": shape_args(args, vocab_size),
+        "opt_param_scheduler": scheduler.state_dict(),
+        "loss_scaler": scaler.state_dict(),
+        "rng_state": rng_state(),
+    }
+
+
+def model_and_optimizer_state(model, method):
+    """("model", "optimizer") entries of a per-parameter checkpoint; tensors alias the method's own."""
+    params = method.state_dict(model)
+    model_sd, optimizer = {}, {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key in params:
+            entry = params[key]
+            model_sd[key] = _own_storage(entry["param"])
+            if "exp_avg" in entry:
+                optimizer[key] = {"exp_avg": _own_storage(entry["exp_avg"]),
+                                  "exp_avg_sq": _own_storage(entry["exp_avg_sq"]), "step": int(entry["step"])}
+        elif torch.is_tensor(value):  # a buffer (the GPT has none today)
+            model_sd[key] = value.detach()
+        else:
+            model_sd[key] = value  # megatron-core's `_extra_state` entries (None)
+    missing = set(params) - set(model_sd)
+    if missing:
+        raise RuntimeError(f"parameters not in the model's state_dict: {sorted(missing)[:3]}")
+    return model_sd, optimizer
+
+
+def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress, vocab_size, log) -> None:
+    """Write DIR/iter_XXXXXXX for --save DIR, then point the tracker at it."""
+    start = time.perf_counter()
+    root = args.save
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    zero = args.offload_method in ZERO_METHODS
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        os.makedirs(tmp)
+    _barrier()
+    if zero:
+        # Every rank writes its partitions; DeepSpeed's own 'latest' file is not written.
+        method.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False)
+        state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, "deepspeed")
+    else:
+        state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, "per-parameter")
+        state["model"], state["optimizer"] = model_and_optimizer_state(model, method)
+    if _rank() == 0:
+        _write(state, os.path.join(tmp, FILE))
+        del state
+        if os.environ.get(_PAUSE_ENV) == str(iteration):
+            log(f"test hook: pausing before publishing {final}")
+            time.sleep(600)
+        _publish(root, tmp, final, iteration)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(final) for f in files)
+        log(f" successfully saved checkpoint from iteration {iteration:7d} to {root} "
+            f"[ {size / 2**30:.3f} GiB, {time.perf_counter() - start:.1f} s ]")
+    _barrier()
+
+
+# ----- loading -----
+
+def _read(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated zip, bit rot, a pickle with code in it, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArgumentError(f"cannot read checkpoint {path}: {first} (a corrupt or incomplete file, "
+                            "or not a checkpoint of this trainer)") from None
+    if not isinstance(state, dict) or "format" not in state or "iteration" not in state:
+        raise ArgumentError(f"{path} is not a checkpoint of this trainer")
+    return state
+
+
+def open_checkpoint(args, vocab_size: int, log):
+    """Read the checkpoint --load names (tensors memory-mapped, not read yet) and check that it fits
+    this run; set args.iteration and the consumed samples so the data resumes where it stopped.
+    Returns the state, or None without --load. Call before the model is built."""
+    args.iteration = 0
+    found = getattr(args, "load_checkpoint", None)
+    if found is None:
+        if args.load:
+            log(f"no checkpoint in {args.load} yet: training from scratch")
+        return None
+    iteration, path = found
+    state = _read(os.path.join(path, FILE))
+    fmt, method = state["format"], state.get("method")
+    zero = args.offload_method in ZERO_METHODS
+    if fmt == "deepspeed" and not (zero and method == args.offload_method):
+        raise ArgumentError(f"{path} is a DeepSpeed checkpoint written by --offload-method {method}: it "
+                            f"loads only into {method} runs (this run: {args.offload_method})")
+    if fmt == "per-parameter" and zero:
+        raise ArgumentError(f"{path} was written by --offload-method {method}; ZeRO runs load only "
+                            "checkpoints written by the same ZeRO method")
+    if fmt not in ("deepspeed", "per-parameter"):
+        raise ArgumentError(f"{path}: unknown checkpoint format {fmt!r}")
+    saved, here = state.get("args", {}), shape_args(args, vocab_size)
+    diffs = [f"{_flag(k)} {saved.get(k)} in the checkpoint, {here[k]} here" for k in SHAPE_ARGS
+             if saved.get(k) != here[k]]
+    if diffs:
+        raise ArgumentError(f"checkpoint {path} does not fit this model: " + "; ".join(diffs))
+    if state["iteration"] != iteration:
+        raise ArgumentError(f"{path} holds iteration {state['iteration']}, its directory says {iteration}")
+    args.iteration = iteration
+    args.consumed_train_samples = state["consumed_train_samples"]
+    args.consumed_valid_samples = state["consumed_valid_samples"]
+    state["path"] = path
+    return state
+
+
+def _load_per_parameter(state, model, method) -> None:
+    sd, optimizer = state["model"], state["optimizer"]
+    own = model.state_dict(keep_vars=True)
+    names = {n for n, _ in model.named_parameters()}
+    missing = sorted(k for k, v in own.items() if (k in names or torch.is_tensor(v)) and k not in sd)
+    unexpected = sorted(k for k, v in sd.items() if k not in own and v is not None)
+    if missing or unexpected:
+        raise ValueError(f"{len(missing)} tensors of this model missing from the checkpoint "
+                         f"{missing[:3]}, {len(unexpected)} not in this model {unexpected[:3]}")
+    params = {}
+    for name in names:
+        if not torch.is_tensor(sd[name]):
+            raise ValueError(f"{name} is not a tensor in the checkpoint")
+        params[name] = {"param": sd[name], **optimizer.get(name, {})}
+    method.load_state_dict(model, params)
+    for key, value in own.items():  # buffers
+        if key not in names and torch.is_tensor(value):
+            if value.shape != sd[key].shape:
+                raise ValueError(f"{key}: shape {tuple(sd[key].shape)} in the checkpoint, "
+                                 f"{tuple(value.shape)} in this model")
+            value.data.copy_(sd[key])
+
+
+def _check_deepspeed_files(path: str) -> None:
+    """DeepSpeed unpickles its files with weights_only=False; read them as data first."""
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".pt") and name != FILE:
+            _read_data(os.path.join(path, name))
+
+
+def _deepspeed_data_classes():
+    """The plain-data classes DeepSpeed 0.19 pickles into its ZeRO files (its fp16 loss-scaler
+    settings, the ZeRO stage enum, a (start, numel) tuple): allowed, nothing else is."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _read_data(path: str) -> None:
+    try:
+        with torch.serialization.safe_globals(_deepspeed_data_classes()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArgumentError(f"refusing DeepSpeed checkpoint file {path}: it does not load as plain "
+                            f"data ({first})") from None
+
+
+def load_checkpoint(state, args, model, method, scheduler, scaler, log) -> None:
+    """Put a checkpoint opened by open_checkpoint into the built method; restore schedule, loss
+    scale and RNG last, so that the next iteration draws what it would have drawn."""
+    start = time.perf_counter()
+    path = state["path"]
+    try:
+        if state["format"] == "deepspeed":
+            _check_deepspeed_files(path)
+            root, tag = os.path.split(path)
+            loaded, _ = method.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+            if loaded is None:
+                raise ValueError("DeepSpeed found no checkpoint there")
+        else:
+            _load_per_parameter(state, model, method)
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+        scaler.load_state_dict(state["loss_scaler"])
+    except ArgumentError:
+        raise
+    except Exception as exc:
+        raise ArgumentError(f"cannot load checkpoint {path}: {exc}") from None
+    set_rng_state(state["rng_state"], log)
+    log(f" successfully loaded checkpoint from {args.load} [ iteration {state['iteration']}, written by "
+        f"{state['method']}, {time.perf_counter() - start:.1f} s ]")
+
+
+# ----- how a run ends -----
+
+class RunGuard:
+    """Decides after each iteration whether to save and whether to stop.
+
+    - --save-interval N: save every N iterations; the last iteration and --exit-interval save too.
+    - SIGTERM / SIGINT: finish the current iteration, save (with --save), stop: exit status 0 after
+      a save, 128 + signal number without one. A second signal stops at once.
+    - non-finite losses: the step of such an iteration is always skipped (every method skips a
+      step whose gradients are not finite), so the weights stay those of the last good iteration.
+      A run stops, without saving, after --exit-on-nonfinite-iters consecutive "bad" iterations:
+      a non-finite loss, or (without --fp16) non-finite gradients. With --fp16 an overflow in the
+      gradients alone is the loss scaler's business and does not count. No checkpoint is written
+      while the last iteration was bad, so the newest checkpoint is the last good one.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, args, save, log):
+        self.args, self.save, self.log = args, save, log
+        self.received = None
+        self.bad = 0
+        self.exit_code = 0
+        self.saved_at = None
+        self.previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+        return False
+
+    def _handle(self, signum, frame):
+        # No logging here: the handler may interrupt a print of the main thread.
+        if self.received is not None:  # asked twice: stop now
+            signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+
+    def _save(self, iteration: int) -> bool:
+        if self.saved_at == iteration:
+            return True
+        if self.bad:
+            self.log(f"not saving a checkpoint at iteration {iteration}: its loss is not finite")
+            return False
+        self.save(iteration)
+        self.saved_at = iteration
+        return True
+
+    def after_iteration(self, iteration: int, loss: float, skipped: bool) -> bool:
+        """True when the run must stop now (self.exit_code says how it ends)."""
+        args = self.args
+        bad = not math.isfinite(loss) or (skipped and not args.fp16)
+        self.bad = self.bad + 1 if bad else 0
+        limit = args.exit_on_nonfinite_iters
+        if limit and self.bad >= limit:
+            where = ""
+            if args.save and self.saved_at is not None:
+                where = f"; the last good checkpoint is {iteration_dir(args.save, self.saved_at)}"
+            elif args.save:
+                try:
+                    found = find_checkpoint(args.save)
+                except ValueError:
+                    found = None
+                if found:
+                    where = f"; the newest checkpoint is {found[1]}"
+            self.log(f"error: stopping at iteration {iteration}: the loss or the gradients were not finite "
+                     f"in {self.bad} consecutive iteration(s) (--exit-on-nonfinite-iters {limit}); those "
+                     f"steps were skipped and nothing was saved{where}")
+            self.exit_code = EXIT_NONFINITE
+            return True
+        exit_now = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        if args.save and (iteration == args.train_iters or exit_now
+                          or (args.save_interval and iteration % args.save_interval == 0)):
+            self._save(iteration)
+        if self.received is not None:
+            name = signal.Signals(self.received).name
+            saved = bool(args.save) and self._save(iteration)
+            self.exit_code = 0 if saved else 128 + self.received
+            self.log(f"received {name}: stopped after iteration {iteration}, "
+                     + (f"checkpoint saved in {args.save}" if saved else "no checkpoint saved (no --save)"
+                        if not args.save else "no checkpoint saved (loss not finite)"))
+            return True
+        if exit_now:
+            self.log(f"exiting after iteration {iteration} (--exit-interval {args.exit_interval})")
+            return True
+        return False
