@@ -102,3 +102,9 @@ def test_log_lines_parse_back():
     assert log.config["method"] == "stronghold" and log.config["precision"] == "fp32"
     assert log.summary["iterations"] == 4 and log.summary["samples per second"] > 0
     assert "peak host RSS (GiB)" in log.summary and "pinned host memory (GiB)" in log.summary
+
+
+def test_several_processes_are_refused_until_parallelism_exists(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(arguments.ArgumentError, match="2 processes"):
+        arguments.parse_args(TINY)
