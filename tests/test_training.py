@@ -104,7 +104,7 @@ def test_log_lines_parse_back():
     assert "peak host RSS (GiB)" in log.summary and "pinned host memory (GiB)" in log.summary
 
 
-def test_several_processes_are_refused_until_parallelism_exists(monkeypatch):
+def test_several_processes_are_refused_where_parallelism_is_missing(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(arguments.ArgumentError, match="2 processes"):
-        arguments.parse_args(TINY)
+    with pytest.raises(arguments.ArgumentError, match="not yet for zero-offload"):
+        arguments.parse_args([*TINY, "--offload-method", "zero-offload"])

@@ -162,10 +162,10 @@ def validate_args(args: argparse.Namespace) -> None:
         args.ffn_hidden_size = 4 * args.hidden_size
 
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.world_size > 1:
-        # Without a gradient reduction each process would silently train its own copy.
-        raise ArgumentError(f"{args.world_size} processes: data and tensor parallelism are not implemented yet; "
-                            "run one process (no torchrun, examples/run.sh without -n)")
+    args.data_parallel_rank = int(os.environ.get("RANK", "0"))
+    if args.world_size > 1 and args.offload_method not in ("megatron-lm", "stronghold", "l2l"):
+        raise ArgumentError(f"{args.world_size} processes: data parallelism is implemented for megatron-lm, "
+                            f"stronghold and l2l, not yet for {args.offload_method}; run one process")
     args.data_parallel_size = args.world_size
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size

@@ -105,6 +105,17 @@ class ResidentOptimizer:
     def param_groups(self):
         return self.optimizer.param_groups if self.optimizer else []
 
+    def average_over_data_parallel(self) -> None:
+        """Megatron's data-parallel gradient: the mean of the ranks' fp32 main grads (one flat all-reduce)."""
+        import torch.distributed as dist
+
+        if dist.get_world_size() == 1 or not self.main_grads:
+            return
+        flat = torch.cat([g.view(-1) for g in self.main_grads])
+        dist.all_reduce(flat)
+        flat.div_(dist.get_world_size())
+        torch._foreach_copy_(self.main_grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in self.main_grads]), self.main_grads)])
+
     def unscale_and_measure(self, inv_scale: float):
         """Unscale main grads in place; return (sum of squares, any non-finite) as 0-dim tensors."""
         if not self.main_grads:

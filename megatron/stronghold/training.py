@@ -24,7 +24,8 @@ train_loop_hook = None  # called after every iteration (tools/trace_stronghold.p
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # one log per run, from rank 0
+        print(msg, flush=True)
 
 
 def init_distributed(device: torch.device) -> None:
@@ -110,6 +111,7 @@ class Method:
             (loss * (scaler.scale / n)).backward()
             losses.append(loss.detach())
 
+        self.resident.average_over_data_parallel()  # streamed layers: on the CPU worker, per layer
         sumsq, found_inf = self.resident.unscale_and_measure(inv_scale)
         sumsq, found_inf = float(sumsq), bool(found_inf)
         if executor is not None:
@@ -121,7 +123,11 @@ class Method:
         if executor is not None:
             executor.finish_step(coeff, skip=found_inf)
         scaler.update(found_inf)
-        return float(torch.stack(losses).mean()), grad_norm, found_inf
+        loss = torch.stack(losses).mean()
+        if torch.distributed.get_world_size() > 1:  # the logged loss is the mean over ranks, as Megatron's
+            torch.distributed.all_reduce(loss)
+            loss /= torch.distributed.get_world_size()
+        return float(loss), grad_norm, found_inf
 
 
 def preflight(args, vocab_size, device):

@@ -56,6 +56,10 @@ class StreamingExecutor:
         self.device = device
         self.cuda = device.type == "cuda"
         self.num_microbatches = args.num_microbatches
+        # Data parallel: each streamed layer's gradient is averaged over the ranks on the CPU worker,
+        # in fp32, over a gloo group of its own (the main thread's collectives use the default group).
+        self.data_parallel = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.dp_group = torch.distributed.new_group(backend="gloo") if self.data_parallel > 1 else None
         self.layout = LayerLayout.of(self.layers[0])
 
         self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
@@ -63,8 +67,8 @@ class StreamingExecutor:
         for i, layer in enumerate(self.layers):
             if LayerLayout.of(layer) != self.layout:
                 raise ValueError("streamed layers must all have the same parameter layout")
-            host = HostLayer(layer, self.layout, dtype, pin=self.cuda, accumulate=self.num_microbatches > 1,
-                             args=args)
+            host = HostLayer(layer, self.layout, dtype, pin=self.cuda,
+                             accumulate=self.num_microbatches > 1 or self.data_parallel > 1, args=args)
             host.init_optimizer_state()
             self.host.append(host)
             self._bind(i)  # frees the layer's fp32 initial weights before the next layer's store
@@ -208,7 +212,7 @@ class StreamingExecutor:
         last = self.microbatch == self.num_microbatches - 1
         first = self.microbatch == 0
         grads = [p.grad for p, _ in self.grad_targets[i]]
-        gpu_norm = self.cuda and self.num_microbatches == 1
+        gpu_norm = self.cuda and self.num_microbatches == 1 and self.data_parallel == 1
         if gpu_norm:
             # The norm costs microseconds on the GPU and tens of milliseconds on the CPU.
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
@@ -268,6 +272,9 @@ class StreamingExecutor:
             host.accumulate(first)
         if not last:
             return
+        if self.dp_group is not None:
+            torch.distributed.all_reduce(host.grad_accum, group=self.dp_group)
+            host.grad_accum.div_(self.data_parallel)
         if gpu_norm:
             sumsq = float(self.sumsq_host[i]) * inv_scale * inv_scale  # the scale is a power of two
         else:
