@@ -35,3 +35,22 @@ def test_two_processes_train_like_one(method, extra):
     assert two_loss == pytest.approx(one_loss, rel=1e-5)
     assert two_norm == pytest.approx(one_norm, rel=1e-5)
     assert max(one_norm) > 0.5  # clipping fires: the reduced global norm decides the step
+
+
+@pytest.mark.parametrize("method,extra", [("megatron-lm", ()), ("stronghold", ("--window-size", "1"))])
+def test_tensor_parallel_two_ranks_train_like_one(method, extra):
+    """TP=2 splits every layer over two ranks (megatron-core's parallel layers; each StrongHold rank
+    streams only its shards) and must give the TP=1 losses and gradient norms."""
+    # The vocabulary is padded to a multiple of 128 x TP: pad both runs to the same 512 entries.
+    one_loss, one_norm = run(1, method, "--make-vocab-size-divisible-by", "256", *extra)
+    two_loss, two_norm = run(2, method, "--tensor-model-parallel-size", "2", *extra)
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
+    assert two_norm == pytest.approx(one_norm, rel=1e-5)
+
+
+def test_tensor_parallel_checkpoints_are_refused_for_now(tmp_path, monkeypatch):
+    from megatron.stronghold import arguments
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(arguments.ArgumentError, match="not implemented yet"):
+        arguments.parse_args([*FLAGS, "--tensor-model-parallel-size", "2", "--save", str(tmp_path)])

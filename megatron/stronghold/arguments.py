@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: vocabulary size.")
     g.add_argument("--data-cache-path", default=None, help="Where dataset index caches are written.")
 
+    g = p.add_argument_group("parallelism (launch several processes with torchrun)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="Ranks that split each layer (megatron-core's parallel layers); the other factor of "
+                   "the world size is data parallel.")
+
     g = p.add_argument_group("offloading")
     g.add_argument("--offload-method", choices=METHODS, default="megatron-lm",
                    help="megatron-lm: every layer on the GPU. stronghold: layers in host memory, a window "
@@ -162,11 +167,18 @@ def validate_args(args: argparse.Namespace) -> None:
         args.ffn_hidden_size = 4 * args.hidden_size
 
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args.data_parallel_rank = int(os.environ.get("RANK", "0"))
+    tp = args.tensor_model_parallel_size
+    if tp < 1 or args.world_size % tp:
+        raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the {args.world_size} processes")
+    if args.num_attention_heads % tp or args.ffn_hidden_size % tp:
+        raise ArgumentError(f"--num-attention-heads {args.num_attention_heads} and the MLP size "
+                            f"{args.ffn_hidden_size} must be divisible by --tensor-model-parallel-size {tp}")
     if args.world_size > 1 and args.offload_method not in ("megatron-lm", "stronghold", "l2l"):
-        raise ArgumentError(f"{args.world_size} processes: data parallelism is implemented for megatron-lm, "
-                            f"stronghold and l2l, not yet for {args.offload_method}; run one process")
-    args.data_parallel_size = args.world_size
+        raise ArgumentError(f"{args.world_size} processes: data and tensor parallelism are implemented for "
+                            f"megatron-lm, stronghold and l2l, not yet for {args.offload_method}; run one process")
+    # megatron-core's rank order: tensor-parallel ranks are adjacent, data parallel across them.
+    args.data_parallel_size = args.world_size // tp
+    args.data_parallel_rank = int(os.environ.get("RANK", "0")) // tp
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
     per_step = args.micro_batch_size * args.data_parallel_size
@@ -197,6 +209,9 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def _validate_checkpointing(args) -> None:
+    if (args.save or args.load) and args.tensor_model_parallel_size > 1:
+        raise ArgumentError("--save/--load with --tensor-model-parallel-size > 1 is not implemented yet "
+                            "(checkpoints hold whole, unsharded parameters)")
     if args.save_interval is not None:
         _positive(args, "save_interval")
         if not args.save:

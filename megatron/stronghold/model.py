@@ -47,6 +47,7 @@ def transformer_config(args) -> TransformerConfig:
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         use_cpu_initialization=True,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
         params_dtype=torch.float32,
         # Megatron-LM's GPT defaults that matter for numerics.
         init_method_std=0.02,

@@ -27,6 +27,13 @@ def adamw(groups, args, device: torch.device) -> torch.optim.AdamW:
                              eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
 
 
+def counts_in_norm(param) -> bool:
+    """Megatron counts a parameter replicated over tensor-parallel ranks once, on rank 0."""
+    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+
+    return param_is_not_tensor_parallel_duplicate(param)
+
+
 def clip_coefficient(grad_norm: float, clip_grad: float) -> float:
     """Megatron-LM's clip_grad_norm_fp32 coefficient (1.0 means: leave the grads alone)."""
     if clip_grad <= 0:
@@ -86,6 +93,7 @@ class ResidentOptimizer:
         self.same_dtype = all(p.dtype == torch.float32 for p in self.params)
         self.masters = [p.detach() if self.same_dtype else p.detach().float() for p in self.params]
         self.main_grads = [torch.zeros_like(m) for m in self.masters]
+        self.counted = [counts_in_norm(p) for p in self.params]
         decay = [m for (n, p), m in zip(named_params, self.masters) if not no_weight_decay(n, p)]
         nodecay = [m for (n, p), m in zip(named_params, self.masters) if no_weight_decay(n, p)]
         groups = [g for g in ({"params": decay, "wd_mult": 1.0}, {"params": nodecay, "wd_mult": 0.0})
@@ -108,12 +116,14 @@ class ResidentOptimizer:
     def average_over_data_parallel(self) -> None:
         """Megatron's data-parallel gradient: the mean of the ranks' fp32 main grads (one flat all-reduce)."""
         import torch.distributed as dist
+        from megatron.core import parallel_state
 
-        if dist.get_world_size() == 1 or not self.main_grads:
+        size = parallel_state.get_data_parallel_world_size()
+        if size == 1 or not self.main_grads:
             return
         flat = torch.cat([g.view(-1) for g in self.main_grads])
-        dist.all_reduce(flat)
-        flat.div_(dist.get_world_size())
+        dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        flat.div_(size)
         torch._foreach_copy_(self.main_grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in self.main_grads]), self.main_grads)])
 
     def unscale_and_measure(self, inv_scale: float):
@@ -122,7 +132,8 @@ class ResidentOptimizer:
             return torch.zeros(()), torch.zeros((), dtype=torch.bool)
         if inv_scale != 1.0:
             torch._foreach_mul_(self.main_grads, inv_scale)
-        norms = torch._foreach_norm(self.main_grads)
+        counted = [g for g, c in zip(self.main_grads, self.counted) if c]
+        norms = torch._foreach_norm(counted) if counted else [torch.zeros((), device=self.main_grads[0].device)]
         sumsq = torch.stack(norms).square().sum()
         return sumsq, ~torch.isfinite(sumsq)
 

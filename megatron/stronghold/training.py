@@ -28,7 +28,7 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, tensor_parallel: int = 1) -> None:
     """One process group and megatron-core's parallel state (idempotent: tests call train() often)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -40,7 +40,7 @@ def init_distributed(device: torch.device) -> None:
         else:  # one process: an in-memory store, so no port can clash with another run
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+        parallel_state.initialize_model_parallel(tensor_parallel, 1)
 
 
 def pick_device() -> torch.device:
@@ -117,6 +117,7 @@ class Method:
         if executor is not None:
             host_sumsq, host_finite = executor.gradient_stats()
             sumsq, found_inf = sumsq + host_sumsq, found_inf or not host_finite
+        sumsq = _sum_over_tensor_parallel(sumsq, device)
         grad_norm = math.sqrt(sumsq) if math.isfinite(sumsq) else float("nan")
         coeff = 1.0 if found_inf else clip_coefficient(grad_norm, args.clip_grad)
         self.resident.step(coeff, skip=found_inf)
@@ -124,10 +125,23 @@ class Method:
             executor.finish_step(coeff, skip=found_inf)
         scaler.update(found_inf)
         loss = torch.stack(losses).mean()
-        if torch.distributed.get_world_size() > 1:  # the logged loss is the mean over ranks, as Megatron's
-            torch.distributed.all_reduce(loss)
-            loss /= torch.distributed.get_world_size()
+        if args.data_parallel_size > 1:  # the logged loss is the mean over data-parallel ranks, as Megatron's
+            from megatron.core import parallel_state
+
+            torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+            loss /= args.data_parallel_size
         return float(loss), grad_norm, found_inf
+
+
+def _sum_over_tensor_parallel(value: float, device) -> float:
+    """Each tensor-parallel rank measured its own shards (replicated parameters once): add them up."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    torch.distributed.all_reduce(t, group=parallel_state.get_tensor_model_parallel_group())
+    return float(t)
 
 
 def preflight(args, vocab_size, device):
@@ -219,12 +233,13 @@ def train(args) -> History:
         raise arguments.ArgumentError(str(exc)) from None
     device = pick_device()
     dtype = DTYPES[args.params_dtype_name]
-    init_distributed(device)
+    init_distributed(device, args.tensor_model_parallel_size)
     if device.type == "cpu" and args.cpu_optimizer_threads:
         torch.set_num_threads(args.cpu_optimizer_threads)
 
     tokenizer = build_tokenizer(args)
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by)
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                   args.tensor_model_parallel_size)
     resume = checkpointing.open_checkpoint(args, vocab_size, log)  # read and checked, tensors not loaded
     plan = preflight(args, vocab_size, device)  # before any large allocation
     torch.manual_seed(args.seed)

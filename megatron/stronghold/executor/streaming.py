@@ -25,7 +25,10 @@ import torch
 
 from stronghold_ext import fused_adamw
 
-from .host_store import HostLayer, LayerLayout
+from megatron.core import parallel_state
+
+from ..optim import counts_in_norm
+from .host_store import HostLayer, LayerLayout, _numel
 
 
 class _WaitForLoad(torch.autograd.Function):
@@ -58,8 +61,8 @@ class StreamingExecutor:
         self.num_microbatches = args.num_microbatches
         # Data parallel: each streamed layer's gradient is averaged over the ranks on the CPU worker,
         # in fp32, over a gloo group of its own (the main thread's collectives use the default group).
-        self.data_parallel = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.dp_group = torch.distributed.new_group(backend="gloo") if self.data_parallel > 1 else None
+        self.data_parallel = parallel_state.get_data_parallel_world_size()
+        self.dp_group = parallel_state.get_data_parallel_group_gloo() if self.data_parallel > 1 else None
         self.layout = LayerLayout.of(self.layers[0])
 
         self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
@@ -73,6 +76,10 @@ class StreamingExecutor:
             self.host.append(host)
             self._bind(i)  # frees the layer's fp32 initial weights before the next layer's store
         self.params_per_layer = len(self.layout.names)
+        # Spans of the flat gradient that count in the global norm (tensor-parallel duplicates only on rank 0).
+        counted = {n for n, p in self.layers[0].named_parameters() if counts_in_norm(p)}
+        self.counted_spans = [(o, o + _numel(shape)) for name, o, shape in
+                              zip(self.layout.names, self.layout.offsets, self.layout.shapes) if name in counted]
 
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
@@ -215,7 +222,8 @@ class StreamingExecutor:
         gpu_norm = self.cuda and self.num_microbatches == 1 and self.data_parallel == 1
         if gpu_norm:
             # The norm costs microseconds on the GPU and tens of milliseconds on the CPU.
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            norms = torch._foreach_norm([g for g, (p, _) in zip(grads, self.grad_targets[i])
+                                         if counts_in_norm(p)], 2, dtype=torch.float32)
             self.sumsq_device[i] = torch.stack(norms).square().sum()
         done = self._record()
         self.slot_free[i % self.window] = done
@@ -278,7 +286,11 @@ class StreamingExecutor:
         if gpu_norm:
             sumsq = float(self.sumsq_host[i]) * inv_scale * inv_scale  # the scale is a power of two
         else:
-            sumsq = float(torch.linalg.vector_norm(host.final_grad(self.scratch, inv_scale))) ** 2
+            grad = host.final_grad(self.scratch, inv_scale)
+            if len(self.counted_spans) == len(self.layout.names):
+                sumsq = float(torch.linalg.vector_norm(grad)) ** 2
+            else:
+                sumsq = sum(float(torch.linalg.vector_norm(grad[a:b])) ** 2 for a, b in self.counted_spans)
         finite = math.isfinite(sumsq)
         self.seen_sumsq += sumsq
         if not finite or (self.clip_grad > 0 and math.sqrt(self.seen_sumsq) + 1.0e-6 > self.clip_grad):

@@ -48,6 +48,8 @@ class ModelCosts:
         other = vocab_size * h + args.max_position_embeddings * h + 2 * h
         if args.untie_embeddings_and_output_weights:
             other += vocab_size * h
+        tp = getattr(args, "tensor_model_parallel_size", 1)  # each rank holds its shards
+        layer, other = layer // tp, other // tp
         recompute = args.recompute_granularity == "full"
         act = c * s * b * h * (1 if recompute else 17)
         return cls(args.num_layers, layer, other, c, act, 3 * 4 * s * b * vocab_size,
@@ -163,7 +165,10 @@ def available_memory(device) -> tuple:
     import psutil
     import torch
 
-    host = psutil.virtual_memory().available
+    import os
+
+    # Ranks on one node share its host memory (torchrun sets LOCAL_WORLD_SIZE).
+    host = psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free, host
