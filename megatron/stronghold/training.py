@@ -118,6 +118,7 @@ class Method:
             host_sumsq, host_finite = executor.gradient_stats()
             sumsq, found_inf = sumsq + host_sumsq, found_inf or not host_finite
         sumsq = _sum_over_tensor_parallel(sumsq, device)
+        found_inf = found_inf or not math.isfinite(sumsq)  # an overflow on any rank skips the step on all
         grad_norm = math.sqrt(sumsq) if math.isfinite(sumsq) else float("nan")
         coeff = 1.0 if found_inf else clip_coefficient(grad_norm, args.clip_grad)
         self.resident.step(coeff, skip=found_inf)

@@ -9,8 +9,10 @@ Schedule (layer i always uses slot i % W, so loads never need a free-slot search
   slot is released, i - W is loaded into it, and the layer's CPU work (accumulate, or step) is
   queued on the optimizer worker.
 - the CPU step is speculative: the global gradient norm is known only once every layer is done, so
-  each layer steps as soon as its gradients arrive; if clipping fires or an overflow skips the
-  iteration, the steps are undone and redone from the kept gradients (see HostLayer.undo_step).
+  a layer steps as soon as its gradients arrive while the running norm stays under the clip
+  threshold; if clipping fires after all, or an overflow skips the iteration, those steps are
+  undone exactly and redone from the kept gradients (HostLayer.undo_step). Once the running norm
+  passes the threshold the remaining layers step right after backward, in forward order.
 - the next iteration's load of a layer waits for that layer's CPU work (a host wait on a future,
   the one true dependency); everything on the GPU is ordered by events only.
 
