@@ -102,6 +102,7 @@ def test_log_lines_parse_back():
     assert log.config["method"] == "stronghold" and log.config["precision"] == "fp32"
     assert log.summary["iterations"] == 4 and log.summary["samples per second"] > 0
     assert "peak host RSS (GiB)" in log.summary and "pinned host memory (GiB)" in log.summary
+    assert "start-up: " in proc.stdout and "model built and initialised on the host in" in proc.stdout
 
 
 def test_several_processes_are_refused_where_parallelism_is_missing(monkeypatch):

@@ -246,7 +246,9 @@ def train(args) -> History:
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(args.seed)
+    start = time.perf_counter()
     model = build_model(args, vocab_size)
+    built = time.perf_counter() - start
     total = num_parameters(model)
     log(f"total parameters: {total} ({total / 1e9:.3f} B)")
     log(f"config | method: {args.offload_method} | precision: {args.params_dtype_name} | "
@@ -280,6 +282,8 @@ def train(args) -> History:
     if resume is not None:  # last: the RNG state it restores is the next iteration's
         checkpointing.load_checkpoint(resume, args, model, method, scheduler, scaler, log)
         del resume
+    log(f"start-up: {time.perf_counter() - start:.1f} s (model built and initialised on the host in {built:.1f} s, "
+        f"placed in {time.perf_counter() - t0:.1f} s)")
 
     def save(iteration):
         progress = {"train": train_iter.consumed_samples,
