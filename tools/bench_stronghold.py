@@ -26,12 +26,9 @@ sys.path.insert(0, ROOT)
 
 from megatron.stronghold import arguments  # noqa: E402
 from megatron.stronghold.logs import parse_log  # noqa: E402
+from megatron.stronghold.planner import ModelCosts  # noqa: E402
 
 GB = 1e9
-
-
-def layer_params(h, ffn):
-    return 4 * h * h + 2 * h * ffn + 9 * h + ffn  # qkv+proj+fc1+fc2 weights, their biases, 2 norms
 
 
 def measure_pcie(nbytes=512 * 2 ** 20, reps=10):
@@ -166,7 +163,8 @@ def main():
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     card = torch.cuda.get_device_name()
-    P = layer_params(a.hidden, 4 * a.hidden)
+    P = ModelCosts.of(arguments.parse_args(["--hidden-size", str(a.hidden), "--num-attention-heads",
+                                            str(a.heads)]), 0).layer_params
 
     pcie = measure_pcie()
     adam_rate, ours_rate = measure_cpu_update(P)

@@ -21,7 +21,7 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return name.endswith(".bias") or param.dim() == 1
 
 
-def adamw(groups, args, device: torch.device) -> torch.optim.AdamW:
+def adamw(groups, args) -> torch.optim.AdamW:
     """torch's fused AdamW (CPU and CUDA): one kernel per group, releases the GIL."""
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                              eps=args.adam_eps, weight_decay=args.weight_decay, fused=True)
@@ -98,7 +98,7 @@ class ResidentOptimizer:
         nodecay = [m for (n, p), m in zip(named_params, self.masters) if no_weight_decay(n, p)]
         groups = [g for g in ({"params": decay, "wd_mult": 1.0}, {"params": nodecay, "wd_mult": 0.0})
                   if g["params"]]
-        self.optimizer = adamw(groups, args, self.params[0].device) if self.params else None
+        self.optimizer = adamw(groups, args) if self.params else None
         for p, g in zip(self.params, self.main_grads):
             p.register_post_accumulate_grad_hook(self._make_accumulator(g))
 

@@ -16,7 +16,7 @@ import torch
 from . import arguments, checkpointing
 from .logs import iteration_line, summary_line
 from .model import build_model, flops_per_iteration, lm_loss, num_parameters
-from .optim import LossScaler, ResidentOptimizer, clip_coefficient, lr_scheduler
+from .optim import LossScaler, ResidentOptimizer, clip_coefficient, global_norm, lr_scheduler
 
 GiB = 1024 ** 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,7 +119,7 @@ class Method:
             sumsq, found_inf = sumsq + host_sumsq, found_inf or not host_finite
         sumsq = _sum_over_tensor_parallel(sumsq, device)
         found_inf = found_inf or not math.isfinite(sumsq)  # an overflow on any rank skips the step on all
-        grad_norm = math.sqrt(sumsq) if math.isfinite(sumsq) else float("nan")
+        grad_norm = global_norm(sumsq)
         coeff = 1.0 if found_inf else clip_coefficient(grad_norm, args.clip_grad)
         self.resident.step(coeff, skip=found_inf)
         if executor is not None:

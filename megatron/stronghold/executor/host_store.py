@@ -100,7 +100,7 @@ class HostLayer:
         self.parts = [(self.master[a:b], a, b) for a, b, in ((0, cut), (cut, n)) if b > a]
         wd_mults = [1.0 if a == 0 and cut > 0 else 0.0 for _, a, _ in self.parts]
         groups = [{"params": [view], "wd_mult": w} for (view, _, _), w in zip(self.parts, wd_mults)]
-        self.optimizer = adamw(groups, args, self.master.device)
+        self.optimizer = adamw(groups, args)
 
     def _set_hyperparameters(self, hyper: dict) -> None:
         """hyper: wd_mult -> (lr, weight decay), snapshotted when the work was queued."""

@@ -20,6 +20,7 @@ Without CUDA the same code runs with host-to-host copies and no streams, which i
 """
 
 import concurrent.futures
+import contextlib
 import math
 import time
 
@@ -118,11 +119,11 @@ class StreamingExecutor:
         layer = self.layers[i]
         views = dict(zip(self.layout.names, self.layout.views(self.slots[i % self.window])))
         host_grads = dict(zip(self.layout.names, self.layout.views(self.host[i].grad)))
-        self.grad_targets.append([])  # (parameter, its view in the pinned host grad buffer)
+        self.grad_targets.append([])  # (parameter, its host grad view, whether it counts in the norm)
         for name, p in layer.named_parameters():
             p.data = views[name]
             p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_param_grad(i))
-            self.grad_targets[i].append((p, host_grads[name]))
+            self.grad_targets[i].append((p, host_grads[name], counts_in_norm(p)))
         layer.register_forward_pre_hook(lambda m, a, i=i: self._before_forward(i))
         layer.register_forward_hook(lambda m, a, out, i=i: self._after_forward(i, out))
 
@@ -220,12 +221,12 @@ class StreamingExecutor:
         self._wait(self.grad_pending, i)  # the previous micro-batch's accumulation reads the buffer
         last = self.microbatch == self.num_microbatches - 1
         first = self.microbatch == 0
-        grads = [p.grad for p, _ in self.grad_targets[i]]
+        grads = [p.grad for p, _, _ in self.grad_targets[i]]
         gpu_norm = self.cuda and self.num_microbatches == 1 and self.data_parallel == 1
         if gpu_norm:
             # The norm costs microseconds on the GPU and tens of milliseconds on the CPU.
-            norms = torch._foreach_norm([g for g, (p, _) in zip(grads, self.grad_targets[i])
-                                         if counts_in_norm(p)], 2, dtype=torch.float32)
+            norms = torch._foreach_norm([g for g, (_, _, counted) in zip(grads, self.grad_targets[i]) if counted],
+                                        2, dtype=torch.float32)
             self.sumsq_device[i] = torch.stack(norms).square().sum()
         done = self._record()
         self.slot_free[i % self.window] = done
@@ -233,7 +234,7 @@ class StreamingExecutor:
         if self.cuda:
             self.d2h.wait_event(done)
             with torch.cuda.stream(self.d2h):
-                for (_, host_grad), g in zip(self.grad_targets[i], grads):
+                for (_, host_grad, _), g in zip(self.grad_targets[i], grads):
                     host_grad.copy_(g, non_blocking=True)
                     g.record_stream(self.d2h)
                 if gpu_norm:
@@ -248,9 +249,9 @@ class StreamingExecutor:
             if ahead < self.num_layers and self.offloaded[ahead] is not None:
                 self.offloaded[ahead].synchronize()
         else:
-            for (_, host_grad), g in zip(self.grad_targets[i], grads):
+            for (_, host_grad, _), g in zip(self.grad_targets[i], grads):
                 host_grad.copy_(g)
-        for p, _ in self.grad_targets[i]:
+        for p, _, _ in self.grad_targets[i]:
             p.grad = None
         future = self.worker.submit(self._cpu_work, i, copied, first, last, self.inv_scale,
                                     gpu_norm, self._hyperparameters() if last else None)
@@ -258,16 +259,20 @@ class StreamingExecutor:
         if last:
             self.weight_pending[i] = future
 
-    def _cpu_work(self, i, copied, first, last, inv_scale, gpu_norm, hyper):
-        start = time.perf_counter()
-        if copied is not None:
-            copied.synchronize()
-        self.timers["copy waits"] += time.perf_counter() - start
+    @contextlib.contextmanager
+    def _timed(self, name):
         start = time.perf_counter()
         try:
-            self._update(i, first, last, inv_scale, gpu_norm, hyper)
+            yield
         finally:
-            self.timers["cpu work"] += time.perf_counter() - start
+            self.timers[name] += time.perf_counter() - start
+
+    def _cpu_work(self, i, copied, first, last, inv_scale, gpu_norm, hyper):
+        if copied is not None:
+            with self._timed("copy waits"):
+                copied.synchronize()
+        with self._timed("cpu work"):
+            self._update(i, first, last, inv_scale, gpu_norm, hyper)
 
     def _update(self, i, first, last, inv_scale, gpu_norm, hyper):
         """Accumulate; on the last micro-batch measure the grad and step if it is safe to guess.
@@ -336,16 +341,13 @@ class StreamingExecutor:
         self.slot_owner = [-1] * self.window
 
     def _finish_layer(self, i, stepped, clip_coeff, skip, hyper):
-        start = time.perf_counter()
-        try:
+        with self._timed("cpu work"):
             host = self.host[i]
             if stepped:
                 host.undo_step(host.final_grad(self.scratch, self.inv_scale), hyper)
             if not skip:
                 # inv_scale is a power of two: (g * inv_scale) * clip == g * (inv_scale * clip)
                 host.step(hyper, self.inv_scale * clip_coeff, self.scratch)
-        finally:
-            self.timers["cpu work"] += time.perf_counter() - start
 
     # ----- checkpoints -----
 
