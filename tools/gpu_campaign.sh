@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The measurements of one GPU session, by stage, each writing under OUT (default results/gpu).
+#
+#   bash tools/gpu_campaign.sh STAGE...      stages run in the order given
+#
+#   tests     GPU tests (tests/gpu) and the fused-AdamW extension tests on this card
+#   bench32   tools/bench_stronghold.py at 32 layers, windows 1 2 4 8 and the planner's choice
+#   bench64   the same at 64 layers
+#   threads   32 layers, W=2 and W=4, CPU optimizer on 15 threads instead of all 16
+#   trace     tools/trace_stronghold.py: a profiler trace of steady-state iterations, 32 layers all streamed
+#   largest   largest trainable model of megatron-lm, l2l and stronghold (tools/largest_model.py,
+#             seeded by the planner's capacity), the stronghold trial's start-up time
+#   cases     examples/case3.sh, case4.sh, case5.sh (case 2 needs case 1's baselines)
+#   dp        2 GPUs: 48 layers all streamed at DP=1 and DP=2 (same global batch per rank)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-results/gpu}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+free -g | tee -a "$OUT/card.txt"
+
+stage() { echo; echo "===== $1 ($(date +%T))"; }
+
+for s in "$@"; do
+    stage "$s"
+    case "$s" in
+        tests)
+            "$PY" -m pytest -q -x tests/gpu tests/test_fused_adamw.py 2>&1 | tail -20 | tee "$OUT/tests_gpu.txt" ;;
+        bench32 | bench64)
+            "$PY" tools/bench_stronghold.py --layers "${s#bench}" --windows 1 2 4 8 auto --iters 8 \
+                --out "$OUT/$s" 2>&1 | grep -v "^{" | tee "$OUT/$s.txt" ;;
+        threads)
+            "$PY" tools/bench_stronghold.py --layers 32 --windows 2 4 --iters 8 --skip-megatron \
+                --out "$OUT/threads15" -- --cpu-optimizer-threads 15 2>&1 | grep -v "^{" | tee "$OUT/threads15.txt" ;;
+        trace)
+            "$PY" tools/trace_stronghold.py --out "$OUT/trace" -- --num-layers 32 --bf16 --resident-layers 0 \
+                --window-size 2 2>&1 | tail -20 | tee "$OUT/trace.txt" ;;
+        largest)
+            for m in megatron-lm l2l stronghold; do
+                "$PY" tools/largest_model.py --method "$m" --start planner --out "$OUT/largest" 2>&1 |
+                    tee -a "$OUT/largest.txt"
+            done
+            grep -h -E "start-up|plan \|" "$OUT"/largest/log_stronghold_* | tee -a "$OUT/largest.txt" ;;
+        cases)
+            l="${CASE_LAYERS:-64}"
+            RESULTS_DIR="$OUT" bash examples/case3.sh -l "$l" -i 6 -m "megatron-lm l2l stronghold zero-offload"
+            RESULTS_DIR="$OUT" bash examples/case4.sh -p "16 32 64 96 128" -i 6 -w 2
+            RESULTS_DIR="$OUT" bash examples/case5.sh -l "$l" -p "1 2 4 8" -i 6 ;;
+        dp)
+            for n in 1 2; do
+                RESULTS_DIR="$OUT/dp" bash examples/run.sh -m stronghold -l 48 -w 2 -n "$n" -- --train-iters 8 --log-interval 1 \
+                    --resident-layers 0 2>&1 | grep -E "iteration +8/|summary|plan" | tee -a "$OUT/dp.txt"
+            done ;;
+        *) echo "unknown stage $s" >&2; exit 2 ;;
+    esac
+done
+stage done
