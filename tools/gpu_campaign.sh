@@ -7,6 +7,8 @@
 #   bench32   tools/bench_stronghold.py at 32 layers, windows 1 2 4 8 and the planner's choice
 #   bench64   the same at 64 layers
 #   threads   32 layers, W=2 and W=4, CPU optimizer on 15 threads instead of all 16
+#   diag      32 layers all streamed, W=2 and W=4, with and without gradient clipping: the summary's
+#             CPU timers and step counts
 #   trace     tools/trace_stronghold.py: a profiler trace of steady-state iterations, 32 layers all streamed
 #   largest   largest trainable model of megatron-lm, l2l and stronghold (tools/largest_model.py,
 #             seeded by the planner's capacity), the stronghold trial's start-up time
@@ -33,9 +35,19 @@ for s in "$@"; do
         threads)
             "$PY" tools/bench_stronghold.py --layers 32 --windows 2 4 --iters 8 --skip-megatron \
                 --out "$OUT/threads15" -- --cpu-optimizer-threads 15 2>&1 | grep -v "^{" | tee "$OUT/threads15.txt" ;;
+        diag)
+            for w in 2 4; do
+                for clip in 1.0 0.0; do
+                    RESULTS_DIR="$OUT/diag" bash examples/run.sh -m stronghold -l 32 -w "$w" -- --train-iters 10 \
+                        --log-interval 1 --resident-layers 0 --clip-grad "$clip" 2>&1 |
+                        grep -E "iteration +(3|6|10)/|summary" | sed "s/^/W=$w clip=$clip /" | tee -a "$OUT/diag.txt"
+                done
+            done ;;
         trace)
-            "$PY" tools/trace_stronghold.py --out "$OUT/trace" -- --num-layers 32 --bf16 --resident-layers 0 \
-                --window-size 2 2>&1 | tail -20 | tee "$OUT/trace.txt" ;;
+            for w in 2 4; do
+                "$PY" tools/trace_stronghold.py --out "$OUT/trace_w$w" -- --num-layers 32 --bf16 --resident-layers 0 \
+                    --window-size "$w" 2>&1 | tail -4 | tee -a "$OUT/trace.txt"
+            done ;;
         largest)
             for m in megatron-lm l2l stronghold; do
                 "$PY" tools/largest_model.py --method "$m" --start planner --out "$OUT/largest" 2>&1 |
@@ -55,4 +67,7 @@ for s in "$@"; do
         *) echo "unknown stage $s" >&2; exit 2 ;;
     esac
 done
+# The call returns a limited number of files: pack the per-run logs and traces into one archive.
+(cd "$OUT" && dirs=$(find . -mindepth 1 -maxdepth 1 -type d | sort) && [[ -n "$dirs" ]] &&
+    tar czf runs.tgz $dirs && rm -rf $dirs)
 stage done

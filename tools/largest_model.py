@@ -4,6 +4,11 @@ Trainable means: at least --iters iterations finish with a finite loss. Every tr
 process (an out-of-memory kill cannot take the search down, and memory is clean for the next one),
 and the planner's pre-flight check turns most too-large trials into a refusal within seconds.
 
+The search gallops from a first size (up by 1, 2, 4, ... while trials succeed, down by halves while
+they fail) and then bisects. `--start planner` seeds it with the planner's capacity for the method on
+this machine, so an accurate plan costs two trials (capacity, then capacity + 1) instead of a dozen;
+a trial above the plan is still tried, and refused by the same pre-flight check if it cannot fit.
+
     python tools/largest_model.py --method stronghold --hidden 2048 --heads 16 --seq 1024 --batch 4 \
         --out results/case1
 
@@ -47,6 +52,45 @@ def trial(a, layers, log_dir):
     return ok, log
 
 
+def planned_capacity(a) -> int:
+    """Most layers the planner (or megatron-lm's pre-flight check) admits for the method on this machine."""
+    import dataclasses
+
+    import torch
+
+    from megatron.stronghold import arguments
+    from megatron.stronghold.planner import DoesNotFit, ModelCosts, available_memory, make_plan, megatron_check
+
+    if a.method not in ("megatron-lm", "l2l", "stronghold"):
+        raise SystemExit(f"--start planner: there is no plan for {a.method}; give a number of layers")
+    args = arguments.parse_args(["--num-layers", "1", "--hidden-size", str(a.hidden), "--num-attention-heads",
+                                 str(a.heads), "--seq-length", str(a.seq), "--micro-batch-size", str(a.batch),
+                                 *a.extra])
+    costs = ModelCosts.of(args, 50304)  # GPT-2's padded vocabulary, as the mock data uses
+    gpu, host = available_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def fits(layers):
+        trial_costs = dataclasses.replace(costs, layers=layers)
+        try:
+            if a.method == "megatron-lm":
+                megatron_check(trial_costs, gpu, host)
+            elif a.method == "l2l":  # everything streamed through one slot
+                make_plan(trial_costs, gpu, host, resident=0, window=1)
+            else:
+                make_plan(trial_costs, gpu, host)
+            return True
+        except DoesNotFit:
+            return False
+
+    lo, hi = 0, 1
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return max(1, lo)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True)
@@ -55,7 +99,8 @@ def main():
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--start", type=int, default=8, help="first size tried; doubled until a trial fails")
+    p.add_argument("--start", default="8", help="first size tried, or 'planner': the planner's capacity for "
+                   "the method on this machine (megatron-lm, l2l, stronghold)")
     p.add_argument("--max-layers", type=int, default=4096)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per trial")
     p.add_argument("--out", default=os.path.join(ROOT, "results"))
@@ -65,14 +110,26 @@ def main():
     a.extra = a.extra or ["--bf16", "--recompute-granularity", "full"]
     os.makedirs(a.out, exist_ok=True)
 
+    start = min(planned_capacity(a) if a.start == "planner" else int(a.start), a.max_layers)
+    print(f"{a.method}: first trial at {start} layers", flush=True)
     best, best_log, lo, hi = 0, None, 0, None
-    size = a.start
-    while hi is None and size <= a.max_layers:  # grow until the first failure
-        ok, log = trial(a, size, a.out)
-        if ok:
-            best, best_log, lo, size = size, log, size, size * 2
-        else:
-            hi = size
+    ok, log = trial(a, start, a.out)
+    if ok:  # gallop up: start + 1, + 2, + 4, ... until the first failure
+        best, best_log, lo, step = start, log, start, 1
+        while hi is None and lo + step <= a.max_layers:
+            ok, log = trial(a, lo + step, a.out)
+            if ok:
+                best, best_log, lo, step = lo + step, log, lo + step, step * 2
+            else:
+                hi = lo + step
+    else:  # gallop down by halves until the first success
+        hi, size = start, start // 2
+        while size > 0:
+            ok, log = trial(a, size, a.out)
+            if ok:
+                best, best_log, lo = size, log, size
+                break
+            hi, size = size, size // 2
     hi = hi or a.max_layers + 1
     while hi - lo > 1:  # then bisect
         mid = (lo + hi) // 2

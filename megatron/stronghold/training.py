@@ -379,6 +379,8 @@ def log_summary(args, method, history, device) -> None:
     if method.executor is not None:
         n = len(history.times)
         extra = {f"{k} (ms/iter)": v * 1000 / n for k, v in method.executor.timers.items()}
+        # How the CPU steps went: guessed during backward and kept / redone, or deferred (clipping fired).
+        extra.update({f"layer steps {k}": v for k, v in method.executor.counts.items()})
     log(summary_line({
         "method": args.offload_method,
         "iterations": len(history.times),
