@@ -49,11 +49,11 @@ for s in "$@"; do
                     --window-size "$w" 2>&1 | tail -4 | tee -a "$OUT/trace.txt"
             done ;;
         largest)
-            for m in megatron-lm l2l stronghold; do
+            for m in ${LARGEST_METHODS:-megatron-lm l2l stronghold}; do
                 "$PY" tools/largest_model.py --method "$m" --start planner --out "$OUT/largest" 2>&1 |
                     tee -a "$OUT/largest.txt"
             done
-            grep -h -E "start-up|plan \|" "$OUT"/largest/log_stronghold_* | tee -a "$OUT/largest.txt" ;;
+            grep -h -E "start-up|plan \|" "$OUT"/largest/log_* | tee -a "$OUT/largest.txt" ;;
         cases)
             l="${CASE_LAYERS:-64}"
             RESULTS_DIR="$OUT" bash examples/case3.sh -l "$l" -i 6 -m "megatron-lm l2l stronghold zero-offload"
