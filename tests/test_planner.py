@@ -22,7 +22,7 @@ def test_layer_size_and_bytes_per_parameter():
     c = costs()
     assert c.layer_params == 12 * 2048 ** 2 + 13 * 2048  # the paper's 50M-parameter layer
     assert c.host_bytes_per_param == 16  # bf16: fp32 master + Adam, pinned weights + gradient
-    assert c.resident_bytes_per_param == 20
+    assert c.resident_bytes_per_param == 18
     assert costs(8, "--global-batch-size", "8").host_bytes_per_param == 20  # + fp32 accumulation
 
 

@@ -400,3 +400,9 @@ def main(argv=None) -> int:
     except arguments.ArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except torch.OutOfMemoryError as exc:  # a model at the edge of what the pre-flight check admits
+        first = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        print(f"error: out of memory during training: {first}\nUse fewer layers, full activation recompute "
+              f"(--recompute-granularity full), a smaller micro-batch, or --offload-method stronghold.",
+              file=sys.stderr, flush=True)
+        return 1
