@@ -12,7 +12,8 @@
 #   trace     tools/trace_stronghold.py: a profiler trace of steady-state iterations, 32 layers all streamed
 #   largest   largest trainable model of megatron-lm, l2l and stronghold (tools/largest_model.py,
 #             seeded by the planner's capacity), the stronghold trial's start-up time
-#   cases     examples/case3.sh, case4.sh, case5.sh (case 2 needs case 1's baselines)
+#   case3     examples/case3.sh: the methods at megatron-lm's largest size
+#   cases     examples/case4.sh and case5.sh (case 2 needs case 1's baselines)
 #   dp        2 GPUs: 48 layers all streamed at DP=1 and DP=2 (same global batch per rank)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,7 +31,7 @@ for s in "$@"; do
         tests)
             "$PY" -m pytest -q -x tests/gpu tests/test_fused_adamw.py 2>&1 | tail -20 | tee "$OUT/tests_gpu.txt" ;;
         bench32 | bench64)
-            "$PY" tools/bench_stronghold.py --layers "${s#bench}" --windows 1 2 4 8 auto --iters 8 \
+            "$PY" tools/bench_stronghold.py --layers "${s#bench}" --windows ${BENCH_WINDOWS:-1 2 4 8 auto} --iters 8 \
                 --out "$OUT/$s" 2>&1 | grep -v "^{" | tee "$OUT/$s.txt" ;;
         threads)
             "$PY" tools/bench_stronghold.py --layers 32 --windows 2 4 --iters 8 --skip-megatron \
@@ -54,11 +55,12 @@ for s in "$@"; do
                     tee -a "$OUT/largest.txt"
             done
             grep -h -E "start-up|plan \|" "$OUT"/largest/log_* | tee -a "$OUT/largest.txt" ;;
+        case3)  # every method at megatron-lm's largest size (CASE_LAYERS)
+            RESULTS_DIR="$OUT" bash examples/case3.sh -l "${CASE_LAYERS:-64}" -i 6 \
+                -m "${CASE_METHODS:-megatron-lm l2l stronghold zero-offload}" ;;
         cases)
-            l="${CASE_LAYERS:-64}"
-            RESULTS_DIR="$OUT" bash examples/case3.sh -l "$l" -i 6 -m "megatron-lm l2l stronghold zero-offload"
             RESULTS_DIR="$OUT" bash examples/case4.sh -p "16 32 64 96 128" -i 6 -w 2
-            RESULTS_DIR="$OUT" bash examples/case5.sh -l "$l" -p "1 2 4 8" -i 6 ;;
+            RESULTS_DIR="$OUT" bash examples/case5.sh -l "${CASE_LAYERS:-64}" -p "1 2 4 8" -i 6 ;;
         dp)
             for n in 1 2; do
                 RESULTS_DIR="$OUT/dp" bash examples/run.sh -m stronghold -l 48 -w 2 -n "$n" -- --train-iters 8 --log-interval 1 \

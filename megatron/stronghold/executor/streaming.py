@@ -12,7 +12,8 @@ Schedule (layer i always uses slot i % W, so loads never need a free-slot search
   a layer steps as soon as its gradients arrive while the running norm stays under the clip
   threshold; if clipping fires after all, or an overflow skips the iteration, those steps are
   undone exactly and redone from the kept gradients (HostLayer.undo_step). Once the running norm
-  passes the threshold the remaining layers step right after backward, in forward order.
+  passes the threshold the remaining layers step right after backward, in forward order, and the
+  next iteration does not guess at all (clipping tends to fire on runs of iterations).
 - the next iteration's load of a layer waits for that layer's CPU work (a host wait on a future,
   the one true dependency); everything on the GPU is ordered by events only.
 
@@ -334,7 +335,9 @@ class StreamingExecutor:
             if stepped and (skip or clip_coeff != 1.0) or not stepped and not skip:
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
                     self._finish_layer, i, stepped, clip_coeff, skip, hyper)
-        self.seen_sumsq, self.guessing = 0.0, True
+        # Guess next iteration only if this one needed no clipping: norms change slowly, and a wrong
+        # guess costs an undo and a redo (three times a step) where deferring costs nothing extra.
+        self.seen_sumsq, self.guessing = 0.0, clip_coeff == 1.0
         if not self.overlap:
             self._wait_all()
         # The new weights must be reloaded before the next forward pass.
