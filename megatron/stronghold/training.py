@@ -195,6 +195,7 @@ def build_method(args, model, device, dtype) -> Method:
             executor = build_l2l_executor(layers, dtype, device, args, log=log)
         elif layers:
             executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log)
+            executor.watch(list(model.decoder.layers)[:args.resident_layers])
         model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
         streamed = {id(p) for layer in layers for p in layer.parameters()}
         named = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]

@@ -94,6 +94,7 @@ class StreamingExecutor:
         self.grad_pending = [None] * self.num_layers  # future: CPU work reading layer i's grad buffer
         self.weight_pending = [None] * self.num_layers  # future: CPU step writing layer i's weights
         self.grads_seen = [0] * self.num_layers
+        self.pending_start = []  # of the first W layers, those whose load start_forward left for later
         self.microbatch = 0
         self.inv_scale = 1.0
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
@@ -192,9 +193,29 @@ class StreamingExecutor:
     # ----- hooks -----
 
     def start_forward(self) -> None:
-        """Called before each forward pass: queue the loads of the first W layers."""
-        for i in range(self.window if self.overlap else 0):
-            self.load(i)
+        """Called before each forward pass: queue the loads of the first W layers whose CPU step is done.
+
+        A load waits on the host for its layer's step, and after a clipped iteration the steps are
+        still running when the next forward starts: waiting here would hold up the resident layers'
+        forward (and the embedding) behind W CPU steps. Loads not ready now are queued by
+        prefetch_ready (resident layers' forward hooks, see watch) or, at the latest, by the first
+        streamed layer's forward.
+        """
+        self.pending_start = list(range(self.window if self.overlap else 0))
+        self.prefetch_ready()
+
+    def watch(self, modules) -> None:
+        """Modules that run before the streamed layers (the resident layers): each one's forward
+        queues the first loads whose steps have finished meanwhile."""
+        for module in modules:
+            module.register_forward_pre_hook(lambda m, a: self.prefetch_ready())
+
+    def prefetch_ready(self) -> None:
+        while self.pending_start and self._step_done(self.pending_start[0]):
+            self.load(self.pending_start.pop(0))
+
+    def _step_done(self, i: int) -> bool:
+        return self.weight_pending[i] is None or self.weight_pending[i].done()
 
     def _before_forward(self, i: int) -> None:
         self.wait_loaded(i)
@@ -204,6 +225,8 @@ class StreamingExecutor:
         if torch.is_grad_enabled():
             hidden = _WaitForLoad.apply(hidden, self, i)
         self.slot_free[i % self.window] = self._record()
+        while self.pending_start:  # the first W loads, in order, before i + W's (steps finish in order)
+            self.load(self.pending_start.pop(0))
         if self.overlap and i + self.window < self.num_layers:
             self.load(i + self.window)
         return hidden, context
