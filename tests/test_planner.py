@@ -8,7 +8,7 @@ import time
 import pytest
 
 from megatron.stronghold import arguments
-from megatron.stronghold.planner import GiB, DoesNotFit, ModelCosts, layers_that_fit, make_plan
+from megatron.stronghold.planner import GiB, DoesNotFit, ModelCosts, layers_that_fit, make_plan, megatron_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +54,22 @@ def test_capacity_is_gpu_plus_host():
     per_layer_host = c.layer_params * c.host_bytes_per_param
     assert small_host * c.layer_params * c.resident_bytes_per_param > 60 * GiB  # the GPU is used
     assert large_host - small_host >= 100 * GiB // per_layer_host - 1
+
+
+def test_capacity_per_method_is_the_edge_of_its_preflight_check():
+    """The largest-model search starts at these: megatron-lm is bound by the GPU, l2l by the host."""
+    c = costs(1, "--recompute-granularity", "full")
+    gpu, host = 80 * GiB, 120 * GiB
+    at = lambda layers: ModelCosts(**{**c.__dict__, "layers": layers})  # noqa: E731
+    megatron = layers_that_fit(c, gpu, host, "megatron-lm")
+    megatron_check(at(megatron), gpu, host)
+    with pytest.raises(DoesNotFit):
+        megatron_check(at(megatron + 1), gpu, host)
+    l2l = layers_that_fit(c, gpu, host, "l2l")
+    make_plan(at(l2l), gpu, host, resident=0, window=1)
+    with pytest.raises(DoesNotFit):
+        make_plan(at(l2l + 1), gpu, host, resident=0, window=1)
+    assert megatron < l2l < layers_that_fit(c, gpu, host)
 
 
 def test_a_model_that_cannot_fit_is_refused_with_the_numbers():

@@ -6,7 +6,6 @@
 #   tests     GPU tests (tests/gpu) and the fused-AdamW extension tests on this card
 #   bench32   tools/bench_stronghold.py at 32 layers, windows 1 2 4 8 and the planner's choice
 #   bench64   the same at 64 layers
-#   threads   32 layers, W=2 and W=4, CPU optimizer on 15 threads instead of all 16
 #   diag      32 layers all streamed, W=2 and W=4, with and without gradient clipping: the summary's
 #             CPU timers and step counts
 #   trace     tools/trace_stronghold.py: a profiler trace of steady-state iterations, 32 layers all streamed
@@ -33,9 +32,6 @@ for s in "$@"; do
         bench32 | bench64)
             "$PY" tools/bench_stronghold.py --layers "${s#bench}" --windows ${BENCH_WINDOWS:-1 2 4 8 auto} --iters 8 \
                 --out "$OUT/$s" 2>&1 | grep -v "^{" | tee "$OUT/$s.txt" ;;
-        threads)
-            "$PY" tools/bench_stronghold.py --layers 32 --windows 2 4 --iters 8 --skip-megatron \
-                --out "$OUT/threads15" -- --cpu-optimizer-threads 15 2>&1 | grep -v "^{" | tee "$OUT/threads15.txt" ;;
         diag)
             for w in 2 4; do
                 for clip in 1.0 0.0; do

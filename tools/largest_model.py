@@ -54,12 +54,10 @@ def trial(a, layers, log_dir):
 
 def planned_capacity(a) -> int:
     """Most layers the planner (or megatron-lm's pre-flight check) admits for the method on this machine."""
-    import dataclasses
-
     import torch
 
     from megatron.stronghold import arguments
-    from megatron.stronghold.planner import DoesNotFit, ModelCosts, available_memory, make_plan, megatron_check
+    from megatron.stronghold.planner import ModelCosts, available_memory, layers_that_fit
 
     if a.method not in ("megatron-lm", "l2l", "stronghold"):
         raise SystemExit(f"--start planner: there is no plan for {a.method}; give a number of layers")
@@ -68,27 +66,7 @@ def planned_capacity(a) -> int:
                                  *a.extra])
     costs = ModelCosts.of(args, 50304)  # GPT-2's padded vocabulary, as the mock data uses
     gpu, host = available_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-    def fits(layers):
-        trial_costs = dataclasses.replace(costs, layers=layers)
-        try:
-            if a.method == "megatron-lm":
-                megatron_check(trial_costs, gpu, host)
-            elif a.method == "l2l":  # everything streamed through one slot
-                make_plan(trial_costs, gpu, host, resident=0, window=1)
-            else:
-                make_plan(trial_costs, gpu, host)
-            return True
-        except DoesNotFit:
-            return False
-
-    lo, hi = 0, 1
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return max(1, lo)
+    return max(1, layers_that_fit(costs, gpu, host, a.method))
 
 
 def main():

@@ -181,21 +181,27 @@ def available_memory(device) -> tuple:
     return None, host
 
 
-def layers_that_fit(costs: ModelCosts, gpu_free: int, host_free: int) -> int:
-    """Most layers any plan can hold (for the largest-model search)."""
+def layers_that_fit(costs: ModelCosts, gpu_free: int, host_free: int, method: str = "stronghold") -> int:
+    """Most layers the method's pre-flight check admits (for the largest-model search): stronghold
+    with any plan, l2l with every layer streamed through one slot, megatron-lm all on the GPU."""
     lo, hi = 0, 1
-    while _fits(costs, hi, gpu_free, host_free):
+    while _fits(costs, hi, gpu_free, host_free, method):
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(costs, mid, gpu_free, host_free) else (lo, mid)
+        lo, hi = (mid, hi) if _fits(costs, mid, gpu_free, host_free, method) else (lo, mid)
     return lo
 
 
-def _fits(costs, layers, gpu_free, host_free) -> bool:
+def _fits(costs, layers, gpu_free, host_free, method) -> bool:
     trial = ModelCosts(**{**costs.__dict__, "layers": layers})
     try:
-        make_plan(trial, gpu_free, host_free)
+        if method == "megatron-lm":
+            megatron_check(trial, gpu_free, host_free)
+        elif method == "l2l":
+            make_plan(trial, gpu_free, host_free, resident=0, window=1)
+        else:
+            make_plan(trial, gpu_free, host_free)
         return True
     except DoesNotFit:
         return False
