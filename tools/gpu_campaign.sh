@@ -5,7 +5,7 @@
 #
 #   tests     GPU tests (tests/gpu) and the fused-AdamW extension tests on this card
 #   bench32   tools/bench_stronghold.py at 32 layers, windows 1 2 4 8 and the planner's choice
-#   bench64   the same at 64 layers
+#   bench64   the same at 64 layers; bench64-noclip (any bench stage): stronghold alone with --clip-grad 0.0
 #   diag      32 layers all streamed, W=2 and W=4, with and without gradient clipping: the summary's
 #             CPU timers and step counts
 #   trace     tools/trace_stronghold.py: a profiler trace of steady-state iterations, 32 layers all streamed
@@ -29,9 +29,12 @@ for s in "$@"; do
     case "$s" in
         tests)
             "$PY" -m pytest -q -x tests/gpu tests/test_fused_adamw.py 2>&1 | tail -20 | tee "$OUT/tests_gpu.txt" ;;
-        bench32 | bench64)
-            "$PY" tools/bench_stronghold.py --layers "${s#bench}" --windows ${BENCH_WINDOWS:-1 2 4 8 auto} --iters 8 \
-                --out "$OUT/$s" 2>&1 | grep -v "^{" | tee "$OUT/$s.txt" ;;
+        bench*)  # bench32, bench64, bench64-noclip (stronghold only)
+            layers="${s#bench}"; layers="${layers%-noclip}"; windows="${BENCH_WINDOWS:-1 2 4 8 auto}"; extra=()
+            [[ "$s" == *-noclip ]] && windows="${windows//auto/}" && extra=(--skip-megatron -- --clip-grad 0.0)
+            "$PY" tools/bench_stronghold.py --layers "$layers" --windows $windows \
+                --iters "${BENCH_ITERS:-10}" ${BENCH_SKIP_MEGATRON:+--skip-megatron} --out "$OUT/$s" ${extra[@]+"${extra[@]}"} 2>&1 |
+                grep -v "^{" | tee "$OUT/$s.txt" ;;
         diag)
             for w in 2 4; do
                 for clip in 1.0 0.0; do
@@ -51,9 +54,9 @@ for s in "$@"; do
                     tee -a "$OUT/largest.txt"
             done
             grep -h -E "start-up|plan \|" "$OUT"/largest/log_* | tee -a "$OUT/largest.txt" ;;
-        case3)  # every method at megatron-lm's largest size (CASE_LAYERS)
-            RESULTS_DIR="$OUT" bash examples/case3.sh -l "${CASE_LAYERS:-64}" -i 6 \
-                -m "${CASE_METHODS:-megatron-lm l2l stronghold zero-offload}" ;;
+        case3)  # every method at megatron-lm's largest size (CASE_LAYERS; CASE_EXTRA: training flags)
+            RESULTS_DIR="$OUT" bash examples/case3.sh -l "${CASE_LAYERS:-64}" -i "${CASE_ITERS:-6}" \
+                -m "${CASE_METHODS:-megatron-lm l2l stronghold zero-offload}" -- --log-interval 1 ${CASE_EXTRA:-} ;;
         cases)
             RESULTS_DIR="$OUT" bash examples/case4.sh -p "16 32 64 96 128" -i 6 -w 2
             RESULTS_DIR="$OUT" bash examples/case5.sh -l "${CASE_LAYERS:-64}" -p "1 2 4 8" -i 6 ;;
