@@ -9,6 +9,7 @@ import torch
 
 from megatron.stronghold import arguments, model as model_lib, training
 from megatron.stronghold.executor import StreamingExecutor
+from megatron.stronghold.executor.cpu_worker import CpuWorker
 
 
 @pytest.fixture
@@ -51,3 +52,61 @@ def test_no_guessing_in_the_iteration_after_clipping(executor):
 
     assert finish(0.5) is False
     assert finish(1.0) is True
+
+
+def _run_in_order(worker, arrivals, ready=None):
+    """Hold the worker busy while `arrivals` (layer numbers) are queued; return the order they ran in."""
+    gate, ran = threading.Event(), []
+    worker.submit(99, gate.wait)
+    futures = [worker.submit(layer, ran.append, layer, ready=(ready or {}).get(layer)) for layer in arrivals]
+    gate.set()
+    for f in futures:
+        f.result(timeout=5)
+    return ran
+
+
+def test_cpu_worker_steps_the_lowest_pending_layer_first():
+    # Backward hands layers over last-to-first; the next forward needs layer 0 first.
+    worker = CpuWorker(1)
+    try:
+        assert _run_in_order(worker, [3, 2, 1, 0]) == [0, 1, 2, 3]
+        # Work whose gradient copy has not landed is passed over for work that can start now.
+        assert _run_in_order(worker, [3, 2, 1], ready={1: lambda: False}) == [2, 3, 1]
+    finally:
+        worker.shutdown()
+
+
+def test_cpu_worker_keeps_arrival_order_for_collectives():
+    # With data parallelism each step holds an all-reduce: every rank must run them in one order.
+    worker = CpuWorker(1, lowest_layer_first=False)
+    try:
+        assert _run_in_order(worker, [3, 2, 1, 0]) == [3, 2, 1, 0]
+    finally:
+        worker.shutdown()
+
+
+def test_cpu_worker_hands_errors_to_the_waiter():
+    worker = CpuWorker(1)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            worker.submit(0, lambda: 1 / 0).result(timeout=5)
+        assert worker.submit(1, lambda: "still running").result(timeout=5) == "still running"
+    finally:
+        worker.shutdown()
+
+
+def test_single_process_executor_uses_lowest_layer_first(executor):
+    assert executor.worker.lowest_layer_first
+
+
+def test_cpu_optimizer_threads_under_torchrun(monkeypatch):
+    # torchrun sets OMP_NUM_THREADS=1 in each rank; the CPU optimizer takes its share of the cores instead.
+    import os
+
+    from megatron.stronghold.executor.cpu_worker import default_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_threads() == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+    assert default_threads() == 1

@@ -48,18 +48,27 @@ def measure_pcie(nbytes=512 * 2 ** 20, reps=10):
     return rates
 
 
-def measure_cpu_update(numel, reps=5):
+def _rate(numel, fn, warmup=3, reps=20):
+    """params/s of fn over numel parameters: the median of reps timed calls after warmup ones (one
+    call is ~10 ms, so a single timing is at the mercy of the scheduler)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return numel / statistics.median(times)
+
+
+def measure_cpu_update(numel):
     """params/s of torch fused AdamW alone vs our host-store update (bf16 grad in, bf16 weights out)."""
     from megatron.stronghold.executor.host_store import HostLayer, LayerLayout
 
     p = torch.zeros(numel)
     p.grad = torch.randn(numel) * 1e-3
     opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
-    opt.step()
-    t = time.perf_counter()
-    for _ in range(reps):
-        opt.step()
-    adam_rate = numel * reps / (time.perf_counter() - t)
+    adam_rate = _rate(numel, opt.step)
 
     layer = torch.nn.Linear(numel // 1024, 1024, bias=False)
     args = arguments.parse_args([])
@@ -68,15 +77,7 @@ def measure_cpu_update(numel, reps=5):
     host.grad.copy_(torch.randn(host.layout.numel) * 1e-3)
     scratch = torch.empty(host.layout.numel)
     hyper = {1.0: (1e-4, 0.01), 0.0: (1e-4, 0.0)}
-
-    def update():  # the executor takes the norm on the GPU
-        host.step(hyper, 1.0, scratch)
-
-    update()
-    t = time.perf_counter()
-    for _ in range(reps):
-        update()
-    ours = host.layout.numel * reps / (time.perf_counter() - t)
+    ours = _rate(host.layout.numel, lambda: host.step(hyper, 1.0, scratch))  # the norm is taken on the GPU
     return adam_rate, ours
 
 
@@ -199,6 +200,7 @@ def main():
                    "floor_ms": round(terms[bound] * 1e3, 1), "floor_term": bound,
                    "compute_ms": round(terms["compute"] * 1e3, 1), "pcie_ms": round(terms["pcie"] * 1e3, 1),
                    "cpu_adam_ms": round(terms["cpu-adam"] * 1e3, 1),
+                   "cpu_work_ms": info.get("cpu work (ms/iter)", "-") if t else "-",  # the run's own CPU steps
                    "x_floor": round(t / terms[bound], 3) if t else "-",
                    "speed_vs_megatron": round(mega_t / t, 3) if (t and mega_t) else "-",
                    "peak_gpu_gib": info.get("peak GPU memory (GiB)") if t else "-",

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stronghold: transformer layers kept on the GPU with a GPU optimizer (default: as many "
                    "as fit in free GPU memory, as planned at start; 0 on a machine without CUDA).")
     g.add_argument("--cpu-optimizer-threads", type=int, default=None,
-                   help="stronghold: intra-op threads of the CPU optimizer (default: all cores).")
+                   help="stronghold: intra-op threads of the CPU optimizer (default: all cores, divided among "
+                   "the ranks on a node under torchrun).")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, metavar="DIR",

@@ -7,7 +7,7 @@ Schedule (layer i always uses slot i % W, so loads never need a free-slot search
   wait for "i loaded" before the layer's backward kernels. When the last parameter gradient of the
   layer has been accumulated, its gradients go to the pinned host buffer on the D2H stream, the
   slot is released, i - W is loaded into it, and the layer's CPU work (accumulate, or step) is
-  queued on the optimizer worker.
+  queued on the optimizer worker, which takes the lowest pending layer first (cpu_worker.py).
 - the CPU step is speculative: the global gradient norm is known only once every layer is done, so
   a layer steps as soon as its gradients arrive while the running norm stays under the clip
   threshold; if clipping fires after all, or an overflow skips the iteration, those steps are
@@ -20,7 +20,6 @@ Schedule (layer i always uses slot i % W, so loads never need a free-slot search
 Without CUDA the same code runs with host-to-host copies and no streams, which is how CI tests it.
 """
 
-import concurrent.futures
 import contextlib
 import math
 import time
@@ -32,6 +31,7 @@ from stronghold_ext import fused_adamw
 from megatron.core import parallel_state
 
 from ..optim import counts_in_norm
+from .cpu_worker import CpuWorker, default_threads
 from .host_store import HostLayer, LayerLayout, _numel
 
 
@@ -99,9 +99,8 @@ class StreamingExecutor:
         self.inv_scale = 1.0
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
-        threads = args.cpu_optimizer_threads or torch.get_num_threads()
-        self.worker = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="stronghold-cpu-adam", initializer=torch.set_num_threads, initargs=(threads,))
+        threads = args.cpu_optimizer_threads or default_threads()
+        self.worker = CpuWorker(threads, lowest_layer_first=self.dp_group is None)
         # Seconds, for the log: CPU work (its own thread) and the main thread's waits for it.
         self.timers = {"cpu work": 0.0, "waits for cpu": 0.0, "copy waits": 0.0}
         # Layer steps: guessed during backward and kept, guessed and redone, deferred to finish_step.
@@ -277,8 +276,9 @@ class StreamingExecutor:
                 host_grad.copy_(g)
         for p, _, _ in self.grad_targets[i]:
             p.grad = None
-        future = self.worker.submit(self._cpu_work, i, copied, first, last, self.inv_scale,
-                                    gpu_norm, self._hyperparameters() if last else None)
+        future = self.worker.submit(i, self._cpu_work, i, copied, first, last, self.inv_scale,
+                                    gpu_norm, self._hyperparameters() if last else None,
+                                    ready=copied.query if copied is not None else None)
         self.grad_pending[i] = future
         if last:
             self.weight_pending[i] = future
@@ -357,7 +357,7 @@ class StreamingExecutor:
             self.counts[kind] += 1
             if stepped and (skip or clip_coeff != 1.0) or not stepped and not skip:
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
-                    self._finish_layer, i, stepped, clip_coeff, skip, hyper)
+                    i, self._finish_layer, i, stepped, clip_coeff, skip, hyper)
         # Guess next iteration only if this one needed no clipping: norms change slowly, and a wrong
         # guess costs an undo and a redo (three times a step) where deferring costs nothing extra.
         self.seen_sumsq, self.guessing = 0.0, clip_coeff == 1.0
@@ -401,4 +401,4 @@ class StreamingExecutor:
 
     def shutdown(self) -> None:
         self._wait_all()
-        self.worker.shutdown(wait=True)
+        self.worker.shutdown()

@@ -1,0 +1,85 @@
+"""The CPU optimizer's worker thread: runs one layer's CPU work at a time, lowest layer first.
+
+Backward hands layers over last-to-first, and the next forward pass needs them first-to-last.
+The CPU step of a layer is slower than its backward, so work piles up during backward; taken in
+arrival order, layer 0 (needed first by the next forward) would step last and the whole forward
+would wait for every step. Taking the lowest pending layer first lets the forward pass start as
+soon as layer 0 has stepped and run alongside the remaining steps.
+
+Work whose input is not there yet (its gradient copy still on the way) is passed over for work
+that can start now. With data parallelism the work holds collectives, which every rank must call
+in the same order: there the worker keeps arrival order.
+"""
+
+import concurrent.futures
+import os
+import threading
+
+import torch
+
+
+def default_threads() -> int:
+    """The cores of this process, shared among the ranks on this node. torchrun sets OMP_NUM_THREADS=1
+    in every rank, which would leave the CPU optimizer a single core."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if local_ranks < 1:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores // local_ranks)
+
+
+class CpuWorker:
+    def __init__(self, threads: int, lowest_layer_first: bool = True):
+        self.lowest_layer_first = lowest_layer_first
+        self._pending = []  # (layer, arrival number, ready(), fn, args, future)
+        self._arrivals = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, args=(threads,), name="stronghold-cpu-adam",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, layer: int, fn, *args, ready=None) -> concurrent.futures.Future:
+        """Queue fn(*args) for layer; ready() (optional, non-blocking) says whether it can start now."""
+        future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the CPU worker is shut down")
+            self._pending.append((layer, self._arrivals, ready, fn, args, future))
+            self._arrivals += 1
+            self._cond.notify()
+        return future
+
+    def _next(self):
+        if not self.lowest_layer_first:
+            return min(self._pending, key=lambda w: w[1])
+        ready = [w for w in self._pending if w[2] is None or w[2]()]
+        if ready:
+            return min(ready, key=lambda w: (w[0], w[1]))
+        # Nothing can start yet: the copies finish in the order they were queued.
+        return min(self._pending, key=lambda w: w[1])
+
+    def _run(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                work = self._next()
+                self._pending.remove(work)
+            _, _, _, fn, args, future = work
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Finish the queued work, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
