@@ -110,3 +110,41 @@ def test_cpu_optimizer_threads_under_torchrun(monkeypatch):
     assert default_threads() == cores
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
     assert default_threads() == 1
+
+
+def test_global_norm_does_not_wait_for_cpu_steps():
+    # One micro-batch: each layer's norm is taken as its gradient leaves the compute device, so the
+    # main thread has the global norm (and starts the next forward) while the CPU steps still run.
+    from megatron.stronghold.data import build_data_iterators, build_tokenizer
+
+    args = arguments.parse_args(["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4",
+                                 "--seq-length", "16", "--micro-batch-size", "2", "--mock-data"])
+    training.init_distributed(torch.device("cpu"))
+    model = model_lib.build_model(args, 128)
+    streamed = list(model.decoder.layers)
+    ex = StreamingExecutor(streamed, 2, torch.float32, torch.device("cpu"), args, log=lambda *_: None)
+    for group in ex.param_groups:
+        group.update(lr=1e-3, weight_decay=0.0)
+    gate = threading.Event()
+    try:
+        ex.worker.submit(-1, gate.wait)  # the CPU optimizer is busy
+        ex.begin_microbatch(0, 1.0)
+        ex.start_forward()
+        batch = next(build_data_iterators(args, build_tokenizer(args))[0])
+        model_lib.lm_loss(model, batch).backward()
+        result = []
+        reader = threading.Thread(target=lambda: result.append(ex.gradient_stats()))
+        reader.start()
+        reader.join(timeout=10)
+        steps_pending = [f.done() for f in ex.grad_pending]
+    finally:
+        gate.set()
+        reader.join()
+    assert result, "the global norm waited for the CPU steps"
+    assert steps_pending == [False] * 3
+    expected = sum(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in (h.grad,)]))) ** 2
+                   for h in ex.host)
+    assert result[0][0] == pytest.approx(expected, rel=1e-5) and result[0][1]
+    ex.finish_step(1.0, skip=False)
+    ex.shutdown()
+    assert ex.counts["deferred"] == 3  # stepped by their own CPU work with the published coefficient

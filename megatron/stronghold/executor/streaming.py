@@ -22,6 +22,7 @@ Without CUDA the same code runs with host-to-host copies and no streams, which i
 
 import contextlib
 import math
+import threading
 import time
 
 import torch
@@ -108,10 +109,21 @@ class StreamingExecutor:
         self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
         self.clip_grad = args.clip_grad
         self.seen_sumsq, self.guessing = 0.0, True  # see _update
-        if self.cuda:
-            self.sumsq_device = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
-            self.sumsq_host = torch.zeros(self.num_layers, dtype=torch.float32, pin_memory=True)
-        self.stats = {}  # layer -> (sum of squares, finite, stepped) of this iteration's gradient
+        # With one micro-batch and one data-parallel rank, each layer's gradient norm is taken on the
+        # compute device as the gradient leaves it: the global norm is then known as soon as backward
+        # ends, without waiting for the CPU work (see gradient_stats).
+        self.device_norm = self.num_microbatches == 1 and self.data_parallel == 1
+        self.sumsq_device = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
+        self.sumsq_host = torch.zeros(self.num_layers, dtype=torch.float32, pin_memory=self.cuda)
+        self.stats = {}  # layer -> (sum of squares, finite) of this iteration's gradient, from the CPU work
+        # How each layer's step of this iteration was decided, guarded by decision_lock: "guess" (stepped
+        # before the norm was known), "wait" (left to finish_step); a layer whose CPU work has not
+        # decided when finish_step publishes the iteration's coefficient (final) steps with it directly.
+        self.decision_lock = threading.Lock()
+        self.decided = {}
+        self.iteration = 0
+        self.norm_taken = [-1] * self.num_layers  # iteration whose gradient norm sumsq_host[i] holds
+        self.final = None  # (iteration, clip coefficient, skip) once finish_step knows them
 
     # ----- setup -----
 
@@ -245,12 +257,12 @@ class StreamingExecutor:
         last = self.microbatch == self.num_microbatches - 1
         first = self.microbatch == 0
         grads = [p.grad for p, _, _ in self.grad_targets[i]]
-        gpu_norm = self.cuda and self.num_microbatches == 1 and self.data_parallel == 1
-        if gpu_norm:
+        if self.device_norm:
             # The norm costs microseconds on the GPU and tens of milliseconds on the CPU.
             norms = torch._foreach_norm([g for g, (_, _, counted) in zip(grads, self.grad_targets[i]) if counted],
                                         2, dtype=torch.float32)
             self.sumsq_device[i] = torch.stack(norms).square().sum()
+            self.norm_taken[i] = self.iteration
         done = self._record()
         self.slot_free[i % self.window] = done
         copied = None
@@ -260,7 +272,7 @@ class StreamingExecutor:
                 for (_, host_grad, _), g in zip(self.grad_targets[i], grads):
                     host_grad.copy_(g, non_blocking=True)
                     g.record_stream(self.d2h)
-                if gpu_norm:
+                if self.device_norm:
                     self.sumsq_host[i].copy_(self.sumsq_device[i], non_blocking=True)
                 copied = self.d2h.record_event()
             self.offloaded[i] = copied
@@ -274,10 +286,11 @@ class StreamingExecutor:
         else:
             for (_, host_grad, _), g in zip(self.grad_targets[i], grads):
                 host_grad.copy_(g)
+            self.sumsq_host[i] = self.sumsq_device[i]
         for p, _, _ in self.grad_targets[i]:
             p.grad = None
         future = self.worker.submit(i, self._cpu_work, i, copied, first, last, self.inv_scale,
-                                    gpu_norm, self._hyperparameters() if last else None,
+                                    self._hyperparameters() if last else None, self.iteration,
                                     ready=copied.query if copied is not None else None)
         self.grad_pending[i] = future
         if last:
@@ -291,15 +304,16 @@ class StreamingExecutor:
         finally:
             self.timers[name] += time.perf_counter() - start
 
-    def _cpu_work(self, i, copied, first, last, inv_scale, gpu_norm, hyper):
+    def _cpu_work(self, i, copied, first, last, inv_scale, hyper, iteration):
         if copied is not None:
             with self._timed("copy waits"):
                 copied.synchronize()
         with self._timed("cpu work"):
-            self._update(i, first, last, inv_scale, gpu_norm, hyper)
+            self._update(i, first, last, inv_scale, hyper, iteration)
 
-    def _update(self, i, first, last, inv_scale, gpu_norm, hyper):
-        """Accumulate; on the last micro-batch measure the grad and step if it is safe to guess.
+    def _update(self, i, first, last, inv_scale, hyper, iteration):
+        """Accumulate; on the last micro-batch measure the grad and step if the coefficient is known
+        or it is safe to guess.
 
         A step taken before the global norm is known is a guess that clipping will not fire. The
         running sum over the layers seen so far is a lower bound of the global norm: once it
@@ -314,7 +328,7 @@ class StreamingExecutor:
         if self.dp_group is not None:
             torch.distributed.all_reduce(host.grad_accum, group=self.dp_group)
             host.grad_accum.div_(self.data_parallel)
-        if gpu_norm:
+        if self.device_norm:
             sumsq = float(self.sumsq_host[i]) * inv_scale * inv_scale  # the scale is a power of two
         else:
             grad = host.final_grad(self.scratch, inv_scale)
@@ -323,14 +337,22 @@ class StreamingExecutor:
             else:
                 sumsq = sum(float(torch.linalg.vector_norm(grad[a:b])) ** 2 for a, b in self.counted_spans)
         finite = math.isfinite(sumsq)
-        self.seen_sumsq += sumsq
-        if not finite or (self.clip_grad > 0 and math.sqrt(self.seen_sumsq) + 1.0e-6 > self.clip_grad):
-            self.guessing = False
-        stepped = False
-        if self.guessing and self.overlap:
+        if not self.device_norm:
+            self.stats[i] = (sumsq, finite)
+        with self.decision_lock:
+            final = self.final if self.final is not None and self.final[0] == iteration else None
+            if final is None:
+                self.seen_sumsq += sumsq
+                if not finite or (self.clip_grad > 0 and math.sqrt(self.seen_sumsq) + 1.0e-6 > self.clip_grad):
+                    self.guessing = False
+                guess = self.guessing and self.overlap
+                self.decided[i] = "guess" if guess else "wait"
+        if final is not None:
+            _, clip_coeff, skip = final
+            if not skip:
+                host.step(hyper, inv_scale * clip_coeff, self.scratch)
+        elif guess:
             host.step(hyper, inv_scale, self.scratch)
-            stepped = True
-        self.stats[i] = (sumsq, finite, stepped)
 
     # ----- the step -----
 
@@ -338,42 +360,58 @@ class StreamingExecutor:
         self.microbatch, self.inv_scale = index, inv_scale
 
     def gradient_stats(self):
-        """Wait for every layer's CPU work; return (sum of squares, all finite) over streamed layers."""
-        self._wait_all()
-        missing = [i for i in range(self.num_layers) if i not in self.stats]
+        """(sum of squares, all finite) over the streamed layers' gradients of this iteration.
+
+        With norms taken on the compute device this waits only for their copies: the CPU steps go on
+        while the main thread takes the global norm and starts the next forward pass. Otherwise the
+        norms come from the CPU work (after accumulation and the data-parallel average)."""
+        if self.device_norm:
+            missing = [i for i in range(self.num_layers) if self.norm_taken[i] != self.iteration]
+            if self.cuda and not missing:
+                for event in self.offloaded:
+                    event.synchronize()
+            sumsq = [float(self.sumsq_host[i]) * self.inv_scale * self.inv_scale for i in range(self.num_layers)]
+        else:
+            self._wait_all()
+            missing = [i for i in range(self.num_layers) if i not in self.stats]
+            sumsq = [s for s, _ in self.stats.values()]
         if missing:
             raise RuntimeError(f"no gradients reached the host for layers {missing}")
-        sumsq = sum(s for s, _, _ in self.stats.values())
-        finite = all(f for _, f, _ in self.stats.values())
-        return sumsq, finite
+        total = sum(sumsq)
+        return total, math.isfinite(total)
 
     def finish_step(self, clip_coeff: float, skip: bool) -> None:
-        """Make the step final: redo guessed steps that were wrong, take the deferred ones."""
-        stats, self.stats = self.stats, {}
-        hyper = self._hyperparameters()
+        """Make the step final: redo guessed steps that were wrong, take the deferred ones. Layers
+        whose CPU work has not decided yet step with the published coefficient when it runs."""
+        hyper, inv_scale = self._hyperparameters(), self.inv_scale
+        with self.decision_lock:
+            self.final = (self.iteration, clip_coeff, skip)
+            decided, self.decided = self.decided, {}
+            # Guess next iteration only if this one needed no clipping: norms change slowly, and a wrong
+            # guess costs an undo and a redo (three times a step) where deferring costs nothing extra.
+            self.seen_sumsq, self.guessing = 0.0, clip_coeff == 1.0
+        self.stats = {}
         for i in range(self.num_layers):  # forward order: layer 0 is needed first
-            stepped = stats[i][2]
-            kind = ("redone" if skip or clip_coeff != 1.0 else "kept") if stepped else "deferred"
-            self.counts[kind] += 1
-            if stepped and (skip or clip_coeff != 1.0) or not stepped and not skip:
+            guessed = decided.get(i) == "guess"
+            self.counts[("redone" if skip or clip_coeff != 1.0 else "kept") if guessed else "deferred"] += 1
+            if guessed and (skip or clip_coeff != 1.0) or decided.get(i) == "wait" and not skip:
+                # The one worker thread runs it after the layer's own CPU work, which has started.
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
-                    i, self._finish_layer, i, stepped, clip_coeff, skip, hyper)
-        # Guess next iteration only if this one needed no clipping: norms change slowly, and a wrong
-        # guess costs an undo and a redo (three times a step) where deferring costs nothing extra.
-        self.seen_sumsq, self.guessing = 0.0, clip_coeff == 1.0
+                    i, self._finish_layer, i, guessed, clip_coeff, skip, hyper, inv_scale)
+        self.iteration += 1
         if not self.overlap:
             self._wait_all()
         # The new weights must be reloaded before the next forward pass.
         self.slot_owner = [-1] * self.window
 
-    def _finish_layer(self, i, stepped, clip_coeff, skip, hyper):
+    def _finish_layer(self, i, guessed, clip_coeff, skip, hyper, inv_scale):
         with self._timed("cpu work"):
             host = self.host[i]
-            if stepped:
-                host.undo_step(host.final_grad(self.scratch, self.inv_scale), hyper)
+            if guessed:
+                host.undo_step(host.final_grad(self.scratch, inv_scale), hyper)
             if not skip:
                 # inv_scale is a power of two: (g * inv_scale) * clip == g * (inv_scale * clip)
-                host.step(hyper, self.inv_scale * clip_coeff, self.scratch)
+                host.step(hyper, inv_scale * clip_coeff, self.scratch)
 
     # ----- checkpoints -----
 
