@@ -100,14 +100,16 @@ def test_single_process_executor_uses_lowest_layer_first(executor):
 
 
 def test_cpu_optimizer_threads_under_torchrun(monkeypatch):
-    # torchrun sets OMP_NUM_THREADS=1 in each rank; the CPU optimizer takes its share of the cores instead.
+    # torchrun sets OMP_NUM_THREADS=1 in each rank; the CPU optimizer takes its share of the cores
+    # instead, leaving one to the main thread.
     import os
 
     from megatron.stronghold.executor.cpu_worker import default_threads
 
     cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert default_threads() == cores
+    assert default_threads() == max(1, cores - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
     assert default_threads() == 1
 

@@ -19,13 +19,12 @@ import torch
 
 
 def default_threads() -> int:
-    """The cores of this process, shared among the ranks on this node. torchrun sets OMP_NUM_THREADS=1
-    in every rank, which would leave the CPU optimizer a single core."""
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
-    if local_ranks < 1:
-        return torch.get_num_threads()
+    """This rank's share of the node's cores, less one for the main thread, which launches the GPU
+    work while the steps run (64 streamed layers on an H100 host: 15 threads 5% faster than 16).
+    torchrun's OMP_NUM_THREADS=1 in every rank would leave the CPU optimizer a single core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores // local_ranks)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cores // local_ranks - 1)
 
 
 class CpuWorker:
