@@ -35,8 +35,9 @@ fi
 
 mkdir -p "$CASE_DIR"
 for method in $METHODS; do
+    # Start at the capacity the method's pre-flight check admits: two or three trials per method.
     cmd=("$PY" "$TOOL" --method "$method" --hidden "$HIDDEN" --heads "$HEADS" --seq "$SEQ"
-         --batch "$BATCH" --out "$CASE_DIR/" ${EXTRA[@]+"${EXTRA[@]}"})
+         --batch "$BATCH" --start planner --out "$CASE_DIR/" ${EXTRA[@]+"${EXTRA[@]}"})
     note "running: ${cmd[*]}"
     (( DRY_RUN )) && continue
     status=0

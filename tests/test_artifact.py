@@ -156,7 +156,7 @@ def test_case5_stronghold_over_windows(tmp_path):
 FAKE_TOOL = r'''
 import argparse, csv, json, os, sys
 p = argparse.ArgumentParser()
-for flag in ("--method", "--hidden", "--heads", "--seq", "--batch", "--out", "--extra"):
+for flag in ("--method", "--hidden", "--heads", "--seq", "--batch", "--start", "--out", "--extra"):
     p.add_argument(flag)
 a = p.parse_args()
 layers = {"megatron-lm": 3, "stronghold": 20}[a.method]
@@ -191,7 +191,7 @@ def test_case1_runs_the_tool_and_merges_its_csvs(case1_results):
     assert len(calls) == 2
     for call, method in zip(calls, ("megatron-lm", "stronghold")):
         assert call == ('["--method", "%s", "--hidden", "256", "--heads", "16", "--seq", "1024", "--batch", "2", '
-                        '"--out", "%s/", "--extra", "x"]' % (method, results / "case1"))
+                        '"--start", "planner", "--out", "%s/", "--extra", "x"]' % (method, results / "case1"))
     rows = read_csv(results / "case1.csv")
     assert [(r["method"], r["layers"], r["params (B)"], r["peak GPU (GiB)"], r["peak host (GiB)"], r["card"])
             for r in rows] == [("megatron-lm", "3", "0.15", "70.5", "9.75", "NVIDIA H100 80GB HBM3"),

@@ -150,3 +150,18 @@ def test_global_norm_does_not_wait_for_cpu_steps():
     ex.finish_step(1.0, skip=False)
     ex.shutdown()
     assert ex.counts["deferred"] == 3  # stepped by their own CPU work with the published coefficient
+
+
+def test_guesses_follow_arrival_order_not_the_worker_order(executor):
+    # Backward handed over layer 2 (large gradient) before layers 1 and 0. The worker may take layer 0
+    # first; it must still count layer 2's norm, or a run's guesses (and their inexact undo/redo)
+    # would depend on thread timing.
+    for group in executor.param_groups:
+        group.update(lr=1e-3, weight_decay=0.0)
+    assert executor.device_norm and executor.clip_grad == 1.0
+    executor.sumsq_host.copy_(torch.tensor([0.01, 0.01, 4.0]))
+    executor._update(0, True, True, 1.0, executor._hyperparameters(), executor.iteration, True)
+    assert executor.decided[0] == "wait"
+    executor.sumsq_host.copy_(torch.tensor([0.01, 0.01, 0.01]))
+    executor._update(1, True, True, 1.0, executor._hyperparameters(), executor.iteration, True)
+    assert executor.decided[1] == "guess"

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from megatron.stronghold import arguments
-from megatron.stronghold.planner import GiB, DoesNotFit, ModelCosts, layers_that_fit, make_plan, megatron_check
+from megatron.stronghold.planner import (GiB, DoesNotFit, ModelCosts, layers_that_fit, make_plan, megatron_check,
+                                         zero_check)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,16 +73,32 @@ def test_capacity_per_method_is_the_edge_of_its_preflight_check():
     assert megatron < l2l < layers_that_fit(c, gpu, host)
 
 
+def test_zero_baselines_are_bound_by_deepspeeds_host_bytes():
+    """DeepSpeed's CPU optimizer keeps 16 B per parameter on the host (ZeRO-Infinity 2 more for the
+    offloaded parameters): with 120 GiB of host both fall between megatron-lm and stronghold."""
+    c = costs(1, "--recompute-granularity", "full")
+    gpu, host = 80 * GiB, 120 * GiB
+    at = lambda layers: ModelCosts(**{**c.__dict__, "layers": layers})  # noqa: E731
+    offload = layers_that_fit(c, gpu, host, "zero-offload")
+    infinity = layers_that_fit(c, gpu, host, "zero-infinity")
+    zero_check(at(offload), gpu, host, "zero-offload")
+    with pytest.raises(DoesNotFit, match=r"zero-offload needs at least [\d.]+ GiB host \+ [\d.]+ GiB GPU"):
+        zero_check(at(offload + 1), gpu, host, "zero-offload")
+    assert ((offload + 1) * c.layer_params + c.other_params) * 16 > host  # the host is what ran out
+    assert layers_that_fit(c, gpu, host, "megatron-lm") < infinity < offload < layers_that_fit(c, gpu, host)
+
+
 def test_a_model_that_cannot_fit_is_refused_with_the_numbers():
     with pytest.raises(DoesNotFit, match=r"needs [\d.]+ GiB host \+ [\d.]+ GiB GPU.*has [\d.]+ GiB host and [\d.]+ GiB GPU"):
         make_plan(costs(2000), gpu_free=80 * GiB, host_free=120 * GiB)
 
 
-def test_refused_before_allocating_within_seconds():
+@pytest.mark.parametrize("method", ["stronghold", "zero-offload"])
+def test_refused_before_allocating_within_seconds(method):
     start = time.time()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--num-layers", "100000",
                            "--hidden-size", "8192", "--num-attention-heads", "64", "--offload-method",
-                           "stronghold", "--mock-data"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                           method, "--mock-data"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "does not fit" in proc.stderr and "GiB" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

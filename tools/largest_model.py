@@ -5,8 +5,9 @@ process (an out-of-memory kill cannot take the search down, and memory is clean 
 and the planner's pre-flight check turns most too-large trials into a refusal within seconds.
 
 The search gallops from a first size (up by 1, 2, 4, ... while trials succeed, down by halves while
-they fail) and then bisects. `--start planner` seeds it with the planner's capacity for the method on
-this machine, so an accurate plan costs two trials (capacity, then capacity + 1) instead of a dozen;
+they fail) and then bisects. `--start planner` seeds it with the capacity that the method's pre-flight
+check admits on this machine (for the ZeRO baselines, the bytes DeepSpeed certainly keeps), so an
+accurate check costs two trials (capacity, then capacity + 1) instead of a dozen;
 a trial above the plan is still tried, and refused by the same pre-flight check if it cannot fit.
 
     python tools/largest_model.py --method stronghold --hidden 2048 --heads 16 --seq 1024 --batch 4 \
@@ -53,14 +54,12 @@ def trial(a, layers, log_dir):
 
 
 def planned_capacity(a) -> int:
-    """Most layers the planner (or megatron-lm's pre-flight check) admits for the method on this machine."""
+    """Most layers the method's pre-flight check (the planner's, for stronghold) admits on this machine."""
     import torch
 
     from megatron.stronghold import arguments
     from megatron.stronghold.planner import ModelCosts, available_memory, layers_that_fit
 
-    if a.method not in ("megatron-lm", "l2l", "stronghold"):
-        raise SystemExit(f"--start planner: there is no plan for {a.method}; give a number of layers")
     args = arguments.parse_args(["--num-layers", "1", "--hidden-size", str(a.hidden), "--num-attention-heads",
                                  str(a.heads), "--seq-length", str(a.seq), "--micro-batch-size", str(a.batch),
                                  *a.extra])

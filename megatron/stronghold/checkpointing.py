@@ -14,7 +14,10 @@ What a checkpoint holds does not depend on the method that wrote it (format "per
 - "optimizer": per parameter name, AdamW's `exp_avg`, `exp_avg_sq` (fp32) and `step` (int);
 - "opt_param_scheduler" (megatron-core OptimizerParamScheduler.state_dict()), "loss_scaler",
   "iteration", "consumed_train_samples", "consumed_valid_samples", "rng_state" (python, numpy,
-  torch CPU, CUDA when present) and "args" (the model's shape, to refuse a mismatch up front).
+  torch CPU, CUDA when present) and "args" (the model's shape, to refuse a mismatch up front);
+- "stronghold_guess_next_step" (stronghold and l2l only): whether the executor's next iteration may
+  step layers before the global norm is known, so a resumed run guesses (and rounds) as the
+  uninterrupted one would; other methods ignore it.
 So a checkpoint written by stronghold loads into megatron-lm or l2l and the other way round, at any
 --resident-layers / --window-size, in any precision. StrongHold and L2L write their streamed layers
 straight from the host store: the tensors handed to torch.save alias the fp32 masters and Adam
@@ -260,6 +263,8 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
     else:
         state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, "per-parameter")
         state["model"], state["optimizer"] = model_and_optimizer_state(model, method)
+        if getattr(method, "executor", None) is not None:
+            state["stronghold_guess_next_step"] = bool(method.executor.guessing)
     if _rank() == 0:
         _write(state, os.path.join(tmp, FILE))
         del state
@@ -388,6 +393,8 @@ def load_checkpoint(state, args, model, method, scheduler, scaler, log) -> None:
                 raise ValueError("DeepSpeed found no checkpoint there")
         else:
             _load_per_parameter(state, model, method)
+            if "stronghold_guess_next_step" in state and getattr(method, "executor", None) is not None:
+                method.executor.guessing = bool(state["stronghold_guess_next_step"])
         scheduler.load_state_dict(state["opt_param_scheduler"])
         scaler.load_state_dict(state["loss_scaler"])
     except ArgumentError:

@@ -147,13 +147,16 @@ def _sum_over_tensor_parallel(value: float, device) -> float:
 
 def preflight(args, vocab_size, device):
     """Check that the model fits and settle --resident-layers / --window-size; returns the plan line."""
-    from .planner import DoesNotFit, ModelCosts, available_memory, make_plan, megatron_check
+    from .planner import ZERO_METHODS, DoesNotFit, ModelCosts, available_memory, make_plan, megatron_check, zero_check
 
     costs = ModelCosts.of(args, vocab_size)
     gpu_free, host_free = available_memory(device)
     try:
         if args.offload_method == "megatron-lm":
             megatron_check(costs, gpu_free, host_free)
+            return None
+        if args.offload_method in ZERO_METHODS:
+            zero_check(costs, gpu_free, host_free, args.offload_method)
             return None
         if args.offload_method == "l2l":
             args.resident_layers, args.window_size = 0, 1

@@ -101,7 +101,10 @@ class StreamingExecutor:
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
         threads = args.cpu_optimizer_threads or default_threads()
-        self.worker = CpuWorker(threads, lowest_layer_first=self.dp_group is None)
+        # Lowest layer first only where each layer's norm is known on arrival (device_norm, set
+        # below): the guesses then depend on arrival order, never on which layer the thread took first.
+        self.device_norm = self.num_microbatches == 1 and self.data_parallel == 1
+        self.worker = CpuWorker(threads, lowest_layer_first=self.device_norm)
         # Seconds, for the log: CPU work (its own thread) and the main thread's waits for it.
         self.timers = {"cpu work": 0.0, "waits for cpu": 0.0, "copy waits": 0.0}
         # Layer steps: guessed during backward and kept, guessed and redone, deferred to finish_step.
@@ -109,10 +112,9 @@ class StreamingExecutor:
         self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
         self.clip_grad = args.clip_grad
         self.seen_sumsq, self.guessing = 0.0, True  # see _update
-        # With one micro-batch and one data-parallel rank, each layer's gradient norm is taken on the
-        # compute device as the gradient leaves it: the global norm is then known as soon as backward
-        # ends, without waiting for the CPU work (see gradient_stats).
-        self.device_norm = self.num_microbatches == 1 and self.data_parallel == 1
+        # device_norm: with one micro-batch and one data-parallel rank, each layer's gradient norm is
+        # taken on the compute device as the gradient leaves it: the global norm is then known as soon
+        # as backward ends, without waiting for the CPU work (see gradient_stats).
         self.sumsq_device = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
         self.sumsq_host = torch.zeros(self.num_layers, dtype=torch.float32, pin_memory=self.cuda)
         self.stats = {}  # layer -> (sum of squares, finite) of this iteration's gradient, from the CPU work
@@ -290,7 +292,7 @@ class StreamingExecutor:
         for p, _, _ in self.grad_targets[i]:
             p.grad = None
         future = self.worker.submit(i, self._cpu_work, i, copied, first, last, self.inv_scale,
-                                    self._hyperparameters() if last else None, self.iteration,
+                                    self._hyperparameters() if last else None, self.iteration, self.guessing,
                                     ready=copied.query if copied is not None else None)
         self.grad_pending[i] = future
         if last:
@@ -304,21 +306,23 @@ class StreamingExecutor:
         finally:
             self.timers[name] += time.perf_counter() - start
 
-    def _cpu_work(self, i, copied, first, last, inv_scale, hyper, iteration):
+    def _cpu_work(self, i, copied, first, last, inv_scale, hyper, iteration, may_guess):
         if copied is not None:
             with self._timed("copy waits"):
                 copied.synchronize()
         with self._timed("cpu work"):
-            self._update(i, first, last, inv_scale, hyper, iteration)
+            self._update(i, first, last, inv_scale, hyper, iteration, may_guess)
 
-    def _update(self, i, first, last, inv_scale, hyper, iteration):
+    def _update(self, i, first, last, inv_scale, hyper, iteration, may_guess):
         """Accumulate; on the last micro-batch measure the grad and step if the coefficient is known
         or it is safe to guess.
 
-        A step taken before the global norm is known is a guess that clipping will not fire. The
-        running sum over the layers seen so far is a lower bound of the global norm: once it
-        exceeds the clip threshold (or a gradient overflows) guessing stops for this iteration and
-        the remaining layers step in finish_step, with the right coefficient, in forward order.
+        A step taken before the global norm is known is a guess that clipping will not fire. The sum
+        over the layers that arrived up to this one (backward order) is a lower bound of the global
+        norm: a layer guesses only while it is under the clip threshold and the previous iteration
+        did not clip. The rule depends on arrival order alone, so a run makes the same guesses (and
+        the same inexact undo/redo) whatever the thread timing; where the coefficient is already
+        published, a layer that the rule says guesses repeats exactly what finish_step would do.
         """
         host = self.host[i]
         if host.grad_accum is not None:
@@ -329,30 +333,37 @@ class StreamingExecutor:
             torch.distributed.all_reduce(host.grad_accum, group=self.dp_group)
             host.grad_accum.div_(self.data_parallel)
         if self.device_norm:
-            sumsq = float(self.sumsq_host[i]) * inv_scale * inv_scale  # the scale is a power of two
-        else:
+            # Layers i..L-1 arrived up to now; their norms landed before i's (one copy stream, in order).
+            arrived = float(self.sumsq_host[i:].sum()) * inv_scale * inv_scale  # the scale is a power of two
+        else:  # arrival order is processing order here
             grad = host.final_grad(self.scratch, inv_scale)
             if len(self.counted_spans) == len(self.layout.names):
                 sumsq = float(torch.linalg.vector_norm(grad)) ** 2
             else:
                 sumsq = sum(float(torch.linalg.vector_norm(grad[a:b])) ** 2 for a, b in self.counted_spans)
-        finite = math.isfinite(sumsq)
-        if not self.device_norm:
-            self.stats[i] = (sumsq, finite)
+            self.stats[i] = (sumsq, math.isfinite(sumsq))
+            self.seen_sumsq += sumsq
+            arrived = self.seen_sumsq
+        guess = (may_guess and self.overlap and math.isfinite(arrived)
+                 and not (self.clip_grad > 0 and math.sqrt(arrived) + 1.0e-6 > self.clip_grad))
         with self.decision_lock:
             final = self.final if self.final is not None and self.final[0] == iteration else None
             if final is None:
-                self.seen_sumsq += sumsq
-                if not finite or (self.clip_grad > 0 and math.sqrt(self.seen_sumsq) + 1.0e-6 > self.clip_grad):
-                    self.guessing = False
-                guess = self.guessing and self.overlap
                 self.decided[i] = "guess" if guess else "wait"
-        if final is not None:
+            else:
+                wrong = final[2] or final[1] != 1.0
+                self.counts[("redone" if wrong else "kept") if guess else "deferred"] += 1
+        if final is None:
+            if guess:
+                host.step(hyper, inv_scale, self.scratch)
+        else:
             _, clip_coeff, skip = final
-            if not skip:
-                host.step(hyper, inv_scale * clip_coeff, self.scratch)
-        elif guess:
-            host.step(hyper, inv_scale, self.scratch)
+            if guess:
+                host.step(hyper, inv_scale, self.scratch)
+            if guess and (skip or clip_coeff != 1.0):
+                self._make_final(i, True, clip_coeff, skip, hyper, inv_scale)
+            elif not guess and not skip:
+                self._make_final(i, False, clip_coeff, skip, hyper, inv_scale)
 
     # ----- the step -----
 
@@ -390,10 +401,11 @@ class StreamingExecutor:
             # Guess next iteration only if this one needed no clipping: norms change slowly, and a wrong
             # guess costs an undo and a redo (three times a step) where deferring costs nothing extra.
             self.seen_sumsq, self.guessing = 0.0, clip_coeff == 1.0
+            for d in decided.values():  # the others count themselves when they run (_update)
+                self.counts[("redone" if skip or clip_coeff != 1.0 else "kept") if d == "guess" else "deferred"] += 1
         self.stats = {}
         for i in range(self.num_layers):  # forward order: layer 0 is needed first
             guessed = decided.get(i) == "guess"
-            self.counts[("redone" if skip or clip_coeff != 1.0 else "kept") if guessed else "deferred"] += 1
             if guessed and (skip or clip_coeff != 1.0) or decided.get(i) == "wait" and not skip:
                 # The one worker thread runs it after the layer's own CPU work, which has started.
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
@@ -404,14 +416,17 @@ class StreamingExecutor:
         # The new weights must be reloaded before the next forward pass.
         self.slot_owner = [-1] * self.window
 
-    def _finish_layer(self, i, guessed, clip_coeff, skip, hyper, inv_scale):
+    def _finish_layer(self, *args):
         with self._timed("cpu work"):
-            host = self.host[i]
-            if guessed:
-                host.undo_step(host.final_grad(self.scratch, inv_scale), hyper)
-            if not skip:
-                # inv_scale is a power of two: (g * inv_scale) * clip == g * (inv_scale * clip)
-                host.step(hyper, inv_scale * clip_coeff, self.scratch)
+            self._make_final(*args)
+
+    def _make_final(self, i, guessed, clip_coeff, skip, hyper, inv_scale):
+        host = self.host[i]
+        if guessed:
+            host.undo_step(host.final_grad(self.scratch, inv_scale), hyper)
+        if not skip:
+            # inv_scale is a power of two: (g * inv_scale) * clip == g * (inv_scale * clip)
+            host.step(hyper, inv_scale * clip_coeff, self.scratch)
 
     # ----- checkpoints -----
 

@@ -166,6 +166,42 @@ def megatron_check(costs: ModelCosts, gpu_free, host_free: int) -> None:
             f"fewer layers or full activation recompute.")
 
 
+# What DeepSpeed surely keeps per parameter in the ZeRO baselines (one rank): on the host the fp32
+# master, both Adam moments and the fp32 gradient partition of its CPU optimizer (16 B), plus the
+# compute-dtype parameters for ZeRO-Infinity, which offloads them too; on the GPU the compute-dtype
+# parameters for ZeRO-Offload. Lower bounds: DeepSpeed's buffers come on top.
+ZERO_METHODS = ("zero-offload", "zero-infinity")
+
+
+def zero_bytes(costs: ModelCosts, method: str) -> tuple:
+    """(host bytes, GPU bytes) that a ZeRO baseline certainly needs."""
+    params = costs.layers * costs.layer_params + costs.other_params
+    offloads_params = method == "zero-infinity"
+    host = params * (16 + (costs.compute_bytes if offloads_params else 0))
+    gpu = (0 if offloads_params else params * costs.compute_bytes) + costs.layers * costs.act_per_layer + costs.act_fixed
+    return host, gpu
+
+
+def zero_check(costs: ModelCosts, gpu_free, host_free: int, method: str) -> None:
+    """Refuse, before DeepSpeed allocates anything, a model whose certain bytes already exceed what
+    is available (the rest is left to DeepSpeed, as megatron-lm's edge is left to the allocator)."""
+    host, gpu = zero_bytes(costs, method)
+    params = costs.layers * costs.layer_params + costs.other_params
+    if gpu_free is None:  # no GPU: one memory
+        if host + gpu > host_free:
+            raise DoesNotFit(
+                f"the model does not fit: {method} needs at least {(host + gpu) / GiB:.1f} GiB of host memory "
+                f"for {params / 1e9:.2f} B parameters and this machine has {host_free / GiB:.1f} GiB available "
+                f"(no GPU). Use fewer layers (--num-layers) or a smaller hidden size.")
+        return
+    if host > host_free or gpu > gpu_free:
+        raise DoesNotFit(
+            f"the model does not fit: {method} needs at least {host / GiB:.1f} GiB host + {gpu / GiB:.1f} GiB GPU "
+            f"for {params / 1e9:.2f} B parameters (DeepSpeed's CPU optimizer alone keeps 16 B per parameter "
+            f"on the host), and this machine has {host_free / GiB:.1f} GiB host and {gpu_free / GiB:.1f} GiB GPU "
+            f"available. Use fewer layers (--num-layers) or --offload-method stronghold.")
+
+
 def available_memory(device) -> tuple:
     """(free GPU bytes, available host bytes). Without CUDA both are host memory."""
     import psutil
@@ -183,7 +219,8 @@ def available_memory(device) -> tuple:
 
 def layers_that_fit(costs: ModelCosts, gpu_free: int, host_free: int, method: str = "stronghold") -> int:
     """Most layers the method's pre-flight check admits (for the largest-model search): stronghold
-    with any plan, l2l with every layer streamed through one slot, megatron-lm all on the GPU."""
+    with any plan, l2l with every layer streamed through one slot, megatron-lm all on the GPU, the
+    ZeRO baselines their certain bytes."""
     lo, hi = 0, 1
     while _fits(costs, hi, gpu_free, host_free, method):
         lo, hi = hi, hi * 2
@@ -198,6 +235,8 @@ def _fits(costs, layers, gpu_free, host_free, method) -> bool:
     try:
         if method == "megatron-lm":
             megatron_check(trial, gpu_free, host_free)
+        elif method in ZERO_METHODS:
+            zero_check(trial, gpu_free, host_free, method)
         elif method == "l2l":
             make_plan(trial, gpu_free, host_free, resident=0, window=1)
         else:
@@ -207,5 +246,5 @@ def _fits(costs, layers, gpu_free, host_free, method) -> bool:
         return False
 
 
-__all__ = ["ModelCosts", "Plan", "DoesNotFit", "make_plan", "megatron_check", "available_memory",
-           "layers_that_fit"]
+__all__ = ["ModelCosts", "Plan", "DoesNotFit", "make_plan", "megatron_check", "zero_check", "ZERO_METHODS",
+           "available_memory", "layers_that_fit"]
