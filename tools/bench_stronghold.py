@@ -48,27 +48,16 @@ def measure_pcie(nbytes=512 * 2 ** 20, reps=10):
     return rates
 
 
-def _rate(numel, fn, warmup=3, reps=20):
-    """params/s of fn over numel parameters: the median of reps timed calls after warmup ones (one
-    call is ~10 ms, so a single timing is at the mercy of the scheduler)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return numel / statistics.median(times)
-
-
 def measure_cpu_update(numel):
-    """params/s of torch fused AdamW alone vs our host-store update (bf16 grad in, bf16 weights out)."""
+    """params/s of torch fused AdamW alone vs our host-store update (bf16 grad in, bf16 weights out):
+    the median of 20 calls each, taken in turn (bench_cpu_adam.timed), so load on the machine falls
+    on both alike."""
+    from bench_cpu_adam import timed
     from megatron.stronghold.executor.host_store import HostLayer, LayerLayout
 
     p = torch.zeros(numel)
     p.grad = torch.randn(numel) * 1e-3
     opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
-    adam_rate = _rate(numel, opt.step)
 
     layer = torch.nn.Linear(numel // 1024, 1024, bias=False)
     args = arguments.parse_args([])
@@ -77,8 +66,9 @@ def measure_cpu_update(numel):
     host.grad.copy_(torch.randn(host.layout.numel) * 1e-3)
     scratch = torch.empty(host.layout.numel)
     hyper = {1.0: (1e-4, 0.01), 0.0: (1e-4, 0.0)}
-    ours = _rate(host.layout.numel, lambda: host.step(hyper, 1.0, scratch))  # the norm is taken on the GPU
-    return adam_rate, ours
+    adam_s, ours_s = timed([opt.step, lambda: host.step(hyper, 1.0, scratch)],  # the norm is taken on the GPU
+                           reps=20, warmup=3)
+    return numel / adam_s, host.layout.numel / ours_s
 
 
 def measure_compute(args_list, hidden, heads, seq, mb, recompute):

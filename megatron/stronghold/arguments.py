@@ -8,6 +8,7 @@ import argparse
 import os
 
 METHODS = ("megatron-lm", "stronghold", "l2l", "zero-offload", "zero-infinity")
+ZERO_METHODS = ("zero-offload", "zero-infinity")  # the DeepSpeed baselines
 
 
 class ArgumentError(ValueError):
@@ -113,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stronghold: transformer layers kept on the GPU with a GPU optimizer (default: as many "
                    "as fit in free GPU memory, as planned at start; 0 on a machine without CUDA).")
     g.add_argument("--cpu-optimizer-threads", type=int, default=None,
-                   help="stronghold: intra-op threads of the CPU optimizer (default: all cores, divided among "
-                   "the ranks on a node under torchrun).")
+                   help="stronghold: intra-op threads of the CPU optimizer (default: this rank's share of the "
+                   "node's cores, less one for the main thread).")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, metavar="DIR",

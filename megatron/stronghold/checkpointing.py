@@ -50,12 +50,11 @@ import time
 import numpy as np
 import torch
 
-from .arguments import ArgumentError
+from .arguments import ZERO_METHODS, ArgumentError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 VERSION = 1
-ZERO_METHODS = ("zero-offload", "zero-infinity")
 # The model's shape: a checkpoint loads only into a model with the same values.
 SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
               "max_position_embeddings", "padded_vocab_size", "untie_embeddings_and_output_weights")
@@ -280,12 +279,16 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
 
 # ----- loading -----
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _read(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, bit rot, a pickle with code in it, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArgumentError(f"cannot read checkpoint {path}: {first} (a corrupt or incomplete file, "
+        raise ArgumentError(f"cannot read checkpoint {path}: {_first_line(exc)} (a corrupt or incomplete file, "
                             "or not a checkpoint of this trainer)") from None
     if not isinstance(state, dict) or "format" not in state or "iteration" not in state:
         raise ArgumentError(f"{path} is not a checkpoint of this trainer")
@@ -373,9 +376,8 @@ def _read_data(path: str) -> None:
         with torch.serialization.safe_globals(_deepspeed_data_classes()):
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArgumentError(f"refusing DeepSpeed checkpoint file {path}: it does not load as plain "
-                            f"data ({first})") from None
+                            f"data ({_first_line(exc)})") from None
 
 
 def load_checkpoint(state, args, model, method, scheduler, scaler, log) -> None:

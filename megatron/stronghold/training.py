@@ -147,7 +147,7 @@ def _sum_over_tensor_parallel(value: float, device) -> float:
 
 def preflight(args, vocab_size, device):
     """Check that the model fits and settle --resident-layers / --window-size; returns the plan line."""
-    from .planner import ZERO_METHODS, DoesNotFit, ModelCosts, available_memory, make_plan, megatron_check, zero_check
+    from .planner import DoesNotFit, ModelCosts, available_memory, make_plan, megatron_check, zero_check
 
     costs = ModelCosts.of(args, vocab_size)
     gpu_free, host_free = available_memory(device)
@@ -155,7 +155,7 @@ def preflight(args, vocab_size, device):
         if args.offload_method == "megatron-lm":
             megatron_check(costs, gpu_free, host_free)
             return None
-        if args.offload_method in ZERO_METHODS:
+        if args.offload_method in arguments.ZERO_METHODS:
             zero_check(costs, gpu_free, host_free, args.offload_method)
             return None
         if args.offload_method == "l2l":
@@ -203,7 +203,7 @@ def build_method(args, model, device, dtype) -> Method:
         streamed = {id(p) for layer in layers for p in layer.parameters()}
         named = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]
         return Method(args.offload_method, ResidentOptimizer(named, args), executor)
-    if args.offload_method in ("zero-offload", "zero-infinity"):
+    if args.offload_method in arguments.ZERO_METHODS:
         from .baselines.zero import build_zero_method  # imports DeepSpeed: only when asked for
 
         return build_zero_method(args, model, device, dtype)

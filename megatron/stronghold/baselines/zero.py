@@ -34,12 +34,11 @@ import os
 
 import torch
 
-from ..arguments import ArgumentError
+from ..arguments import ZERO_METHODS, ArgumentError
 from ..model import lm_loss
 from ..optim import no_weight_decay
 from .zero_configs import deepspeed_config
 
-METHODS = ("zero-offload", "zero-infinity")
 
 
 def import_deepspeed(device: torch.device):
@@ -187,7 +186,7 @@ def pinned_host_bytes() -> int:
 def build_zero_method(args, model, device, dtype) -> ZeroMethod:
     """Wrap the trainer's (fp32, CPU) model in a DeepSpeed engine for args.offload_method."""
     method = args.offload_method
-    if method not in METHODS:
+    if method not in ZERO_METHODS:
         raise ValueError(f"not a ZeRO method: {method}")
     deepspeed = import_deepspeed(device)
     # DeepSpeed asserts that a launcher set LOCAL_RANK; the trainer's default is rank 0 (as in

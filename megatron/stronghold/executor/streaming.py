@@ -351,19 +351,11 @@ class StreamingExecutor:
             if final is None:
                 self.decided[i] = "guess" if guess else "wait"
             else:
-                wrong = final[2] or final[1] != 1.0
-                self.counts[("redone" if wrong else "kept") if guess else "deferred"] += 1
-        if final is None:
-            if guess:
-                host.step(hyper, inv_scale, self.scratch)
-        else:
-            _, clip_coeff, skip = final
-            if guess:
-                host.step(hyper, inv_scale, self.scratch)
-            if guess and (skip or clip_coeff != 1.0):
-                self._make_final(i, True, clip_coeff, skip, hyper, inv_scale)
-            elif not guess and not skip:
-                self._make_final(i, False, clip_coeff, skip, hyper, inv_scale)
+                self._count(guess, *final[1:])
+        if guess:
+            host.step(hyper, inv_scale, self.scratch)
+        if final is not None and self._needs_final_step(guess, *final[1:]):
+            self._make_final(i, guess, *final[1:], hyper, inv_scale)
 
     # ----- the step -----
 
@@ -402,11 +394,11 @@ class StreamingExecutor:
             # guess costs an undo and a redo (three times a step) where deferring costs nothing extra.
             self.seen_sumsq, self.guessing = 0.0, clip_coeff == 1.0
             for d in decided.values():  # the others count themselves when they run (_update)
-                self.counts[("redone" if skip or clip_coeff != 1.0 else "kept") if d == "guess" else "deferred"] += 1
+                self._count(d == "guess", clip_coeff, skip)
         self.stats = {}
         for i in range(self.num_layers):  # forward order: layer 0 is needed first
             guessed = decided.get(i) == "guess"
-            if guessed and (skip or clip_coeff != 1.0) or decided.get(i) == "wait" and not skip:
+            if i in decided and self._needs_final_step(guessed, clip_coeff, skip):
                 # The one worker thread runs it after the layer's own CPU work, which has started.
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
                     i, self._finish_layer, i, guessed, clip_coeff, skip, hyper, inv_scale)
@@ -415,6 +407,14 @@ class StreamingExecutor:
             self._wait_all()
         # The new weights must be reloaded before the next forward pass.
         self.slot_owner = [-1] * self.window
+
+    def _count(self, guessed: bool, clip_coeff: float, skip: bool) -> None:
+        self.counts[("redone" if skip or clip_coeff != 1.0 else "kept") if guessed else "deferred"] += 1
+
+    @staticmethod
+    def _needs_final_step(guessed: bool, clip_coeff: float, skip: bool) -> bool:
+        """A wrong guess is undone and redone; a layer that waited steps unless the iteration is skipped."""
+        return skip or clip_coeff != 1.0 if guessed else not skip
 
     def _finish_layer(self, *args):
         with self._timed("cpu work"):

@@ -20,6 +20,8 @@ Byte counts (P parameters per layer, c = bytes of the compute dtype):
 
 from dataclasses import dataclass
 
+from ..arguments import ZERO_METHODS
+
 GiB = 1024 ** 3
 HOST_RESERVE = 4 * GiB       # interpreter, CUDA context, data, allocator slack
 GPU_RESERVE = 2 * GiB        # CUDA context, cuBLAS workspaces, fragmentation
@@ -170,9 +172,6 @@ def megatron_check(costs: ModelCosts, gpu_free, host_free: int) -> None:
 # master, both Adam moments and the fp32 gradient partition of its CPU optimizer (16 B), plus the
 # compute-dtype parameters for ZeRO-Infinity, which offloads them too; on the GPU the compute-dtype
 # parameters for ZeRO-Offload. Lower bounds: DeepSpeed's buffers come on top.
-ZERO_METHODS = ("zero-offload", "zero-infinity")
-
-
 def zero_bytes(costs: ModelCosts, method: str) -> tuple:
     """(host bytes, GPU bytes) that a ZeRO baseline certainly needs."""
     params = costs.layers * costs.layer_params + costs.other_params
@@ -246,5 +245,5 @@ def _fits(costs, layers, gpu_free, host_free, method) -> bool:
         return False
 
 
-__all__ = ["ModelCosts", "Plan", "DoesNotFit", "make_plan", "megatron_check", "zero_check", "ZERO_METHODS",
+__all__ = ["ModelCosts", "Plan", "DoesNotFit", "make_plan", "megatron_check", "zero_check",
            "available_memory", "layers_that_fit"]
