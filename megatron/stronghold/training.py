@@ -385,6 +385,10 @@ def log_summary(args, method, history, device) -> None:
         extra = {f"{k} (ms/iter)": v * 1000 / n for k, v in method.executor.timers.items()}
         # How the CPU steps went: guessed during backward and kept / redone, or deferred (clipping fired).
         extra.update({f"layer steps {k}": v for k, v in method.executor.counts.items()})
+    if device.type == "cuda":
+        # Each retry frees the allocator's cached blocks and synchronises the device: a model at the
+        # edge of GPU memory that retries every iteration runs much slower than its kernels.
+        extra["allocator retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
     log(summary_line({
         "method": args.offload_method,
         "iterations": len(history.times),
