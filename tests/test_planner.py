@@ -47,6 +47,29 @@ def test_user_choice_overrides_the_plan():
     assert (plan.resident, plan.window) == (3, 2)
 
 
+def test_cpu_optimizer_threads_follow_the_share_of_cpu_work():
+    """All the cores where the streamed layers' CPU steps bound the iteration; half where a few
+    streamed layers' steps hide behind the GPU work and the main thread needs the cores to launch it."""
+    c = costs(88, "--recompute-granularity", "full")
+    assert make_plan(c, gpu_free=90 * GiB, host_free=120 * GiB, resident=83, cores=15).threads == 8
+    assert make_plan(c, gpu_free=80 * GiB, host_free=120 * GiB, resident=0, window=2, cores=15).threads == 15
+    assert make_plan(c, gpu_free=90 * GiB, host_free=120 * GiB, resident=83, cores=1).threads == 1
+
+
+def test_user_threads_override_the_plan():
+    from megatron.stronghold import training
+
+    args = arguments.parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+                                 "--seq-length", "16", "--mock-data", "--offload-method", "stronghold",
+                                 "--cpu-optimizer-threads", "3"])
+    plan = training.preflight(args, 128, training.torch.device("cpu"))
+    assert args.cpu_optimizer_threads == 3 and "CPU optimizer threads: 3 |" in plan
+    args = arguments.parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+                                 "--seq-length", "16", "--mock-data", "--offload-method", "stronghold"])
+    plan = training.preflight(args, 128, training.torch.device("cpu"))
+    assert args.cpu_optimizer_threads >= 1 and f"CPU optimizer threads: {args.cpu_optimizer_threads} |" in plan
+
+
 def test_capacity_is_gpu_plus_host():
     """Resident layers fill the GPU; every extra GiB of host memory holds more streamed layers."""
     c = costs(1, "--recompute-granularity", "full")

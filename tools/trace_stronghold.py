@@ -45,6 +45,25 @@ def overlap_report(path):
             total += min(end, ke) - max(start, ks)
         return total
 
+    # Where the GPU sat idle: gaps between kernels, and the longest ones with the host ops under them.
+    busy, gaps = [], []
+    for ks, ke in kernels:
+        if busy and ks <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], ke)
+        else:
+            if busy:
+                gaps.append((ks - busy[-1][1], busy[-1][1], ks))
+            busy.append([ks, ke])
+    if busy:
+        span = busy[-1][1] - busy[0][0]
+        idle = sum(g for g, _, _ in gaps)
+        print(f"GPU kernels: {span / 1e3:.1f} ms from first to last, idle {idle / 1e3:.1f} ms "
+              f"({idle / span:.0%}) in {len(gaps)} gaps")
+        host = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function")]
+        for g, a, b in sorted(gaps, reverse=True)[:8]:
+            under = sorted({e["name"] for e in host if e["ts"] <= b and e["ts"] + e["dur"] >= a
+                            and e["dur"] >= 0.5 * g}, key=len)[:4]
+            print(f"  gap {g / 1e3:.2f} ms at +{(a - busy[0][0]) / 1e3:.1f} ms; long host ops: {', '.join(under) or '-'}")
     for name, pick in (("copies", lambda e: e.get("cat") == "gpu_memcpy"),
                        ("CPU steps", lambda e: e.get("name") == "stronghold.cpu_step")):
         spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if pick(e)]

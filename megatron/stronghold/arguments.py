@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stronghold: transformer layers kept on the GPU with a GPU optimizer (default: as many "
                    "as fit in free GPU memory, as planned at start; 0 on a machine without CUDA).")
     g.add_argument("--cpu-optimizer-threads", type=int, default=None,
-                   help="stronghold: intra-op threads of the CPU optimizer (default: this rank's share of the "
-                   "node's cores, less one for the main thread).")
+                   help="stronghold: intra-op threads of the CPU optimizer (default, chosen by the planner: this "
+                   "rank's share of the node's cores less one for the main thread where the CPU steps bound the "
+                   "iteration, half of that where they are a small part of it).")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, metavar="DIR",

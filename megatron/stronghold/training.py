@@ -147,6 +147,7 @@ def _sum_over_tensor_parallel(value: float, device) -> float:
 
 def preflight(args, vocab_size, device):
     """Check that the model fits and settle --resident-layers / --window-size; returns the plan line."""
+    from .executor.cpu_worker import default_threads
     from .planner import DoesNotFit, ModelCosts, available_memory, make_plan, megatron_check, zero_check
 
     costs = ModelCosts.of(args, vocab_size)
@@ -162,10 +163,13 @@ def preflight(args, vocab_size, device):
             args.resident_layers, args.window_size = 0, 1
         if args.offload_method in ("stronghold", "l2l"):
             resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0
-            plan = make_plan(costs, gpu_free, host_free, resident, args.window_size)
+            plan = make_plan(costs, gpu_free, host_free, resident, args.window_size, cores=default_threads())
             args.resident_layers = plan.resident
             if args.window_size is None:
                 args.window_size = max(plan.window, 1)
+            if args.cpu_optimizer_threads:
+                plan.threads = args.cpu_optimizer_threads
+            args.cpu_optimizer_threads = plan.threads
             return plan.describe(costs)
     except DoesNotFit as exc:
         raise arguments.ArgumentError(str(exc)) from None
