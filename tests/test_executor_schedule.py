@@ -119,9 +119,12 @@ def test_global_norm_does_not_wait_for_cpu_steps():
     # main thread has the global norm (and starts the next forward) while the CPU steps still run.
     from megatron.stronghold.data import build_data_iterators, build_tokenizer
 
+    # A clip threshold every layer's norm passes: no layer guesses, whatever the initial weights.
     args = arguments.parse_args(["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4",
-                                 "--seq-length", "16", "--micro-batch-size", "2", "--mock-data"])
+                                 "--seq-length", "16", "--micro-batch-size", "2", "--mock-data",
+                                 "--clip-grad", "1e-6"])
     training.init_distributed(torch.device("cpu"))
+    torch.manual_seed(args.seed)
     model = model_lib.build_model(args, 128)
     streamed = list(model.decoder.layers)
     ex = StreamingExecutor(streamed, 2, torch.float32, torch.device("cpu"), args, log=lambda *_: None)
