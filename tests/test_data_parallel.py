@@ -2,6 +2,7 @@
 the same losses and gradient norms as one process at the same global batch."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -25,16 +26,26 @@ def run(nproc, method, *extra):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = parse_log(proc.stdout)
     assert len(log.iterations) == 8  # rank 0 logs, once
-    return log.series("lm loss"), log.series("grad norm")
+    store = re.search(r"= ([0-9.]+) B/param", proc.stdout)
+    return log.series("lm loss"), log.series("grad norm"), store and float(store.group(1))
 
 
-@pytest.mark.parametrize("method,extra", [("megatron-lm", ()), ("stronghold", ("--window-size", "1"))])
+@pytest.mark.parametrize("method,extra", [
+    ("megatron-lm", ()),
+    ("stronghold", ("--window-size", "1")),  # one micro-batch per rank: averaged before leaving the device
+    ("stronghold", ("--window-size", "2", "--global-batch-size", "8")),  # two per rank, accumulated on the host
+])
 def test_two_processes_train_like_one(method, extra):
-    one_loss, one_norm = run(1, method, *extra)
-    two_loss, two_norm = run(2, method, *extra)
+    one_loss, one_norm, one_store = run(1, method, *extra)
+    two_loss, two_norm, two_store = run(2, method, *extra)
     assert two_loss == pytest.approx(one_loss, rel=1e-5)
     assert two_norm == pytest.approx(one_norm, rel=1e-5)
     assert max(one_norm) > 0.5  # clipping fires: the reduced global norm decides the step
+    if method == "stronghold":
+        # One process accumulates two micro-batches in an fp32 host buffer (4 B/param more); with one
+        # micro-batch per rank the gradient arrives averaged, and no rank needs that buffer.
+        one_microbatch_per_rank = "--global-batch-size" not in extra
+        assert (two_store < one_store) if one_microbatch_per_rank else (two_store == one_store)
 
 
 @pytest.mark.parametrize("method,extra", [("megatron-lm", ()), ("stronghold", ("--window-size", "1"))])

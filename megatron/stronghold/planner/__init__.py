@@ -13,7 +13,8 @@ Byte counts (P parameters per layer, c = bytes of the compute dtype):
 - resident parameter: c weights + 4 fp32 master (not in fp32) + 8 Adam + 4 main grad (the compute-dtype
   gradient is added into the main grad and freed as it arrives; measured on an H100: 18.3 B/param);
 - streamed layer on the host: 16 P (fp32 master + Adam, pinned weights and gradient), +4 P with
-  gradient accumulation; on the GPU a slot of c P, and at most W layers' gradients in flight;
+  gradient accumulation; on the GPU a slot of c P, and at most W layers' gradients in flight
+  (+4 P each with data parallelism: the fp32 buffer they are averaged in);
 - activations kept from forward to backward per layer: the layer input (c s b h) with full
   recompute, else about 17 c s b h with flash attention (Korthikanti et al. 2022, without the
   attention matrix); plus the fp32 logits and their gradient, 3 x 4 s b V.
@@ -43,6 +44,7 @@ class ModelCosts:
     accumulate: bool
     tokens: int  # per micro-batch
     recompute: bool
+    averages: bool = False  # data parallel: streamed gradients are averaged on the GPU in fp32
 
     @classmethod
     def of(cls, args, vocab_size: int) -> "ModelCosts":
@@ -57,7 +59,7 @@ class ModelCosts:
         recompute = args.recompute_granularity == "full"
         act = c * s * b * h * (1 if recompute else 17)
         return cls(args.num_layers, layer, other, c, act, 3 * 4 * s * b * vocab_size,
-                   args.num_microbatches > 1, s * b, recompute)
+                   args.num_microbatches > 1, s * b, recompute, getattr(args, "data_parallel_size", 1) > 1)
 
     @property
     def resident_bytes_per_param(self) -> int:
@@ -86,7 +88,10 @@ class Plan:
 
 def gpu_bytes(costs: ModelCosts, resident: int, window: int) -> int:
     streamed = costs.layers - resident
-    slots = 2 * window * costs.layer_params * costs.compute_bytes if streamed else 0  # weights + grads in flight
+    # W slots of weights, W layers' gradients in flight (with data parallelism an fp32 copy for the
+    # average and the average in the compute dtype)
+    grad_bytes = costs.compute_bytes + (4 if costs.averages else 0)
+    slots = window * costs.layer_params * (costs.compute_bytes + grad_bytes) if streamed else 0
     return (costs.other_params * costs.resident_bytes_per_param
             + resident * costs.layer_params * costs.resident_bytes_per_param
             + slots + costs.layers * costs.act_per_layer + costs.act_fixed + GPU_RESERVE)
