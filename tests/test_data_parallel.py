@@ -53,8 +53,8 @@ def test_tensor_parallel_two_ranks_train_like_one(method, extra):
     """TP=2 splits every layer over two ranks (megatron-core's parallel layers; each StrongHold rank
     streams only its shards) and must give the TP=1 losses and gradient norms."""
     # The vocabulary is padded to a multiple of 128 x TP: pad both runs to the same 512 entries.
-    one_loss, one_norm = run(1, method, "--make-vocab-size-divisible-by", "256", *extra)
-    two_loss, two_norm = run(2, method, "--tensor-model-parallel-size", "2", *extra)
+    one_loss, one_norm, _ = run(1, method, "--make-vocab-size-divisible-by", "256", *extra)
+    two_loss, two_norm, _ = run(2, method, "--tensor-model-parallel-size", "2", *extra)
     assert two_loss == pytest.approx(one_loss, rel=1e-5)
     assert two_norm == pytest.approx(one_norm, rel=1e-5)
 
