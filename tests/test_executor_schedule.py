@@ -76,8 +76,9 @@ def test_cpu_worker_steps_the_lowest_pending_layer_first():
         worker.shutdown()
 
 
-def test_cpu_worker_keeps_arrival_order_for_collectives():
-    # With data parallelism each step holds an all-reduce: every rank must run them in one order.
+def test_cpu_worker_keeps_arrival_order_when_asked():
+    # With gradient accumulation a layer's norm is known only from its CPU work, and the guesses follow
+    # the order the worker meets the layers: arrival order keeps a run repeatable.
     worker = CpuWorker(1, lowest_layer_first=False)
     try:
         assert _run_in_order(worker, [3, 2, 1, 0]) == [3, 2, 1, 0]

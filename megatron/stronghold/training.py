@@ -111,7 +111,7 @@ class Method:
             (loss * (scaler.scale / n)).backward()
             losses.append(loss.detach())
 
-        self.resident.average_over_data_parallel()  # streamed layers: on the CPU worker, per layer
+        self.resident.average_over_data_parallel()  # streamed layers: by the executor, as each leaves the device
         sumsq, found_inf = self.resident.unscale_and_measure(inv_scale)
         sumsq, found_inf = float(sumsq), bool(found_inf)
         if executor is not None:

@@ -7,8 +7,9 @@ would wait for every step. Taking the lowest pending layer first lets the forwar
 soon as layer 0 has stepped and run alongside the remaining steps.
 
 Work whose input is not there yet (its gradient copy still on the way) is passed over for work
-that can start now. With data parallelism the work holds collectives, which every rank must call
-in the same order: there the worker keeps arrival order.
+that can start now. Where a layer's norm is known only from its CPU work (gradient accumulation),
+the executor's guesses follow the order the worker meets the layers: there it keeps arrival order,
+so a run repeats exactly.
 """
 
 import concurrent.futures
