@@ -13,7 +13,8 @@
 #             seeded by the planner's capacity), the stronghold trial's start-up time
 #   case3     examples/case3.sh: the methods at megatron-lm's largest size
 #   cases     examples/case4.sh and case5.sh (case 2 needs case 1's baselines)
-#   dp        2 GPUs: DP=1 and DP=2 at a size megatron-lm cannot hold (micro-batch per rank fixed)
+#   dp        2 GPUs: DP=1 and DP=2 at a size megatron-lm cannot hold (micro-batch per rank fixed);
+#             the tests stage on such a machine also runs the 2-GPU data-parallel tests
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-results/gpu}"
@@ -60,9 +61,12 @@ for s in "$@"; do
         cases)
             RESULTS_DIR="$OUT" bash examples/case4.sh -p "16 32 64 96 128" -i 6 -w 2
             RESULTS_DIR="$OUT" bash examples/case5.sh -l "${CASE_LAYERS:-64}" -p "1 2 4 8" -i 6 ;;
-        dp)  # a model megatron-lm cannot hold (DP_LAYERS, default 96), planner's placement, DP=1 then DP=2
+        dp)  # a model megatron-lm cannot hold (DP_LAYERS; default 96 on 80 GB cards, 176 on 141 GB ones),
+             # planner's placement, DP=1 then DP=2
+            mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+            layers="${DP_LAYERS:-$(( mib > 100000 ? 176 : 96 ))}"
             for n in 1 2; do
-                RESULTS_DIR="$OUT/dp" bash examples/run.sh -m stronghold -l "${DP_LAYERS:-96}" -n "$n" -- --train-iters 8 \
+                RESULTS_DIR="$OUT/dp" bash examples/run.sh -m stronghold -l "$layers" -n "$n" -- --train-iters 8 \
                     --log-interval 1 --recompute-granularity full 2>&1 | grep -E "iteration +8/|summary|plan|host store" |
                     sed "s/^/DP=$n /" | tee -a "$OUT/dp.txt"
             done ;;
