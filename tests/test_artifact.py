@@ -309,3 +309,19 @@ def test_largest_model_csv_headers_are_matched_loosely(tmp_path):
     assert (row["method"], row["layers"], row["params (B)"], row["peak GPU (GiB)"], row["peak host (GiB)"],
             row["card"], row["hidden"], row["batch"]) == (
         "l2l", "80", "3.3", "12.5", "70", "NVIDIA H100 80GB HBM3", "2048", "4")
+
+
+def test_a_search_cut_short_is_marked_as_a_lower_bound(tmp_path):
+    d = tmp_path / "case1"
+    d.mkdir()
+    (d / "largest_stronghold.csv").write_text(
+        "method,largest layers,params (B),peak GPU (GiB),peak host (GiB),card,hidden,batch,search\n"
+        "stronghold,236,11.9,72.1,122.1,NVIDIA H100 80GB HBM3,2048,4,237 layers timed out: at least 236\n")
+    (d / "largest_l2l.csv").write_text(
+        "method,largest layers,params (B),peak GPU (GiB),peak host (GiB),card,hidden,batch,search\n"
+        "l2l,150,7.5,10.0,110.0,NVIDIA H100 80GB HBM3,2048,4,complete\n")
+    assert extract_results.main(["case1", "--results", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in read_csv(tmp_path / "case1.csv")}
+    assert rows["stronghold"]["layers"] == "236"
+    assert rows["stronghold"]["log"] == "largest_stronghold.csv (237 layers timed out: at least 236)"
+    assert rows["l2l"]["log"] == "largest_l2l.csv"

@@ -1,38 +1,42 @@
-"""The largest-model search on tiny CPU models: real trials in subprocesses, then its CSV."""
+"""The largest-model search of tools/largest_model.py, with the trials replaced by a rule."""
 
-import csv
 import os
-import subprocess
 import sys
+import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
 
-
-def _tried(stdout):
-    return [line.split(":")[1].split("layers")[0].strip() for line in stdout.splitlines() if "->" in line]
-
-
-def test_search_gallops_up_and_writes_the_csv(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "largest_model.py"), "--method", "stronghold",
-           "--hidden", "32", "--heads", "4", "--seq", "16", "--batch", "2", "--start", "2", "--max-layers", "5",
-           "--out", str(tmp_path), "--", "--window-size", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _tried(proc.stdout) == ["2", "3", "5"]  # start, +1, +2; the next step (+4) passes the cap
-    with open(tmp_path / "largest_stronghold.csv") as f:
-        row = next(csv.DictReader(f))
-    assert row["largest layers"] == "5" and row["card"] == "cpu"
-    assert float(row["params (B)"]) > 0
-    assert (tmp_path / "log_stronghold_l-5_hs-32_bs-2.txt").exists()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import largest_model  # noqa: E402
 
 
-def test_search_gallops_down_when_the_first_size_fails(tmp_path):
-    # --window-size 0 is refused at every size: the search halves down to 1 and reports 0 layers.
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "largest_model.py"), "--method", "stronghold",
-           "--hidden", "32", "--heads", "4", "--seq", "16", "--batch", "2", "--start", "4",
-           "--out", str(tmp_path), "--", "--window-size", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _tried(proc.stdout) == ["4", "2", "1"]
-    with open(tmp_path / "largest_stronghold.csv") as f:
-        assert next(csv.DictReader(f))["largest layers"] == "0"
+@pytest.fixture
+def fake_trials(monkeypatch):
+    """Layer counts up to `edge` train; from `slow` on, a trial runs past the timeout."""
+    tried = []
+
+    def install(edge, slow=None):
+        def trial(a, layers, log_dir):
+            tried.append(layers)
+            if slow is not None and layers >= slow:
+                raise largest_model.TimedOut(layers)
+            return layers <= edge, f"log of {layers}"
+        monkeypatch.setattr(largest_model, "trial", trial)
+        return tried
+    return install
+
+
+ARGS = types.SimpleNamespace(max_layers=4096, out=None)
+
+
+@pytest.mark.parametrize("start", [1, 20, 37, 38, 100])
+def test_search_finds_the_edge_from_any_start(fake_trials, start):
+    tried = fake_trials(edge=37)
+    assert largest_model.search(ARGS, start) == (37, "log of 37", None)
+    assert 37 in tried and 38 in tried
+
+
+def test_a_timed_out_trial_stops_the_search_with_a_lower_bound(fake_trials):
+    tried = fake_trials(edge=37, slow=30)
+    assert largest_model.search(ARGS, 20) == (27, "log of 27", 35)  # 20, 21, 23, 27 trained; 35 ran too long
+    assert tried == [20, 21, 23, 27, 35]

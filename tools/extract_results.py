@@ -28,7 +28,9 @@ The largest-model CSV format (LARGEST_COLUMNS) is one header line and one row pe
   peak GPU (GiB)    peak GPU memory of that run (its log summary's "peak GPU memory (GiB)")
   peak host (GiB)   peak host RSS of that run (its log summary's "peak host RSS (GiB)")
   card              the GPU's name, as in the log's config line
-Optional further columns: hidden, batch, window (copied when present). Headers are matched loosely
+Optional further columns: hidden, batch, window (copied when present), and search: anything but
+"complete" (a search stopped by a trial's timeout: the layer count is a lower bound) is appended to
+the row's log column. Headers are matched loosely
 (case, spaces, underscores and units do not matter: "largest_layers" and "params_b" are accepted).
 Any file name ending in .csv works (suggested: largest_<method>.csv); for a method found in several
 files, the most recently written file wins.
@@ -154,6 +156,8 @@ def _header_key(name: str) -> str:
     text = " ".join(words)
     if text == "method":
         return "method"
+    if text == "search":
+        return "search"
     if "layer" in text:
         return "layers"
     if "param" in text:
@@ -211,6 +215,8 @@ def rows_from_largest(case_dir, warn) -> list:
                         "card": card_name(raw.get("card")) if raw.get("card") else "",
                         "log": os.path.basename(path),
                     }
+                    if raw.get("search", "complete") != "complete":  # a search cut short: a lower bound
+                        row["log"] += f" ({raw['search']})"
                 except ExtractionError as exc:
                     warn(f"skipping a row of {path}: {exc}")
                     continue

@@ -9,8 +9,8 @@
 #   diag      32 layers all streamed, W=2 and W=4, with and without gradient clipping: the summary's
 #             CPU timers and step counts
 #   trace     tools/trace_stronghold.py: a profiler trace of steady-state iterations, 32 layers all streamed
-#   largest   largest trainable model of megatron-lm, l2l and stronghold (tools/largest_model.py,
-#             seeded by the planner's capacity), the stronghold trial's start-up time
+#   largest   case 1: largest trainable model per method (LARGEST_METHODS; tools/largest_model.py,
+#             seeded by the pre-flight capacity), start-up times, case1.csv and case1.png
 #   case3     examples/case3.sh: the methods at megatron-lm's largest size
 #   cases     examples/case4.sh and case5.sh (case 2 needs case 1's baselines)
 #   dp        2 GPUs: DP=1 and DP=2 at a size megatron-lm cannot hold (micro-batch per rank fixed);
@@ -49,12 +49,15 @@ for s in "$@"; do
                 "$PY" tools/trace_stronghold.py --out "$OUT/trace_w$w" -- --num-layers 32 --bf16 --resident-layers 0 \
                     --window-size "$w" 2>&1 | tail -4 | tee -a "$OUT/trace.txt"
             done ;;
-        largest)
+        largest)  # case 1's searches (LARGEST_START: first size, default the pre-flight capacity;
+                  # LARGEST_TIMEOUT: seconds per trial, under the call's limit: a trial past it ends the
+                  # search with a lower bound), then case1.csv / case1.png from what was found
             for m in ${LARGEST_METHODS:-megatron-lm l2l stronghold}; do
-                "$PY" tools/largest_model.py --method "$m" --start planner --out "$OUT/largest" 2>&1 |
-                    tee -a "$OUT/largest.txt"
+                "$PY" tools/largest_model.py --method "$m" --start "${LARGEST_START:-planner}" \
+                    --timeout "${LARGEST_TIMEOUT:-480}" --out "$OUT/case1" 2>&1 | tee -a "$OUT/largest.txt"
             done
-            grep -h -E "start-up|plan \|" "$OUT"/largest/log_* | tee -a "$OUT/largest.txt" ;;
+            grep -h -E "start-up|plan \|" "$OUT"/case1/log_* | tee -a "$OUT/largest.txt"
+            "$PY" tools/extract_results.py case1 --results "$OUT" && "$PY" tools/draw_results.py case1 --results "$OUT" ;;
         case3)  # every method at megatron-lm's largest size (CASE_LAYERS; CASE_EXTRA: training flags)
             RESULTS_DIR="$OUT" bash examples/case3.sh -l "${CASE_LAYERS:-64}" -i "${CASE_ITERS:-6}" \
                 -m "${CASE_METHODS:-megatron-lm l2l stronghold zero-offload}" -- --log-interval 1 ${CASE_EXTRA:-} ;;

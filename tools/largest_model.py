@@ -41,16 +41,24 @@ def trial(a, layers, log_dir):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=a.timeout)
         out, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
-        out, code = (exc.stdout or b"").decode(errors="replace") + "\ntimed out", -1
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        out, code = out + "\ntimed out", None
     with open(os.path.join(log_dir, f"log_{a.method}_l-{layers}_hs-{a.hidden}_bs-{a.batch}.txt"), "w") as f:
         f.write(out)
     log = parse_log(out)
     losses = [row.get("lm loss") for row in log.iterations]
     ok = code == 0 and len(losses) >= a.iters and all(isinstance(x, float) and math.isfinite(x) for x in losses)
     why = "ok" if ok else ("refused: does not fit" if "does not fit" in out else
-                           "out of memory" if "out of memory" in out.lower() else f"failed (exit {code})")
+                           "out of memory" if "out of memory" in out.lower() else
+                           f"timed out after {a.timeout} s" if code is None else f"failed (exit {code})")
     print(f"{a.method}: {layers} layers -> {why} ({time.time() - start:.0f} s)", flush=True)
+    if code is None:
+        raise TimedOut(layers)
     return ok, log
+
+
+class TimedOut(Exception):
+    """A trial ran past --timeout: neither fits nor fails, so the search stops there."""
 
 
 def planned_capacity(a) -> int:
@@ -66,6 +74,42 @@ def planned_capacity(a) -> int:
     costs = ModelCosts.of(args, 50304)  # GPT-2's padded vocabulary, as the mock data uses
     gpu, host = available_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return max(1, layers_that_fit(costs, gpu, host, a.method))
+
+
+def search(a, start):
+    """Gallop from `start` to the first change of outcome, then bisect. Returns (largest layer count that
+    trained, its log, None), or, if a trial timed out, what was found up to then and that layer count."""
+    found = {"layers": 0, "log": None}
+
+    def fits(layers):
+        ok, log = trial(a, layers, a.out)
+        if ok and layers > found["layers"]:
+            found.update(layers=layers, log=log)
+        return ok
+
+    try:
+        lo, hi = 0, None
+        if fits(start):  # gallop up: start + 1, + 2, + 4, ... until the first failure
+            lo, step = start, 1
+            while hi is None and lo + step <= a.max_layers:
+                if fits(lo + step):
+                    lo, step = lo + step, step * 2
+                else:
+                    hi = lo + step
+        else:  # gallop down by halves until the first success
+            hi, size = start, start // 2
+            while size > 0:
+                if fits(size):
+                    lo = size
+                    break
+                hi, size = size, size // 2
+        hi = hi or a.max_layers + 1
+        while hi - lo > 1:  # then bisect
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    except TimedOut as exc:
+        return found["layers"], found["log"], exc.args[0]
+    return found["layers"], found["log"], None
 
 
 def main():
@@ -89,32 +133,7 @@ def main():
 
     start = min(planned_capacity(a) if a.start == "planner" else int(a.start), a.max_layers)
     print(f"{a.method}: first trial at {start} layers", flush=True)
-    best, best_log, lo, hi = 0, None, 0, None
-    ok, log = trial(a, start, a.out)
-    if ok:  # gallop up: start + 1, + 2, + 4, ... until the first failure
-        best, best_log, lo, step = start, log, start, 1
-        while hi is None and lo + step <= a.max_layers:
-            ok, log = trial(a, lo + step, a.out)
-            if ok:
-                best, best_log, lo, step = lo + step, log, lo + step, step * 2
-            else:
-                hi = lo + step
-    else:  # gallop down by halves until the first success
-        hi, size = start, start // 2
-        while size > 0:
-            ok, log = trial(a, size, a.out)
-            if ok:
-                best, best_log, lo = size, log, size
-                break
-            hi, size = size, size // 2
-    hi = hi or a.max_layers + 1
-    while hi - lo > 1:  # then bisect
-        mid = (lo + hi) // 2
-        ok, log = trial(a, mid, a.out)
-        if ok:
-            best, best_log, lo = mid, log, mid
-        else:
-            hi = mid
+    best, best_log, stopped_at = search(a, start)
 
     summary = best_log.summary if best_log else {}
     device = best_log.config.get("device", "") if best_log else ""
@@ -123,14 +142,17 @@ def main():
            "params (B)": round(best_log.total_parameters / 1e9, 6) if best_log else 0,
            "peak GPU (GiB)": summary.get("peak GPU memory (GiB)", ""),
            "peak host (GiB)": summary.get("peak host RSS (GiB)", ""), "card": card,
-           "hidden": a.hidden, "batch": a.batch}
+           "hidden": a.hidden, "batch": a.batch,
+           # a search cut short by --timeout gives a lower bound, and says so
+           "search": "complete" if stopped_at is None else f"{stopped_at} layers timed out: at least {best}"}
     path = os.path.join(a.out, f"largest_{a.method}.csv")
     with open(path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
         writer.writeheader()
         writer.writerow(row)
     os.replace(path + ".tmp", path)
-    print(f"{a.method}: largest trainable {best} layers ({row['params (B)']} B parameters) on {card}; {path}")
+    print(f"{a.method}: largest trainable {best} layers ({row['params (B)']} B parameters) on {card}; "
+          f"search {row['search']}; {path}")
 
 
 if __name__ == "__main__":
