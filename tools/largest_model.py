@@ -123,7 +123,8 @@ def main():
     p.add_argument("--start", default="8", help="first size tried, or 'planner': the planner's capacity for "
                    "the method on this machine (megatron-lm, l2l, stronghold)")
     p.add_argument("--max-layers", type=int, default=4096)
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per trial")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per trial; a trial past it ends the "
+                   "search, whose result is then a lower bound (the CSV's search column)")
     p.add_argument("--out", default=os.path.join(ROOT, "results"))
     p.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every trial "
                    "(default: --bf16 --recompute-granularity full, which lets every method go largest)")
