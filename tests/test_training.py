@@ -109,3 +109,27 @@ def test_several_processes_are_refused_where_parallelism_is_missing(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(arguments.ArgumentError, match="not yet for zero-offload"):
         arguments.parse_args([*TINY, "--offload-method", "zero-offload"])
+
+
+def test_manual_gc_collects_between_steps_only(monkeypatch):
+    """--manual-gc: the threshold-based collector is off during training (no pause inside an iteration)
+    and collections happen at the start and every --manual-gc-interval iterations, as in Megatron-LM."""
+    import gc
+
+    collected, enabled = [], []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(len(enabled)) or real_collect(*a))
+    monkeypatch.setattr(training, "train_loop_hook", lambda: enabled.append(gc.isenabled()))
+    h = train("--train-iters", "5", "--mock-data", "--manual-gc", "--manual-gc-interval", "2")
+    assert len(h.losses) == 5
+    assert enabled == [False] * 5
+    assert collected == [0, 2, 4]  # before iteration 1, after iterations 2 and 4
+    assert gc.isenabled()
+    enabled.clear()
+    train("--train-iters", "2", "--mock-data")
+    assert enabled == [True, True]
+
+
+def test_manual_gc_interval_must_not_be_negative():
+    with pytest.raises(arguments.ArgumentError, match="manual-gc-interval"):
+        arguments.parse_args([*TINY, "--manual-gc-interval", "-1"])

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=1, help="Iterations between log lines.")
     g.add_argument("--eval-interval", type=int, default=1000, help="Iterations between validation runs.")
     g.add_argument("--eval-iters", type=int, default=0, help="Validation batches per evaluation (0: none).")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="Turn Python's threshold-based garbage collector off while training and collect between "
+                   "steps instead (every --manual-gc-interval iterations and after each evaluation), so its "
+                   "pauses do not land inside an iteration.")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="With --manual-gc: iterations between collections (0: none between training steps).")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -161,6 +167,8 @@ def validate_args(args: argparse.Namespace) -> None:
                             f"--num-attention-heads {args.num_attention_heads}")
     if args.fp16 and args.bf16:
         raise ArgumentError("choose one of --fp16 and --bf16")
+    if args.manual_gc_interval < 0:
+        raise ArgumentError(f"--manual-gc-interval must be 0 or more, got {args.manual_gc_interval}")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.seq_length > args.max_position_embeddings:

@@ -4,6 +4,8 @@ Every method trains the same megatron-core GPT from the same initial weights; th
 where the transformer layers' model states live (see `build_method`).
 """
 
+import contextlib
+import gc
 import math
 import os
 import resource
@@ -299,7 +301,7 @@ def train(args) -> History:
         checkpointing.save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
                                       vocab_size, log)
 
-    with checkpointing.RunGuard(args, save, log) as guard:
+    with checkpointing.RunGuard(args, save, log) as guard, manual_gc(args):
         history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter,
                              guard)
     history.exit_code = guard.exit_code
@@ -324,6 +326,21 @@ def evaluate(args, model, method, valid_iter, device) -> float:
     return sum(losses) / len(losses)
 
 
+@contextlib.contextmanager
+def manual_gc(args):
+    """Megatron-LM's --manual-gc: Python's threshold-based collector is off while training, and
+    train_loop collects between steps instead, where a pause holds up no GPU work."""
+    if not args.manual_gc:
+        yield
+        return
+    gc.disable()
+    gc.collect()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter=None,
                guard=None) -> History:
     history = History()
@@ -339,6 +356,8 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
         elapsed = time.perf_counter() - start
         if train_loop_hook is not None:
             train_loop_hook()
+        if args.manual_gc and args.manual_gc_interval and it % args.manual_gc_interval == 0:
+            gc.collect()
 
         lr = method.learning_rate()
         history.losses.append(loss)
@@ -370,6 +389,8 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
         if valid_iter is not None and args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
             loss = evaluate(args, model, method, valid_iter, device)
             history.valid_losses.append((it, loss))
+            if args.manual_gc:
+                gc.collect()
             log(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
                 f"lm loss PPL: {math.exp(min(loss, 20)):.6E} |")
         if guard is not None and guard.after_iteration(it, history.losses[-1], skipped):
