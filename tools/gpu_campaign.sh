@@ -47,7 +47,7 @@ for s in "$@"; do
         trace)
             for w in 2 4; do
                 "$PY" tools/trace_stronghold.py --out "$OUT/trace_w$w" -- --num-layers 32 --bf16 --resident-layers 0 \
-                    --window-size "$w" 2>&1 | tail -4 | tee -a "$OUT/trace.txt"
+                    --window-size "$w" 2>&1 | tail -14 | tee -a "$OUT/trace.txt"
             done ;;
         largest)  # case 1's searches (LARGEST_START: first size, default the pre-flight capacity;
                   # LARGEST_TIMEOUT: seconds per trial, under the call's limit: a trial past it ends the
