@@ -17,7 +17,7 @@ FLAGS = ["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4
          "--lr", "3e-3", "--clip-grad", "0.5", "--hidden-dropout", "0", "--attention-dropout", "0", "--mock-data"]
 
 
-def run(nproc, method, *extra):
+def run(nproc, method, *extra, iterations=8):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = (launcher if nproc > 1 else [sys.executable]) + [os.path.join(ROOT, "pretrain_gpt.py"), *FLAGS,
                                                           "--offload-method", method, *extra]
@@ -25,9 +25,9 @@ def run(nproc, method, *extra):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = parse_log(proc.stdout)
-    assert len(log.iterations) == 8  # rank 0 logs, once
-    store = re.search(r"= ([0-9.]+) B/param", proc.stdout)
-    return log.series("lm loss"), log.series("grad norm"), store and float(store.group(1))
+    assert len(log.iterations) == iterations  # rank 0 logs, once
+    store = re.search(r"host store: (\d+) of \d+ streamed layers.* = ([0-9.]+) B/param", proc.stdout)
+    return log.series("lm loss"), log.series("grad norm"), store and (int(store.group(1)), float(store.group(2)))
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -42,10 +42,12 @@ def test_two_processes_train_like_one(method, extra):
     assert two_norm == pytest.approx(one_norm, rel=1e-5)
     assert max(one_norm) > 0.5  # clipping fires: the reduced global norm decides the step
     if method == "stronghold":
+        # Rank 0 holds layers 0 and 2 of the three; the one process all of them.
+        assert (one_store[0], two_store[0]) == (3, 2)
         # One process accumulates two micro-batches in an fp32 host buffer (4 B/param more); with one
-        # micro-batch per rank the gradient arrives averaged, and no rank needs that buffer.
+        # micro-batch per rank the gradient arrives summed, and no rank needs that buffer.
         one_microbatch_per_rank = "--global-batch-size" not in extra
-        assert (two_store < one_store) if one_microbatch_per_rank else (two_store == one_store)
+        assert (two_store[1] < one_store[1]) if one_microbatch_per_rank else (two_store[1] == one_store[1])
 
 
 @pytest.mark.parametrize("method,extra", [("megatron-lm", ()), ("stronghold", ("--window-size", "1"))])
@@ -65,3 +67,19 @@ def test_tensor_parallel_checkpoints_are_refused_for_now(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(arguments.ArgumentError, match="not implemented yet"):
         arguments.parse_args([*FLAGS, "--tensor-model-parallel-size", "2", "--save", str(tmp_path)])
+
+
+def test_data_parallel_checkpoint_resumes_at_any_data_parallel_size(tmp_path):
+    """Each rank saves the streamed layers it owns into a part file of its own; the loader merges the
+    parts, so a DP=2 checkpoint resumes with two processes or one and trains on as without the stop."""
+    streamed = ("--window-size", "1")
+    full, _, _ = run(2, "stronghold", *streamed)
+    run(2, "stronghold", *streamed, "--save", str(tmp_path), "--save-interval", "4", "--exit-interval", "4",
+        iterations=4)
+    parts = sorted(os.listdir(tmp_path / "iter_0000004"))
+    assert parts == ["model_optim_rng.pt", "streamed_layers_rank_001.pt"]
+    for nproc in (2, 1):
+        resumed, _, _ = run(nproc, "stronghold", *streamed, "--load", str(tmp_path), iterations=4)
+        assert resumed == pytest.approx(full[4:], rel=1e-5)
+    megatron, _, _ = run(1, "megatron-lm", "--load", str(tmp_path), iterations=4)  # any method reads it
+    assert megatron == pytest.approx(full[4:], rel=1e-5)

@@ -70,6 +70,16 @@ def test_user_threads_override_the_plan():
     assert args.cpu_optimizer_threads >= 1 and f"CPU optimizer threads: {args.cpu_optimizer_threads} |" in plan
 
 
+def test_each_data_parallel_rank_holds_its_share_of_the_streamed_layers():
+    from megatron.stronghold.planner import host_bytes
+
+    one = costs(200, "--recompute-granularity", "full")
+    two = ModelCosts(**{**one.__dict__, "data_parallel": 2})
+    per_layer = one.layer_params * one.host_bytes_per_param
+    assert host_bytes(one, 20) - host_bytes(two, 20) == 90 * per_layer  # 180 streamed layers: 90 each
+    assert host_bytes(two, 19) - host_bytes(two, 20) == per_layer  # 181 streamed: the first rank holds 91
+
+
 def test_capacity_is_gpu_plus_host():
     """Resident layers fill the GPU; every extra GiB of host memory holds more streamed layers."""
     c = costs(1, "--recompute-granularity", "full")

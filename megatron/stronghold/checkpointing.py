@@ -6,7 +6,11 @@ Layout (Megatron-LM's names, one process):
     DIR/iter_0000010/model_optim_rng.pt     model, optimizer, schedule, loss scale, RNG, progress
 
 Megatron-LM puts the file one level deeper (`iter_0000010/mp_rank_00/`) for its tensor-parallel ranks;
-this trainer has none, so the file sits in the iteration directory.
+this trainer has none, so the file sits in the iteration directory. With data parallelism each
+streamed layer lives on one rank only (executor/streaming.py): rank r > 0 writes the layers it owns
+into DIR/iter_0000010/streamed_layers_rank_00r.pt ("model" and "optimizer" entries as below), the
+main file lists those parts under "parts", and loading merges them (memory-mapped) before anything
+else, so the checkpoint reads as one at any data-parallel size and in any method.
 
 What a checkpoint holds does not depend on the method that wrote it (format "per-parameter"):
 - "model": megatron-core GPTModel.state_dict() keys (`decoder.layers.N....`), fp32 values taken from
@@ -222,25 +226,38 @@ def _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, fmt
     }
 
 
-def model_and_optimizer_state(model, method):
-    """("model", "optimizer") entries of a per-parameter checkpoint; tensors alias the method's own."""
-    params = method.state_dict(model)
+def _split(entries: dict):
+    """{name: {"param", "exp_avg", ...}} -> the ("model", "optimizer") entries of a checkpoint."""
     model_sd, optimizer = {}, {}
+    for key, entry in entries.items():
+        model_sd[key] = _own_storage(entry["param"])
+        if "exp_avg" in entry:
+            optimizer[key] = {"exp_avg": _own_storage(entry["exp_avg"]),
+                              "exp_avg_sq": _own_storage(entry["exp_avg_sq"]), "step": int(entry["step"])}
+    return model_sd, optimizer
+
+
+def model_and_optimizer_state(model, method):
+    """("model", "optimizer") entries of a per-parameter checkpoint; tensors alias the method's own.
+    Data parallel: streamed layers other ranks own are left to their part files (save_checkpoint)."""
+    params = method.state_dict(model)
+    elsewhere = method.held_elsewhere(model) if hasattr(method, "held_elsewhere") else set()
+    model_sd, optimizer = _split(params)
     for key, value in model.state_dict(keep_vars=True).items():
-        if key in params:
-            entry = params[key]
-            model_sd[key] = _own_storage(entry["param"])
-            if "exp_avg" in entry:
-                optimizer[key] = {"exp_avg": _own_storage(entry["exp_avg"]),
-                                  "exp_avg_sq": _own_storage(entry["exp_avg_sq"]), "step": int(entry["step"])}
-        elif torch.is_tensor(value):  # a buffer (the GPT has none today)
+        if key in params or key in elsewhere:
+            continue
+        if torch.is_tensor(value):  # a buffer (the GPT has none today)
             model_sd[key] = value.detach()
         else:
             model_sd[key] = value  # megatron-core's `_extra_state` entries (None)
-    missing = set(params) - set(model_sd)
+    missing = set(params) - set(model.state_dict(keep_vars=True))
     if missing:
         raise RuntimeError(f"parameters not in the model's state_dict: {sorted(missing)[:3]}")
     return model_sd, optimizer
+
+
+def _part_file(rank: int) -> str:
+    return f"streamed_layers_rank_{rank:03d}.pt"
 
 
 def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress, vocab_size, log) -> None:
@@ -261,9 +278,20 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
         state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, "deepspeed")
     else:
         state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, "per-parameter")
-        state["model"], state["optimizer"] = model_and_optimizer_state(model, method)
-        if getattr(method, "executor", None) is not None:
-            state["stronghold_guess_next_step"] = bool(method.executor.guessing)
+        executor = getattr(method, "executor", None)
+        if executor is not None:
+            state["stronghold_guess_next_step"] = bool(executor.guessing)
+        # Data parallel: each rank writes the streamed layers it owns into a part file of its own, in
+        # the same per-parameter form; the main file names the parts and the loader merges them.
+        owners = sorted({i % executor.data_parallel for i in range(executor.num_layers)}) if executor else [0]
+        if _rank() == 0:
+            state["model"], state["optimizer"] = model_and_optimizer_state(model, method)
+            state["parts"] = [_part_file(r) for r in owners if r != 0]
+        elif _rank() in owners:
+            part = {"format": "per-parameter part", "iteration": iteration}
+            part["model"], part["optimizer"] = _split(executor.state_dict(method._layer_prefixes(model)))
+            _write(part, os.path.join(tmp, _part_file(_rank())))
+    _barrier()  # every part is written before the checkpoint is published
     if _rank() == 0:
         _write(state, os.path.join(tmp, FILE))
         del state
@@ -324,6 +352,12 @@ def open_checkpoint(args, vocab_size: int, log):
         raise ArgumentError(f"checkpoint {path} does not fit this model: " + "; ".join(diffs))
     if state["iteration"] != iteration:
         raise ArgumentError(f"{path} holds iteration {state['iteration']}, its directory says {iteration}")
+    for name in state.get("parts", []):  # streamed layers saved by other data-parallel ranks
+        part = _read(os.path.join(path, name))
+        if part.get("format") != "per-parameter part" or part["iteration"] != iteration:
+            raise ArgumentError(f"{os.path.join(path, name)} is not a part of the iteration-{iteration} checkpoint")
+        state["model"].update(part["model"])
+        state["optimizer"].update(part["optimizer"])
     args.iteration = iteration
     args.consumed_train_samples = state["consumed_train_samples"]
     args.consumed_valid_samples = state["consumed_valid_samples"]

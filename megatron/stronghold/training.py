@@ -96,6 +96,13 @@ class Method:
         if self.executor is not None:
             self.executor.load_state_dict(state, self._layer_prefixes(model))
 
+    def held_elsewhere(self, model) -> set:
+        """Data parallel: names of the streamed parameters that other ranks own (and save)."""
+        if self.executor is None:
+            return set()
+        return {prefix + name for prefix, owned in zip(self._layer_prefixes(model), self.executor.owned)
+                if not owned for name in self.executor.layout.names}
+
     def _layer_prefixes(self, model):
         names = {id(m): n for n, m in model.named_modules()}
         return [names[id(layer)] + "." for layer in self.executor.layers]
@@ -274,9 +281,10 @@ def train(args) -> History:
     method = build_method(args, model, device, dtype)
     model.train()
     if method.executor is not None:
-        host = method.executor.host_bytes()
-        streamed = method.executor.num_layers * method.executor.layout.numel
-        log(f"host store: {streamed} streamed parameters, pinned {host['pinned'] / GiB:.3f} GiB + pageable "
+        host, owned = method.executor.host_bytes(), sum(method.executor.owned)
+        streamed = owned * method.executor.layout.numel
+        log(f"host store: {owned} of {method.executor.num_layers} streamed layers on this rank, {streamed} "
+            f"parameters, pinned {host['pinned'] / GiB:.3f} GiB + pageable "
             f"{host['pageable'] / GiB:.3f} GiB = {(host['pinned'] + host['pageable']) / streamed:.2f} B/param; "
             f"GPU window {method.executor.window} layers = {method.executor.gpu_bytes() / GiB:.3f} GiB; "
             f"setup {time.perf_counter() - t0:.1f} s")

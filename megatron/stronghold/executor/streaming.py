@@ -64,12 +64,18 @@ class StreamingExecutor:
         self.device = device
         self.cuda = device.type == "cuda"
         self.num_microbatches = args.num_microbatches
-        # Data parallel: each streamed layer's gradient is averaged over the ranks before it leaves the
-        # device (NCCL between GPUs; averaging through host memory over gloo was 3.8x slower than one
-        # rank at 26 streamed layers on 2 H200s). Issued from the autograd thread in backward order,
-        # which is the same on every rank.
+        # Data parallel: streamed layer i belongs to data-parallel rank i mod N, whose host store alone
+        # holds it and whose CPU steps it (host memory and CPU work per rank fall as 1/N). Its gradient is
+        # summed onto the owner on the device (NCCL between GPUs; through host memory over gloo it was
+        # 3.8x slower than one rank at 26 streamed layers on 2 H200s), and its weights are broadcast from
+        # the owner's slot when it is loaded. Loads and gradients go in one fixed order (forward, then
+        # backward), the same on every rank, so every rank issues the same collectives.
         self.data_parallel = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group() if self.data_parallel > 1 else None
+        rank = parallel_state.get_data_parallel_rank() if self.dp_group is not None else 0
+        self.owned = [i % self.data_parallel == rank for i in range(len(self.layers))]
+        self.owner = [torch.distributed.get_global_rank(self.dp_group, i % self.data_parallel)
+                      if self.dp_group is not None else 0 for i in range(len(self.layers))]
         self.layout = LayerLayout.of(self.layers[0])
 
         self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
@@ -77,9 +83,11 @@ class StreamingExecutor:
         for i, layer in enumerate(self.layers):
             if LayerLayout.of(layer) != self.layout:
                 raise ValueError("streamed layers must all have the same parameter layout")
-            host = HostLayer(layer, self.layout, dtype, pin=self.cuda,
-                             accumulate=self.num_microbatches > 1, args=args)
-            host.init_optimizer_state()
+            host = None
+            if self.owned[i]:
+                host = HostLayer(layer, self.layout, dtype, pin=self.cuda,
+                                 accumulate=self.num_microbatches > 1, args=args)
+                host.init_optimizer_state()
             self.host.append(host)
             self._bind(i)  # frees the layer's fp32 initial weights before the next layer's store
         self.params_per_layer = len(self.layout.names)
@@ -135,12 +143,12 @@ class StreamingExecutor:
         """Point layer i's parameters at its slot, and hook its forward and backward."""
         layer = self.layers[i]
         views = dict(zip(self.layout.names, self.layout.views(self.slots[i % self.window])))
-        host_grads = dict(zip(self.layout.names, self.layout.views(self.host[i].grad)))
+        host_grads = dict(zip(self.layout.names, self.layout.views(self.host[i].grad))) if self.owned[i] else {}
         self.grad_targets.append([])  # (parameter, its host grad view, whether it counts in the norm)
         for name, p in layer.named_parameters():
             p.data = views[name]
             p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_param_grad(i))
-            self.grad_targets[i].append((p, host_grads[name], counts_in_norm(p)))
+            self.grad_targets[i].append((p, host_grads.get(name), counts_in_norm(p)))
         layer.register_forward_pre_hook(lambda m, a, i=i: self._before_forward(i))
         layer.register_forward_hook(lambda m, a, out, i=i: self._after_forward(i, out))
 
@@ -154,7 +162,7 @@ class StreamingExecutor:
 
     def host_bytes(self) -> dict:
         total = {"pinned": 0, "pageable": 0}
-        for h in self.host:
+        for h in filter(None, self.host):
             for k, v in h.nbytes().items():
                 total[k] += v
         return total
@@ -172,16 +180,28 @@ class StreamingExecutor:
         if self.slot_owner[slot] == i:
             return
         self._wait(self.weight_pending, i)
-        src, dst = self.host[i].weights, self.slots[slot]
+        dst = self.slots[slot]
         if self.cuda:
             if self.slot_free[slot] is not None:
                 self.h2d.wait_event(self.slot_free[slot])
             with torch.cuda.stream(self.h2d):
-                dst.copy_(src, non_blocking=True)
+                if self.owned[i]:
+                    dst.copy_(self.host[i].weights, non_blocking=True)
+                self._broadcast(i, dst)
                 self.loaded[i] = self.h2d.record_event()
         else:
-            dst.copy_(src)
+            if self.owned[i]:
+                dst.copy_(self.host[i].weights)
+            self._broadcast(i, dst)
         self.slot_owner[slot] = i
+
+    def _broadcast(self, i: int, slot: torch.Tensor) -> None:
+        """Data parallel: layer i's weights from its owner's slot to every rank's (on the current stream)."""
+        if self.dp_group is None:
+            return
+        work = torch.distributed.broadcast(slot, src=self.owner[i], group=self.dp_group, async_op=self.cuda)
+        if work is not None:
+            work.wait()  # orders the copy stream after the collective; does not block the host
 
     def wait_loaded(self, i: int) -> None:
         if self.slot_owner[i % self.window] != i:  # not prefetched (first use): load it now
@@ -261,17 +281,23 @@ class StreamingExecutor:
         last = self.microbatch == self.num_microbatches - 1
         first = self.microbatch == 0
         grads = [p.grad for p, _, _ in self.grad_targets[i]]
-        reduce = self._start_average(grads) if self.dp_group is not None else None
+        reduce = self._start_reduce(i, grads) if self.dp_group is not None else None
         if self.device_norm and reduce is None:
             self._take_norm(i, grads)
         done = self._record()
         self.slot_free[i % self.window] = done
+        if not self.owned[i]:  # its owner steps it: nothing of it leaves this device
+            self.sumsq_host[i] = 0.0
+            self.norm_taken[i] = self.iteration
+            for p, _, _ in self.grad_targets[i]:
+                p.grad = None
+            return
         copied = None
         if self.cuda:
             self.d2h.wait_event(done)
             with torch.cuda.stream(self.d2h):
-                if reduce is not None:  # the copy stream, not the compute stream, waits for the average
-                    grads = self._finish_average(i, grads, *reduce)
+                if reduce is not None:  # the copy stream, not the compute stream, waits for the sum
+                    grads = self._finish_reduce(i, grads, *reduce)
                 for (_, host_grad, _), g in zip(self.grad_targets[i], grads):
                     host_grad.copy_(g, non_blocking=True)
                     g.record_stream(self.d2h)
@@ -288,7 +314,7 @@ class StreamingExecutor:
                 self.offloaded[ahead].synchronize()
         else:
             if reduce is not None:
-                grads = self._finish_average(i, grads, *reduce)
+                grads = self._finish_reduce(i, grads, *reduce)
             for (_, host_grad, _), g in zip(self.grad_targets[i], grads):
                 host_grad.copy_(g)
             self.sumsq_host[i] = self.sumsq_device[i]
@@ -308,14 +334,15 @@ class StreamingExecutor:
         self.sumsq_device[i] = torch.stack(norms).square().sum()
         self.norm_taken[i] = self.iteration
 
-    def _start_average(self, grads):
-        """Start the mean over the data-parallel ranks, in fp32 as Megatron reduces its main grads."""
+    def _start_reduce(self, i, grads):
+        """Start summing layer i's gradient over the data-parallel ranks onto its owner, in fp32 as
+        Megatron reduces its main grads."""
         flat = torch.cat([g.reshape(-1) for g in grads]).float()
-        work = torch.distributed.all_reduce(flat, group=self.dp_group, async_op=self.cuda)
+        work = torch.distributed.reduce(flat, dst=self.owner[i], group=self.dp_group, async_op=self.cuda)
         return flat, work
 
-    def _finish_average(self, i, grads, flat, work):
-        """The averaged gradients in the compute dtype (views of one buffer), on the current stream."""
+    def _finish_reduce(self, i, grads, flat, work):
+        """On the owner: the mean gradient in the compute dtype (views of one buffer), on the current stream."""
         if work is not None:
             work.wait()  # orders the current stream after the collective; does not block the host
         if self.cuda:
@@ -399,16 +426,21 @@ class StreamingExecutor:
         if self.device_norm:
             missing = [i for i in range(self.num_layers) if self.norm_taken[i] != self.iteration]
             if self.cuda and not missing:
-                for event in self.offloaded:
-                    event.synchronize()
+                for i in range(self.num_layers):
+                    if self.owned[i]:
+                        self.offloaded[i].synchronize()
             sumsq = [float(self.sumsq_host[i]) * self.inv_scale * self.inv_scale for i in range(self.num_layers)]
         else:
             self._wait_all()
-            missing = [i for i in range(self.num_layers) if i not in self.stats]
+            missing = [i for i in range(self.num_layers) if self.owned[i] and i not in self.stats]
             sumsq = [s for s, _ in self.stats.values()]
         if missing:
             raise RuntimeError(f"no gradients reached the host for layers {missing}")
         total = sum(sumsq)
+        if self.dp_group is not None:  # each rank measured the layers it owns
+            summed = torch.tensor([total], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(summed, group=self.dp_group)
+            total = float(summed)
         return total, math.isfinite(total)
 
     def finish_step(self, clip_coeff: float, skip: bool) -> None:
@@ -464,7 +496,8 @@ class StreamingExecutor:
         self._wait_all()  # the last step's CPU work must have landed
         out = {}
         for prefix, host in zip(prefixes, self.host):
-            out.update({prefix + name: entry for name, entry in host.state_dict().items()})
+            if host is not None:  # data parallel: the layers this rank owns
+                out.update({prefix + name: entry for name, entry in host.state_dict().items()})
         return out
 
     def load_state_dict(self, state: dict, prefixes) -> None:
@@ -474,6 +507,8 @@ class StreamingExecutor:
         if self.cuda:
             torch.cuda.synchronize(self.device)  # no copy may still read the host weights
         for prefix, host in zip(prefixes, self.host):
+            if host is None:
+                continue
             missing = [prefix + n for n in self.layout.names if prefix + n not in state]
             if missing:
                 raise ValueError(f"{missing[0]} is missing from the checkpoint")

@@ -13,8 +13,9 @@ Byte counts (P parameters per layer, c = bytes of the compute dtype):
 - resident parameter: c weights + 4 fp32 master (not in fp32) + 8 Adam + 4 main grad (the compute-dtype
   gradient is added into the main grad and freed as it arrives; measured on an H100: 18.3 B/param);
 - streamed layer on the host: 16 P (fp32 master + Adam, pinned weights and gradient), +4 P with
-  gradient accumulation; on the GPU a slot of c P, and at most W layers' gradients in flight
-  (+4 P each with data parallelism: the fp32 buffer they are averaged in);
+  gradient accumulation, held by one data-parallel rank of N (each holds ceil(S / N) layers); on
+  the GPU a slot of c P, and at most W layers' gradients in flight (+4 P each with data
+  parallelism: the fp32 buffer they are summed in);
 - activations kept from forward to backward per layer: the layer input (c s b h) with full
   recompute, else about 17 c s b h with flash attention (Korthikanti et al. 2022, without the
   attention matrix); plus the fp32 logits and their gradient, 3 x 4 s b V.
@@ -44,7 +45,7 @@ class ModelCosts:
     accumulate: bool
     tokens: int  # per micro-batch
     recompute: bool
-    averages: bool = False  # data parallel: streamed gradients are averaged on the GPU in fp32
+    data_parallel: int = 1  # ranks: each holds 1/N of the streamed layers and reduces gradients in fp32
 
     @classmethod
     def of(cls, args, vocab_size: int) -> "ModelCosts":
@@ -59,7 +60,7 @@ class ModelCosts:
         recompute = args.recompute_granularity == "full"
         act = c * s * b * h * (1 if recompute else 17)
         return cls(args.num_layers, layer, other, c, act, 3 * 4 * s * b * vocab_size,
-                   args.num_microbatches > 1, s * b, recompute, getattr(args, "data_parallel_size", 1) > 1)
+                   args.num_microbatches > 1, s * b, recompute, getattr(args, "data_parallel_size", 1))
 
     @property
     def resident_bytes_per_param(self) -> int:
@@ -90,7 +91,7 @@ def gpu_bytes(costs: ModelCosts, resident: int, window: int) -> int:
     streamed = costs.layers - resident
     # W slots of weights, W layers' gradients in flight (with data parallelism an fp32 copy for the
     # average and the average in the compute dtype)
-    grad_bytes = costs.compute_bytes + (4 if costs.averages else 0)
+    grad_bytes = costs.compute_bytes + (4 if costs.data_parallel > 1 else 0)
     slots = window * costs.layer_params * (costs.compute_bytes + grad_bytes) if streamed else 0
     return (costs.other_params * costs.resident_bytes_per_param
             + resident * costs.layer_params * costs.resident_bytes_per_param
@@ -101,9 +102,9 @@ def host_bytes(costs: ModelCosts, resident: int) -> int:
     """Peak host bytes: the larger of the fp32 model as first built on the host and the store of
     the streamed layers (resident parts leave for the GPU first, then each streamed layer's fp32
     weights are freed as its store is built)."""
-    streamed = costs.layers - resident
+    owned = -(-(costs.layers - resident) // costs.data_parallel)  # this rank's share of the streamed layers
     built = 4 * (costs.layers * costs.layer_params + costs.other_params)
-    store = streamed * costs.layer_params * costs.host_bytes_per_param + 4 * costs.layer_params
+    store = owned * costs.layer_params * costs.host_bytes_per_param + 4 * costs.layer_params
     return max(built, store) + HOST_RESERVE
 
 
