@@ -1,5 +1,6 @@
-"""Two GPUs (skipped with fewer): data parallelism with streamed layers, whose gradients are averaged
-over NCCL on the device before they leave it, trains like one process at the same global batch."""
+"""Two GPUs (skipped with fewer): data parallelism with streamed layers (each owned by one rank: its
+gradient summed onto the owner and its weights broadcast from it over NCCL) trains like one process
+at the same global batch."""
 
 import pytest
 import torch
