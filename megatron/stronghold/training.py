@@ -285,7 +285,7 @@ def train(args) -> History:
         streamed = owned * method.executor.layout.numel
         log(f"host store: {owned} of {method.executor.num_layers} streamed layers on this rank, {streamed} "
             f"parameters, pinned {host['pinned'] / GiB:.3f} GiB + pageable "
-            f"{host['pageable'] / GiB:.3f} GiB = {(host['pinned'] + host['pageable']) / streamed:.2f} B/param; "
+            f"{host['pageable'] / GiB:.3f} GiB = {(host['pinned'] + host['pageable']) / max(streamed, 1):.2f} B/param; "
             f"GPU window {method.executor.window} layers = {method.executor.gpu_bytes() / GiB:.3f} GiB; "
             f"setup {time.perf_counter() - t0:.1f} s")
 
