@@ -83,3 +83,13 @@ def test_data_parallel_checkpoint_resumes_at_any_data_parallel_size(tmp_path):
         assert resumed == pytest.approx(full[4:], rel=1e-5)
     megatron, _, _ = run(1, "megatron-lm", "--load", str(tmp_path), iterations=4)  # any method reads it
     assert megatron == pytest.approx(full[4:], rel=1e-5)
+
+
+def test_more_ranks_than_streamed_layers():
+    # One streamed layer, two ranks: rank 1 holds none of it and still takes part in its collectives.
+    extra = ("--window-size", "1", "--resident-layers", "2")
+    one_loss, one_norm, one_store = run(1, "stronghold", *extra)
+    two_loss, two_norm, two_store = run(2, "stronghold", *extra)
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
+    assert two_norm == pytest.approx(one_norm, rel=1e-5)
+    assert one_store[0] == two_store[0] == 1
