@@ -243,14 +243,15 @@ def model_and_optimizer_state(model, method):
     params = method.state_dict(model)
     elsewhere = method.held_elsewhere(model) if hasattr(method, "held_elsewhere") else set()
     model_sd, optimizer = _split(params)
-    for key, value in model.state_dict(keep_vars=True).items():
+    own = model.state_dict(keep_vars=True)
+    for key, value in own.items():
         if key in params or key in elsewhere:
             continue
         if torch.is_tensor(value):  # a buffer (the GPT has none today)
             model_sd[key] = value.detach()
         else:
             model_sd[key] = value  # megatron-core's `_extra_state` entries (None)
-    missing = set(params) - set(model.state_dict(keep_vars=True))
+    missing = set(params) - set(own)
     if missing:
         raise RuntimeError(f"parameters not in the model's state_dict: {sorted(missing)[:3]}")
     return model_sd, optimizer
@@ -289,7 +290,7 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
             state["parts"] = [_part_file(r) for r in owners if r != 0]
         elif _rank() in owners:
             part = {"format": "per-parameter part", "iteration": iteration}
-            part["model"], part["optimizer"] = _split(executor.state_dict(method._layer_prefixes(model)))
+            part["model"], part["optimizer"] = _split(method.streamed_state_dict(model))
             _write(part, os.path.join(tmp, _part_file(_rank())))
     _barrier()  # every part is written before the checkpoint is published
     if _rank() == 0:

@@ -88,13 +88,17 @@ class Method:
         same for every method (so checkpoints cross methods); tensors are views of the method's own."""
         state = self.resident.state_dict()
         if self.executor is not None:
-            state.update(self.executor.state_dict(self._layer_prefixes(model)))
+            state.update(self.streamed_state_dict(model))
         return state
 
     def load_state_dict(self, model, state) -> None:
         self.resident.load_state_dict(state)
         if self.executor is not None:
             self.executor.load_state_dict(state, self._layer_prefixes(model))
+
+    def streamed_state_dict(self, model) -> dict:
+        """The part of state_dict() that this rank's host store holds (data parallel: its own layers)."""
+        return self.executor.state_dict(self._layer_prefixes(model))
 
     def held_elsewhere(self, model) -> set:
         """Data parallel: names of the streamed parameters that other ranks own (and save)."""
