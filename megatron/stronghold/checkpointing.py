@@ -284,7 +284,7 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
             state["stronghold_guess_next_step"] = bool(executor.guessing)
         # Data parallel: each rank writes the streamed layers it owns into a part file of its own, in
         # the same per-parameter form; the main file names the parts and the loader merges them.
-        owners = sorted({i % executor.data_parallel for i in range(executor.num_layers)}) if executor else [0]
+        owners = sorted(set(executor.owner)) if executor else [0]  # global ranks holding streamed layers
         if _rank() == 0:
             state["model"], state["optimizer"] = model_and_optimizer_state(model, method)
             state["parts"] = [_part_file(r) for r in owners if r != 0]

@@ -159,34 +159,26 @@ def _sum_over_tensor_parallel(value: float, device) -> float:
 
 
 def preflight(args, vocab_size, device):
-    """Check that the model fits and settle --resident-layers / --window-size; returns the plan line."""
+    """Check that the model fits and settle --resident-layers / --window-size / --cpu-optimizer-threads;
+    returns the plan line (None for the methods without a plan)."""
     from .executor.cpu_worker import default_threads
-    from .planner import DoesNotFit, ModelCosts, available_memory, make_plan, megatron_check, zero_check
+    from .planner import DoesNotFit, ModelCosts, available_memory, check
 
     costs = ModelCosts.of(args, vocab_size)
     gpu_free, host_free = available_memory(device)
+    resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0
     try:
-        if args.offload_method == "megatron-lm":
-            megatron_check(costs, gpu_free, host_free)
-            return None
-        if args.offload_method in arguments.ZERO_METHODS:
-            zero_check(costs, gpu_free, host_free, args.offload_method)
-            return None
-        if args.offload_method == "l2l":
-            args.resident_layers, args.window_size = 0, 1
-        if args.offload_method in ("stronghold", "l2l"):
-            resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0
-            plan = make_plan(costs, gpu_free, host_free, resident, args.window_size, cores=default_threads())
-            args.resident_layers = plan.resident
-            if args.window_size is None:
-                args.window_size = max(plan.window, 1)
-            if args.cpu_optimizer_threads:
-                plan.threads = args.cpu_optimizer_threads
-            args.cpu_optimizer_threads = plan.threads
-            return plan.describe(costs)
+        plan = check(costs, gpu_free, host_free, args.offload_method, resident, args.window_size,
+                     args.cpu_optimizer_threads, cores=default_threads())
     except DoesNotFit as exc:
         raise arguments.ArgumentError(str(exc)) from None
-    return None
+    if plan is None:
+        return None
+    args.resident_layers = plan.resident
+    if args.window_size is None or args.offload_method == "l2l":  # l2l: one slot, whatever -w says
+        args.window_size = max(plan.window, 1)
+    args.cpu_optimizer_threads = plan.threads
+    return plan.describe(costs)
 
 
 def _move_all_but(model, streamed, device, dtype) -> None:

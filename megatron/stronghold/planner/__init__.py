@@ -149,8 +149,9 @@ def _window(costs, resident, window):
     return min(window if window is not None else 4, streamed) if streamed else 0
 
 
-def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window=None, cores: int = 1) -> Plan:
-    """The plan with the most resident layers that fits; `resident`/`window` fix either choice.
+def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window=None, threads=None,
+              cores: int = 1) -> Plan:
+    """The plan with the most resident layers that fits; `resident`/`window`/`threads` fix a choice.
 
     gpu_free None means there is no GPU: device and host share the host memory. cores: the most
     threads the CPU optimizer may have (see optimizer_threads).
@@ -163,7 +164,7 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
         w = _window(costs, r, window)
         g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
         if (g + h <= host_free) if shared else (g <= gpu_budget and h <= host_free):
-            return Plan(r, w, optimizer_threads(costs, r, cores), g, h, predicted_seconds(costs, r, w))
+            return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h, predicted_seconds(costs, r, w))
     r = min(resident, L) if resident is not None else 0
     w = _window(costs, r, window)
     g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
@@ -259,21 +260,28 @@ def layers_that_fit(costs: ModelCosts, gpu_free: int, host_free: int, method: st
     return lo
 
 
+def check(costs: ModelCosts, gpu_free, host_free: int, method: str, resident=None, window=None, threads=None,
+          cores: int = 1):
+    """The pre-flight check of `method` (raises DoesNotFit): stronghold's and l2l's plan (l2l streams
+    every layer through one slot), None for the methods without one."""
+    if method == "megatron-lm":
+        megatron_check(costs, gpu_free, host_free)
+        return None
+    if method in ZERO_METHODS:
+        zero_check(costs, gpu_free, host_free, method)
+        return None
+    if method == "l2l":
+        resident, window = 0, 1
+    return make_plan(costs, gpu_free, host_free, resident, window, threads, cores)
+
+
 def _fits(costs, layers, gpu_free, host_free, method) -> bool:
-    trial = ModelCosts(**{**costs.__dict__, "layers": layers})
     try:
-        if method == "megatron-lm":
-            megatron_check(trial, gpu_free, host_free)
-        elif method in ZERO_METHODS:
-            zero_check(trial, gpu_free, host_free, method)
-        elif method == "l2l":
-            make_plan(trial, gpu_free, host_free, resident=0, window=1)
-        else:
-            make_plan(trial, gpu_free, host_free)
+        check(ModelCosts(**{**costs.__dict__, "layers": layers}), gpu_free, host_free, method)
         return True
     except DoesNotFit:
         return False
 
 
-__all__ = ["ModelCosts", "Plan", "DoesNotFit", "make_plan", "megatron_check", "zero_check",
+__all__ = ["ModelCosts", "Plan", "DoesNotFit", "make_plan", "check", "megatron_check", "zero_check",
            "available_memory", "layers_that_fit"]
