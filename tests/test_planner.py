@@ -83,11 +83,12 @@ def test_each_data_parallel_rank_holds_its_share_of_the_streamed_layers():
 def test_capacity_is_gpu_plus_host():
     """Resident layers fill the GPU; every extra GiB of host memory holds more streamed layers."""
     c = costs(1, "--recompute-granularity", "full")
-    small_host = layers_that_fit(c, 80 * GiB, 20 * GiB)
-    large_host = layers_that_fit(c, 80 * GiB, 120 * GiB)
     per_layer_host = c.layer_params * c.host_bytes_per_param
-    assert small_host * c.layer_params * c.resident_bytes_per_param > 60 * GiB  # the GPU is used
-    assert large_host - small_host >= 100 * GiB // per_layer_host - 1
+    for host in (20 * GiB, 120 * GiB):
+        layers = layers_that_fit(c, 80 * GiB, host)
+        plan = make_plan(ModelCosts(**{**c.__dict__, "layers": layers}), 80 * GiB, host)
+        assert plan.resident * c.layer_params * c.resident_bytes_per_param > 60 * GiB  # the GPU is used
+        assert host - per_layer_host < plan.host_bytes <= host  # and the host, to within one layer
 
 
 def test_capacity_per_method_is_the_edge_of_its_preflight_check():
@@ -136,3 +137,13 @@ def test_refused_before_allocating_within_seconds(method):
     assert "does not fit" in proc.stderr and "GiB" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert time.time() - start < 60
+
+
+def test_resident_layers_cost_no_host_memory_since_each_leaves_the_host_as_it_is_built():
+    from megatron.stronghold.planner import host_bytes
+
+    small, large = costs(10), costs(200)
+    assert host_bytes(small, 10) == host_bytes(large, 200)  # all resident: the embeddings and one layer
+    # data parallel: the fp32 weights a rank keeps after the build are its own streamed layers only
+    two = ModelCosts(**{**large.__dict__, "data_parallel": 2})
+    assert host_bytes(two, 0) < host_bytes(large, 0)

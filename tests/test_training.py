@@ -102,7 +102,7 @@ def test_log_lines_parse_back():
     assert log.config["method"] == "stronghold" and log.config["precision"] == "fp32"
     assert log.summary["iterations"] == 4 and log.summary["samples per second"] > 0
     assert "peak host RSS (GiB)" in log.summary and "pinned host memory (GiB)" in log.summary
-    assert "start-up: " in proc.stdout and "model built and initialised on the host in" in proc.stdout
+    assert "start-up: " in proc.stdout and "model built and initialised in" in proc.stdout
 
 
 def test_several_processes_are_refused_where_parallelism_is_missing(monkeypatch):
@@ -133,3 +133,44 @@ def test_manual_gc_collects_between_steps_only(monkeypatch):
 def test_manual_gc_interval_must_not_be_negative():
     with pytest.raises(arguments.ArgumentError, match="manual-gc-interval"):
         arguments.parse_args([*TINY, "--manual-gc-interval", "-1"])
+
+
+def test_layers_are_placed_as_each_is_built_with_the_same_weights(monkeypatch):
+    """Each layer leaves the host build the moment it is initialised (resident ones to the compute
+    dtype/device, another data-parallel rank's streamed ones dropped), so the whole model is never in
+    fp32 on the host; the weights are those of the unplaced build."""
+    from megatron.core import parallel_state
+    from megatron.stronghold.model import build_model
+
+    args = arguments.parse_args([*TINY, "--num-layers", "5", "--bf16", "--offload-method", "stronghold",
+                                 "--resident-layers", "2"])
+    training.init_distributed(torch.device("cpu"))
+    torch.manual_seed(3)
+    reference = {k: v.clone() for k, v in build_model(args, 128).state_dict().items() if torch.is_tensor(v)}
+
+    # Rank 1 of 2: of the streamed layers 2, 3, 4 (streamed 0, 1, 2) it owns only layer 3.
+    monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda *a, **k: 1)
+    place = training.layer_placement(args, torch.device("cpu"), torch.bfloat16)
+    seen = []
+
+    def record(index, layer):
+        seen.append(index)
+        place(index, layer)
+
+    torch.manual_seed(3)
+    model = build_model(args, 128, record)
+    assert seen == [0, 1, 2, 3, 4]  # one at a time, in order
+    layers = list(model.decoder.layers)
+    for index, layer in enumerate(layers):
+        weights = list(layer.parameters())
+        if index < 2:
+            assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in weights)
+        elif index == 3:
+            assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in weights)
+        else:  # their shapes stay for the executor's layout, their weights are gone
+            assert all(p.untyped_storage().nbytes() == 4 for p in weights)
+    dropped = {f"decoder.layers.{i}." for i in (2, 4)}
+    for name, value in model.state_dict().items():
+        if torch.is_tensor(value) and not any(name.startswith(d) for d in dropped):
+            assert torch.equal(value, reference[name].to(value.dtype)), name

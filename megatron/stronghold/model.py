@@ -8,6 +8,7 @@ Two things are plugged in through megatron-core's public surface:
   recompute path is CUDA-only).
 """
 
+import contextlib
 import functools
 
 import torch
@@ -18,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
 class SDPAttention(DotProductAttention):
@@ -59,22 +61,51 @@ def transformer_config(args) -> TransformerConfig:
     )
 
 
+_place_layer = None  # set by build_model while it builds: called with (layer index, layer)
+
+
+class PlacedTransformerLayer(TransformerLayer):
+    """A TransformerLayer handed to the build's placement as soon as it is initialised, before the
+    next one exists: at no time is the whole model in fp32 on the host."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if _place_layer is not None:
+            _place_layer(self.layer_number - 1, self)
+
+
 def layer_spec():
     spec = get_gpt_layer_local_spec()
+    spec.module = PlacedTransformerLayer
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
 
-def build_model(args, vocab_size: int) -> GPTModel:
-    """Build the GPT in fp32 on the CPU from the current RNG state (same weights for every method)."""
-    model = GPTModel(
-        config=transformer_config(args),
-        transformer_layer_spec=layer_spec(),
-        vocab_size=vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type="learned_absolute",
-    )
+@contextlib.contextmanager
+def _placing(place_layer):
+    global _place_layer
+    _place_layer = place_layer
+    try:
+        yield
+    finally:
+        _place_layer = None
+
+
+def build_model(args, vocab_size: int, place_layer=None) -> GPTModel:
+    """Build the GPT in fp32 on the CPU from the current RNG state (same weights for every method).
+
+    place_layer(index, layer), if given, moves each transformer layer to where the method keeps it
+    right after its initialisation; the RNG stream, and so every weight, is the same either way.
+    """
+    with _placing(place_layer):
+        model = GPTModel(
+            config=transformer_config(args),
+            transformer_layer_spec=layer_spec(),
+            vocab_size=vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type="learned_absolute",
+        )
     for index in checkpointed_layers(args):
         enable_recompute(model.decoder.layers[index])
     return model

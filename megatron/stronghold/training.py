@@ -181,6 +181,29 @@ def preflight(args, vocab_size, device):
     return plan.describe(costs)
 
 
+def layer_placement(args, device, dtype):
+    """Where each transformer layer goes the moment it is built (model.build_model's place_layer):
+    megatron-lm's and the resident layers to the device in the compute dtype; of the streamed layers,
+    those another data-parallel rank owns lose their weights at once (their owner broadcasts them
+    at load time), this rank's stay in fp32 on the host until the store takes them. The ZeRO
+    baselines hand the whole fp32 model to DeepSpeed: None."""
+    if args.offload_method == "megatron-lm":
+        return lambda index, layer: layer.to(device=device, dtype=dtype)
+    if args.offload_method not in ("stronghold", "l2l"):
+        return None
+    from .executor import owned_by_this_rank
+
+    owned = owned_by_this_rank(args.num_layers - args.resident_layers)
+
+    def place(index, layer):
+        if index < args.resident_layers:
+            layer.to(device=device, dtype=dtype)
+        elif not owned[index - args.resident_layers]:
+            for p in layer.parameters():  # the shape stays (one element's storage) until bound to a slot
+                p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)
+    return place
+
+
 def _move_all_but(model, streamed, device, dtype) -> None:
     """Move every parameter except the streamed layers' to the device, before the store is built,
     so the host holds at most the fp32 weights of the layers not yet in the store."""
@@ -260,7 +283,7 @@ def train(args) -> History:
     if device.type == "cuda":
         torch.cuda.manual_seed(args.seed)
     start = time.perf_counter()
-    model = build_model(args, vocab_size)
+    model = build_model(args, vocab_size, layer_placement(args, device, dtype))
     built = time.perf_counter() - start
     total = num_parameters(model)
     log(f"total parameters: {total} ({total / 1e9:.3f} B)")
@@ -296,8 +319,8 @@ def train(args) -> History:
     if resume is not None:  # last: the RNG state it restores is the next iteration's
         checkpointing.load_checkpoint(resume, args, model, method, scheduler, scaler, log)
         del resume
-    log(f"start-up: {time.perf_counter() - start:.1f} s (model built and initialised on the host in {built:.1f} s, "
-        f"placed in {time.perf_counter() - t0:.1f} s)")
+    log(f"start-up: {time.perf_counter() - start:.1f} s (model built and initialised in {built:.1f} s, "
+        f"host store and optimizers in {time.perf_counter() - t0:.1f} s)")
 
     def save(iteration):
         progress = {"train": train_iter.consumed_samples,

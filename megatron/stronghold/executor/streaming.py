@@ -50,6 +50,13 @@ class _WaitForLoad(torch.autograd.Function):
         return grad, None, None
 
 
+def owned_by_this_rank(num_streamed: int) -> list:
+    """Whether this data-parallel rank owns each streamed layer: layer i belongs to rank i mod N."""
+    ranks = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank() if ranks > 1 else 0
+    return [i % ranks == rank for i in range(num_streamed)]
+
+
 class StreamingExecutor:
     def __init__(self, layers, window: int, dtype: torch.dtype, device: torch.device, args, log=print,
                  overlap: bool = True):
@@ -72,8 +79,7 @@ class StreamingExecutor:
         # backward), the same on every rank, so every rank issues the same collectives.
         self.data_parallel = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group() if self.data_parallel > 1 else None
-        rank = parallel_state.get_data_parallel_rank() if self.dp_group is not None else 0
-        self.owned = [i % self.data_parallel == rank for i in range(len(self.layers))]
+        self.owned = owned_by_this_rank(len(self.layers))
         self.owner = [torch.distributed.get_global_rank(self.dp_group, i % self.data_parallel)
                       if self.dp_group is not None else 0 for i in range(len(self.layers))]
         self.layout = LayerLayout.of(self.layers[0])

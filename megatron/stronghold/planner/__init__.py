@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from ..arguments import ZERO_METHODS
 
 GiB = 1024 ** 3
-HOST_RESERVE = 4 * GiB       # interpreter, CUDA context, data, allocator slack
+HOST_RESERVE = 6 * GiB       # interpreter, CUDA and torch libraries, data, allocator slack: peak RSS less
+                             # the store was 5.0 GiB (H100, 236 layers) and 5.3 GiB (H200, 305 layers);
+                             # with 4 the pre-flight admitted 306 layers on the H200 and the kernel killed it
 GPU_RESERVE = 2 * GiB        # CUDA context, cuBLAS workspaces, fragmentation
 GPU_FRACTION = 0.95          # of the free memory the plan may use
 ACHIEVED_TFLOPS = 350e12     # bf16 layer forward+backward measured on H200 (see the bench); a model
@@ -99,11 +101,13 @@ def gpu_bytes(costs: ModelCosts, resident: int, window: int) -> int:
 
 
 def host_bytes(costs: ModelCosts, resident: int) -> int:
-    """Peak host bytes: the larger of the fp32 model as first built on the host and the store of
-    the streamed layers (resident parts leave for the GPU first, then each streamed layer's fp32
-    weights are freed as its store is built)."""
+    """Peak host bytes: the larger of the fp32 weights on the host once the model is built and the
+    store of the streamed layers. Each layer is placed as soon as it is initialised (resident ones go
+    to the GPU, another rank's are dropped), so the build leaves the embeddings and this rank's
+    streamed layers in fp32 on the host; each streamed layer's fp32 weights are freed as its store
+    is built."""
     owned = -(-(costs.layers - resident) // costs.data_parallel)  # this rank's share of the streamed layers
-    built = 4 * (costs.layers * costs.layer_params + costs.other_params)
+    built = 4 * ((owned + 1) * costs.layer_params + costs.other_params)  # + 1: the layer being built
     store = owned * costs.layer_params * costs.host_bytes_per_param + 4 * costs.layer_params
     return max(built, store) + HOST_RESERVE
 
