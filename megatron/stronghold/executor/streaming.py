@@ -50,11 +50,15 @@ class _WaitForLoad(torch.autograd.Function):
         return grad, None, None
 
 
-def owned_by_this_rank(num_streamed: int) -> list:
-    """Whether this data-parallel rank owns each streamed layer: layer i belongs to rank i mod N."""
+def streamed_layer_owners(num_streamed: int) -> list:
+    """The data-parallel rank that owns each streamed layer: layer i belongs to rank i mod N."""
     ranks = parallel_state.get_data_parallel_world_size()
-    rank = parallel_state.get_data_parallel_rank() if ranks > 1 else 0
-    return [i % ranks == rank for i in range(num_streamed)]
+    return [i % ranks for i in range(num_streamed)]
+
+
+def owned_by_this_rank(num_streamed: int) -> list:
+    rank = parallel_state.get_data_parallel_rank() if parallel_state.get_data_parallel_world_size() > 1 else 0
+    return [owner == rank for owner in streamed_layer_owners(num_streamed)]
 
 
 class StreamingExecutor:
@@ -80,8 +84,8 @@ class StreamingExecutor:
         self.data_parallel = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group() if self.data_parallel > 1 else None
         self.owned = owned_by_this_rank(len(self.layers))
-        self.owner = [torch.distributed.get_global_rank(self.dp_group, i % self.data_parallel)
-                      if self.dp_group is not None else 0 for i in range(len(self.layers))]
+        self.owner = [torch.distributed.get_global_rank(self.dp_group, owner) if self.dp_group is not None else 0
+                      for owner in streamed_layer_owners(len(self.layers))]
         self.layout = LayerLayout.of(self.layers[0])
 
         self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
