@@ -13,6 +13,8 @@
 #             seeded by the pre-flight capacity), start-up times, case1.csv and case1.png
 #   case3     examples/case3.sh: the methods at megatron-lm's largest size
 #   cases     examples/case4.sh and case5.sh (case 2 needs case 1's baselines)
+#   threads   tools/thread_cpu.py: each thread's CPU use during megatron-lm's and stronghold's steady
+#             iterations at CASE_LAYERS (default 88, megatron-lm's largest on an H100) with CASE_EXTRA
 #   dp        2 GPUs: DP=1 and DP=2 at a size megatron-lm cannot hold (micro-batch per rank fixed);
 #             the tests stage on such a machine also runs the 2-GPU data-parallel tests
 set -uo pipefail
@@ -61,6 +63,14 @@ for s in "$@"; do
         case3)  # every method at megatron-lm's largest size (CASE_LAYERS; CASE_EXTRA: training flags)
             RESULTS_DIR="$OUT" bash examples/case3.sh -l "${CASE_LAYERS:-64}" -i "${CASE_ITERS:-6}" \
                 -m "${CASE_METHODS:-megatron-lm l2l stronghold zero-offload}" -- --log-interval 1 ${CASE_EXTRA:-} ;;
+        threads)
+            for m in megatron-lm stronghold; do
+                "$PY" tools/thread_cpu.py -- --num-layers "${CASE_LAYERS:-88}" --hidden-size 2048 \
+                    --num-attention-heads 16 --seq-length 1024 --max-position-embeddings 1024 --micro-batch-size 4 \
+                    --global-batch-size 4 --train-iters "${CASE_ITERS:-15}" --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine \
+                    --lr-warmup-iters 2 --weight-decay 0.01 --clip-grad 1.0 --mock-data --bf16 --offload-method "$m" \
+                    ${CASE_EXTRA:-} 2>&1 | grep -E "^threads|^  thread|plan \||summary" | sed "s/^/$m /" | tee -a "$OUT/threads.txt"
+            done ;;
         cases)
             RESULTS_DIR="$OUT" bash examples/case4.sh -p "16 32 64 96 128" -i 6 -w 2
             RESULTS_DIR="$OUT" bash examples/case5.sh -l "${CASE_LAYERS:-64}" -p "1 2 4 8" -i 6 ;;

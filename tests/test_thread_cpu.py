@@ -1,0 +1,38 @@
+"""tools/thread_cpu.py: per-thread CPU use of a run's steady iterations (to find host contention)."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
+
+
+@linux_only
+def test_cpu_optimizer_thread_and_its_openmp_team_are_named():
+    from megatron.stronghold.executor.cpu_worker import CpuWorker
+
+    worker = CpuWorker(2)
+    worker.submit(0, lambda: torch.randn(2_000_000).mul_(2).sum()).result()
+    time.sleep(0.05)
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    worker.shutdown()
+    assert "stronghold-adam" in names
+
+
+@linux_only
+def test_reports_each_busy_thread_over_the_steady_iterations():
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "thread_cpu.py"), "--from-iteration", "2", "--",
+           "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+           "--micro-batch-size", "2", "--train-iters", "8", "--mock-data"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = re.search(r"threads \| window: ([0-9.]+) s \| process CPU: (\d+)% of one core", proc.stdout)
+    main = re.search(r"thread \d+ \(main\) \S+: (\d+)%", proc.stdout)
+    assert summary and main, proc.stdout[-2000:]
+    assert float(summary.group(1)) > 0 and int(summary.group(2)) >= int(main.group(1)) > 10
