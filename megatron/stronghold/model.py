@@ -65,8 +65,8 @@ _place_layer = None  # set by build_model while it builds: called with (layer in
 
 
 class PlacedTransformerLayer(TransformerLayer):
-    """A TransformerLayer handed to the build's placement as soon as it is initialised, before the
-    next one exists: at no time is the whole model in fp32 on the host."""
+    """A TransformerLayer handed to the build's placement (if any) as soon as it is initialised,
+    before the next one exists, so the whole model need never be in fp32 on the host at once."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
