@@ -120,8 +120,8 @@ def main():
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--start", default="8", help="first size tried, or 'planner': the planner's capacity for "
-                   "the method on this machine (megatron-lm, l2l, stronghold)")
+    p.add_argument("--start", default="8", help="first size tried, or 'planner': the most layers the method's "
+                   "pre-flight check admits on this machine (every method; for ZeRO, the bytes DeepSpeed surely keeps)")
     p.add_argument("--max-layers", type=int, default=4096)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per trial; a trial past it ends the "
                    "search, whose result is then a lower bound (the CSV's search column)")
