@@ -29,8 +29,12 @@ GiB = 1024 ** 3
 HOST_RESERVE = 6 * GiB       # interpreter, CUDA and torch libraries, data, allocator slack: peak RSS less
                              # the store was 5.0 GiB (H100, 236 layers) and 5.3 GiB (H200, 305 layers);
                              # with 4 the pre-flight admitted 306 layers on the H200 and the kernel killed it
-GPU_RESERVE = 2 * GiB        # CUDA context, cuBLAS workspaces, fragmentation
-GPU_FRACTION = 0.95          # of the free memory the plan may use
+GPU_RESERVE = 5 * GiB // 2   # beyond the counted bytes: cuBLAS workspaces, NCCL, allocator slack. The
+                             # count matches the measured peak to 0.1 GiB (H100 and H200, with and without
+                             # recompute); the H100's megatron-lm OOM at 89 layers had 1.7 GiB outside
+                             # torch's allocator (CUDA context included, which the free figure already
+                             # excludes) and 0.3 GiB cached in it. A fixed reserve, not a fraction of the
+                             # free memory: 5% of an H200 would stream 8 layers that fit
 ACHIEVED_TFLOPS = 350e12     # bf16 layer forward+backward measured on H200 (see the bench); a model
 CPU_ADAM_RATE = 4e9          # params/s of fused AdamW on 16 cores (gpu-machine.md)
 PCIE_RATE = 45e9             # bytes/s each way with both directions busy (gpu-machine.md)
@@ -82,10 +86,12 @@ class Plan:
     gpu_bytes: int
     host_bytes: int
     predicted_s: float
+    gpu_free: object = None  # bytes the plan was made for; None without a GPU
 
     def describe(self, costs: ModelCosts) -> str:
         return (f"plan | resident layers: {self.resident} | streamed layers: {costs.layers - self.resident} | "
-                f"window: {self.window} | CPU optimizer threads: {self.threads} | GPU: {self.gpu_bytes / GiB:.1f} GiB | host: {self.host_bytes / GiB:.1f} GiB | "
+                f"window: {self.window} | CPU optimizer threads: {self.threads} | GPU: {self.gpu_bytes / GiB:.1f} GiB"
+                f"{'' if self.gpu_free is None else f' of {self.gpu_free / GiB:.1f} free'} | host: {self.host_bytes / GiB:.1f} GiB | "
                 f"predicted iteration (ms): {self.predicted_s * 1e3:.0f} |")
 
 
@@ -161,14 +167,15 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
     threads the CPU optimizer may have (see optimizer_threads).
     """
     shared = gpu_free is None
-    gpu_budget = host_free if shared else int(gpu_free * GPU_FRACTION)
+    gpu_budget = host_free if shared else gpu_free
     L = costs.layers
     candidates = [min(resident, L)] if resident is not None else range(L, -1, -1)
     for r in candidates:
         w = _window(costs, r, window)
         g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
         if (g + h <= host_free) if shared else (g <= gpu_budget and h <= host_free):
-            return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h, predicted_seconds(costs, r, w))
+            return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h, predicted_seconds(costs, r, w),
+                        gpu_free)
     r = min(resident, L) if resident is not None else 0
     w = _window(costs, r, window)
     g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
