@@ -26,7 +26,7 @@ def fake_trials(monkeypatch):
     return install
 
 
-ARGS = types.SimpleNamespace(max_layers=4096, out=None)
+ARGS = types.SimpleNamespace(max_layers=4096, out=None, budget=0)
 
 
 @pytest.mark.parametrize("start", [1, 20, 37, 38, 100])
@@ -40,3 +40,26 @@ def test_a_timed_out_trial_stops_the_search_with_a_lower_bound(fake_trials):
     tried = fake_trials(edge=37, slow=30)
     assert largest_model.search(ARGS, 20) == (27, "log of 27", 35)  # 20, 21, 23, 27 trained; 35 ran too long
     assert tried == [20, 21, 23, 27, 35]
+
+
+def test_a_seed_just_above_the_edge_costs_a_few_trials(fake_trials):
+    """The pre-flight seed is close above the edge: gallop down by 1, 2, 4, not by halves."""
+    tried = fake_trials(edge=150)
+    assert largest_model.search(ARGS, 153) == (150, "log of 150", None)
+    assert tried == [153, 152, 151, 149, 150]
+
+
+def test_the_search_stops_before_a_trial_that_would_overrun_its_budget(fake_trials, monkeypatch):
+    """Each trial takes 100 s here: with 350 s, the fourth would end past the budget."""
+    now = [0.0]
+    tried = fake_trials(edge=37)
+    trial = largest_model.trial
+
+    def slow_trial(a, layers, log_dir):
+        now[0] += 100
+        return trial(a, layers, log_dir)
+    monkeypatch.setattr(largest_model, "trial", slow_trial)
+    monkeypatch.setattr(largest_model.time, "time", lambda: now[0])
+    args = types.SimpleNamespace(**{**ARGS.__dict__, "budget": 350})
+    assert largest_model.search(args, 20) == (23, "log of 23", 27)  # 20, 21, 23 trained; 27 not started
+    assert tried == [20, 21, 23]

@@ -52,11 +52,12 @@ for s in "$@"; do
                     --window-size "$w" 2>&1 | tail -14 | tee -a "$OUT/trace.txt"
             done ;;
         largest)  # case 1's searches (LARGEST_START: first size, default the pre-flight capacity;
-                  # LARGEST_TIMEOUT: seconds per trial, under the call's limit: a trial past it ends the
-                  # search with a lower bound), then case1.csv / case1.png from what was found
+                  # LARGEST_TIMEOUT: seconds per trial, LARGEST_BUDGET: seconds per search, both under the
+                  # call's limit: either ends the search with a lower bound), then case1.csv / case1.png
             for m in ${LARGEST_METHODS:-megatron-lm l2l stronghold}; do
                 "$PY" tools/largest_model.py --method "$m" --start "${LARGEST_START:-planner}" \
-                    --timeout "${LARGEST_TIMEOUT:-480}" --out "$OUT/case1" 2>&1 | tee -a "$OUT/largest.txt"
+                    --timeout "${LARGEST_TIMEOUT:-480}" --budget "${LARGEST_BUDGET:-0}" --out "$OUT/case1" 2>&1 |
+                    tee -a "$OUT/largest.txt"
             done
             grep -h -E "start-up|plan \|" "$OUT"/case1/log_* | tee -a "$OUT/largest.txt"
             "$PY" tools/extract_results.py case1 --results "$OUT" && "$PY" tools/draw_results.py case1 --results "$OUT" ;;

@@ -4,8 +4,8 @@ Trainable means: at least --iters iterations finish with a finite loss. Every tr
 process (an out-of-memory kill cannot take the search down, and memory is clean for the next one),
 and the planner's pre-flight check turns most too-large trials into a refusal within seconds.
 
-The search gallops from a first size (up by 1, 2, 4, ... while trials succeed, down by halves while
-they fail) and then bisects. `--start planner` seeds it with the capacity that the method's pre-flight
+The search gallops from a first size (up by 1, 2, 4, ... while trials succeed, down by 1, 2, 4, ...
+while they fail) and then bisects. `--start planner` seeds it with the capacity that the method's pre-flight
 check admits on this machine (for the ZeRO baselines, the bytes DeepSpeed certainly keeps), so an
 accurate check costs two trials (capacity, then capacity + 1) instead of a dozen;
 a trial above the plan is still tried, and refused by the same pre-flight check if it cannot fit.
@@ -80,9 +80,15 @@ def search(a, start):
     """Gallop from `start` to the first change of outcome, then bisect. Returns (largest layer count that
     trained, its log, None), or, if a trial timed out, what was found up to then and that layer count."""
     found = {"layers": 0, "log": None}
+    began, longest = time.time(), [0.0]
 
     def fits(layers):
+        elapsed = time.time() - began
+        if a.budget and elapsed + longest[0] > a.budget:  # the next trial would not finish in time
+            raise TimedOut(layers)
+        t0 = time.time()
         ok, log = trial(a, layers, a.out)
+        longest[0] = max(longest[0], time.time() - t0)
         if ok and layers > found["layers"]:
             found.update(layers=layers, log=log)
         return ok
@@ -96,13 +102,14 @@ def search(a, start):
                     lo, step = lo + step, step * 2
                 else:
                     hi = lo + step
-        else:  # gallop down by halves until the first success
-            hi, size = start, start // 2
-            while size > 0:
-                if fits(size):
-                    lo = size
+        else:  # gallop down: start - 1, - 2, - 4, ... until the first success (a seed from the
+            # pre-flight check is close above the edge: the trial process sees a little less memory)
+            hi, step = start, 1
+            while start - step > 0:
+                if fits(start - step):
+                    lo = start - step
                     break
-                hi, size = size, size // 2
+                hi, step = start - step, step * 2
         hi = hi or a.max_layers + 1
         while hi - lo > 1:  # then bisect
             mid = (lo + hi) // 2
@@ -125,6 +132,9 @@ def main():
     p.add_argument("--max-layers", type=int, default=4096)
     p.add_argument("--timeout", type=int, default=1800, help="seconds per trial; a trial past it ends the "
                    "search, whose result is then a lower bound (the CSV's search column)")
+    p.add_argument("--budget", type=int, default=0, help="seconds for the whole search (0: no limit): it stops "
+                   "before a trial that would not finish in time (judged by the longest trial so far), with a "
+                   "lower bound, as after --timeout")
     p.add_argument("--out", default=os.path.join(ROOT, "results"))
     p.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every trial "
                    "(default: --bf16 --recompute-granularity full, which lets every method go largest)")
@@ -145,7 +155,7 @@ def main():
            "peak host (GiB)": summary.get("peak host RSS (GiB)", ""), "card": card,
            "hidden": a.hidden, "batch": a.batch,
            # a search cut short by --timeout gives a lower bound, and says so
-           "search": "complete" if stopped_at is None else f"{stopped_at} layers timed out: at least {best}"}
+           "search": "complete" if stopped_at is None else f"stopped before {stopped_at} layers: at least {best}"}
     path = os.path.join(a.out, f"largest_{a.method}.csv")
     with open(path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
