@@ -325,3 +325,33 @@ def test_a_search_cut_short_is_marked_as_a_lower_bound(tmp_path):
     assert rows["stronghold"]["layers"] == "236"
     assert rows["stronghold"]["log"] == "largest_stronghold.csv (237 layers timed out: at least 236)"
     assert rows["l2l"]["log"] == "largest_l2l.csv"
+
+
+def test_case2_takes_a_baselines_point_from_its_largest_model_trial_log(tmp_path):
+    """tools/largest_model.py names its trial logs without window and time stamp, and the baselines
+    print no window: such a log is a case 2 point as it stands."""
+    d = tmp_path / "case2"
+    d.mkdir()
+    write_log(d / "log_zero-offload_l-104_hs-2048_bs-4.txt", method="zero-offload", layers=104, window=None,
+              samples=1.0)
+    write_log(d / "log_stronghold_l-104_hs-2048_bs-4_ws-4_20260101-000000.txt", layers=104, samples=5.5)
+    assert extract_results.main(["case2", "--results", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in read_csv(tmp_path / "case2.csv")}
+    assert rows["zero-offload"]["samples/s"] == "1" and rows["zero-offload"]["window"] == ""
+    assert rows["zero-offload"]["log"] == "log_zero-offload_l-104_hs-2048_bs-4.txt"
+    assert draw_results.main(["case2", "--results", str(tmp_path)]) == 0
+
+
+def test_a_lower_bound_is_drawn_as_one(tmp_path):
+    import matplotlib.pyplot as plt
+
+    rows = [{"method": "megatron-lm", "layers": "88", "params (B)": "4.43", "card": "NVIDIA H100 80GB HBM3",
+             "log": "largest_megatron-lm.csv"},
+            {"method": "l2l", "layers": "155", "params (B)": "7.81", "card": "NVIDIA H200",
+             "log": "largest_l2l.csv (stopped before 156 layers: at least 155)"}]
+    fig, ax = plt.subplots()
+    draw_results.draw_case1(ax, rows)
+    labels = [t.get_text() for t in ax.texts]
+    assert "4.43 B\n88 layers" in labels and ">= 7.81 B\n155 layers" in labels
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["megatron-lm\n(H100)", "l2l\n(H200)"]
+    plt.close(fig)

@@ -63,3 +63,19 @@ def test_the_search_stops_before_a_trial_that_would_overrun_its_budget(fake_tria
     args = types.SimpleNamespace(**{**ARGS.__dict__, "budget": 350})
     assert largest_model.search(args, 20) == (23, "log of 23", 27)  # 20, 21, 23 trained; 27 not started
     assert tried == [20, 21, 23]
+
+
+def test_the_answer_can_be_rebuilt_from_the_trial_logs_of_a_search_cut_short(tmp_path):
+    """The H200's l2l search was cut off by its call's limit after 155 trained (158 was refused):
+    from its logs, 155 is a lower bound; with a refusal at 156 beside them, it is the answer."""
+    logs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "results", "h200", "2026-11-27", "call-u-case1-l2l", "case1")
+    for name in os.listdir(logs):
+        with open(os.path.join(logs, name)) as src, open(tmp_path / name, "w") as dst:
+            dst.write(src.read())
+    args = types.SimpleNamespace(method="l2l", hidden=2048, batch=4, iters=3, out=str(tmp_path))
+    best, log, stopped_at = largest_model.from_logs(args)
+    assert (best, stopped_at) == (155, 156)
+    assert log.summary["peak host RSS (GiB)"] == 119.908
+    (tmp_path / "log_l2l_l-156_hs-2048_bs-4.txt").write_text("error: the model does not fit: ...\n")
+    assert largest_model.from_logs(args)[::2] == (155, None)

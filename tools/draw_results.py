@@ -14,6 +14,7 @@ The GPU named in the logs is in every title: figures from different cards are no
 import argparse
 import csv
 import os
+import re
 import sys
 
 import matplotlib
@@ -76,6 +77,12 @@ def params_text(row):
     return f"{p:.3g} B" if p is not None else "? B"
 
 
+def short_card(card):
+    """'H100' for 'NVIDIA H100 80GB HBM3': the model number, where the name has one."""
+    m = re.search(r"\b[A-Z]{1,2}\d{2,4}\b", card or "")
+    return m.group(0) if m else (card or "?")
+
+
 def label_bars(ax, bars, texts):
     for bar, text in zip(bars, texts):
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 2),
@@ -95,10 +102,18 @@ def draw_case1(ax, rows):
         raise DrawError("no row has a parameter count")
     rows.sort(key=lambda r: (method_rank(r["method"]), r["method"]))
     x = range(len(rows))
-    bars = ax.bar(x, [num(r["params (B)"]) for r in rows],
-                  color=[COLORS.get(r["method"], "gray") for r in rows])
-    label_bars(ax, bars, [f"{num(r['params (B)']):.3g} B\n{r['layers']} layers" for r in rows])
-    ax.set_xticks(list(x), [r["method"] for r in rows])
+    # a search cut short (extract_results notes "at least N" in the log column) gives a lower bound
+    lower = ["at least" in (r.get("log") or "") for r in rows]
+    bars = ax.bar(x, [num(r["params (B)"]) for r in rows], color=[COLORS.get(r["method"], "gray") for r in rows],
+                  hatch=["//" if low else "" for low in lower], edgecolor="black", linewidth=0.5)
+    label_bars(ax, bars, [f"{'>= ' if low else ''}{num(r['params (B)']):.3g} B\n{r['layers']} layers"
+                          for r, low in zip(rows, lower)])
+    cards = {r.get("card") for r in rows}
+    ax.set_xticks(list(x), [r["method"] + (f"\n({short_card(r.get('card'))})" if len(cards) > 1 else "")
+                            for r in rows])
+    if any(lower):
+        ax.text(0.01, 0.98, ">= / hatched: search stopped early, a lower bound", transform=ax.transAxes,
+                va="top", fontsize=8)
     ax.set_ylabel("largest trainable model (billion parameters)")
     set_title(ax, "Largest trainable GPT per method", rows, model_text(rows))
 

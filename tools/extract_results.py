@@ -56,9 +56,11 @@ COLUMNS = ("method", "layers", "hidden", "batch", "window", "params (B)", "sampl
 LARGEST_COLUMNS = ("method", "largest layers", "params (B)", "peak GPU (GiB)", "peak host (GiB)", "card")
 
 # Log names written by examples/run.sh.
+# run.sh's log names; the window and time stamp are absent from tools/largest_model.py's trial logs,
+# which case 2 may reuse for the baselines' points
 LOG_NAME = re.compile(
-    r"^log_(?P<method>[a-z0-9-]+)_l-(?P<layers>\d+)_hs-(?P<hidden>\d+)_bs-(?P<batch>\d+)_ws-(?P<window>\d+)"
-    r"_(?P<stamp>\d{8}-\d{6})\.txt$")
+    r"^log_(?P<method>[a-z0-9-]+)_l-(?P<layers>\d+)_hs-(?P<hidden>\d+)_bs-(?P<batch>\d+)"
+    r"(?:_ws-(?P<window>\d+)_(?P<stamp>\d{8}-\d{6}))?\.txt$")
 CARD = re.compile(r"^cuda\s*\((?P<name>.*)\)\s*$")
 
 
@@ -116,7 +118,7 @@ def log_row(path) -> dict:
         "layers": c.get("layers"),
         "hidden": c.get("hidden"),
         "batch": c.get("micro batch"),
-        "window": c.get("window"),
+        "window": None if c.get("window") in (None, "None") else c.get("window"),  # None: not set
         "params (B)": fmt(params / 1e9) if params is not None else "",
         "samples/s": fmt(s["samples per second"]),
         "TFLOP/s": fmt(tflops(log)),
@@ -134,7 +136,7 @@ def log_row(path) -> dict:
 
 def log_order(path):
     m = LOG_NAME.match(os.path.basename(path))
-    return (m.group("stamp") if m else "", os.path.getmtime(path), path)
+    return ((m.group("stamp") or "") if m else "", os.path.getmtime(path), path)
 
 
 def rows_from_logs(case_dir, warn) -> list:

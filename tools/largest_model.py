@@ -21,6 +21,7 @@ import argparse
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron.stronghold.logs import parse_log  # noqa: E402
+
+
+def trained(log, iters) -> bool:
+    """At least `iters` iterations with a finite loss, and the run's summary line (it ended normally)."""
+    losses = [row.get("lm loss") for row in log.iterations]
+    return (bool(log.summary) and len(losses) >= iters
+            and all(isinstance(x, float) and math.isfinite(x) for x in losses))
 
 
 def trial(a, layers, log_dir):
@@ -46,8 +54,7 @@ def trial(a, layers, log_dir):
     with open(os.path.join(log_dir, f"log_{a.method}_l-{layers}_hs-{a.hidden}_bs-{a.batch}.txt"), "w") as f:
         f.write(out)
     log = parse_log(out)
-    losses = [row.get("lm loss") for row in log.iterations]
-    ok = code == 0 and len(losses) >= a.iters and all(isinstance(x, float) and math.isfinite(x) for x in losses)
+    ok = code == 0 and trained(log, a.iters)
     why = "ok" if ok else ("refused: does not fit" if "does not fit" in out else
                            "out of memory" if "out of memory" in out.lower() else
                            f"timed out after {a.timeout} s" if code is None else f"failed (exit {code})")
@@ -55,6 +62,23 @@ def trial(a, layers, log_dir):
     if code is None:
         raise TimedOut(layers)
     return ok, log
+
+
+def from_logs(a):
+    """The search's answer from the trial logs already in --out (a search cut short by the caller, or
+    trials from several calls): (largest that trained, its log, the next size when that was not shown
+    to fail, else None)."""
+    pattern = re.compile(rf"log_{re.escape(a.method)}_l-(\d+)_hs-{a.hidden}_bs-{a.batch}\.txt$")
+    outcomes = {}
+    for name in os.listdir(a.out):
+        m = pattern.match(name)
+        if m:
+            with open(os.path.join(a.out, name), errors="replace") as f:
+                log = parse_log(f.read())
+            outcomes[int(m.group(1))] = (trained(log, a.iters), log)
+    best = max((n for n, (ok, _) in outcomes.items() if ok), default=0)
+    failed_above = min((n for n, (ok, _) in outcomes.items() if not ok and n > best), default=None)
+    return best, outcomes[best][1] if best else None, None if failed_above == best + 1 else best + 1
 
 
 class TimedOut(Exception):
@@ -135,6 +159,8 @@ def main():
     p.add_argument("--budget", type=int, default=0, help="seconds for the whole search (0: no limit): it stops "
                    "before a trial that would not finish in time (judged by the longest trial so far), with a "
                    "lower bound, as after --timeout")
+    p.add_argument("--from-logs", action="store_true", help="run no trial: write the CSV from the trial logs "
+                   "already in --out (a search that was cut short, or one spread over several calls)")
     p.add_argument("--out", default=os.path.join(ROOT, "results"))
     p.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every trial "
                    "(default: --bf16 --recompute-granularity full, which lets every method go largest)")
@@ -142,9 +168,12 @@ def main():
     a.extra = a.extra or ["--bf16", "--recompute-granularity", "full"]
     os.makedirs(a.out, exist_ok=True)
 
-    start = min(planned_capacity(a) if a.start == "planner" else int(a.start), a.max_layers)
-    print(f"{a.method}: first trial at {start} layers", flush=True)
-    best, best_log, stopped_at = search(a, start)
+    if a.from_logs:
+        best, best_log, stopped_at = from_logs(a)
+    else:
+        start = min(planned_capacity(a) if a.start == "planner" else int(a.start), a.max_layers)
+        print(f"{a.method}: first trial at {start} layers", flush=True)
+        best, best_log, stopped_at = search(a, start)
 
     summary = best_log.summary if best_log else {}
     device = best_log.config.get("device", "") if best_log else ""
