@@ -79,3 +79,9 @@ def test_the_answer_can_be_rebuilt_from_the_trial_logs_of_a_search_cut_short(tmp
     assert log.summary["peak host RSS (GiB)"] == 119.908
     (tmp_path / "log_l2l_l-156_hs-2048_bs-4.txt").write_text("error: the model does not fit: ...\n")
     assert largest_model.from_logs(args)[::2] == (155, None)
+
+
+def test_no_trial_logs_is_an_error_not_a_zero(tmp_path):
+    args = types.SimpleNamespace(method="l2l", hidden=2048, batch=4, iters=3, out=str(tmp_path))
+    with pytest.raises(SystemExit, match="no trial log of l2l"):
+        largest_model.from_logs(args)

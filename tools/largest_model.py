@@ -76,13 +76,17 @@ def from_logs(a):
             with open(os.path.join(a.out, name), errors="replace") as f:
                 log = parse_log(f.read())
             outcomes[int(m.group(1))] = (trained(log, a.iters), log)
+    if not outcomes:
+        raise SystemExit(f"largest_model: no trial log of {a.method} (log_{a.method}_l-N_hs-{a.hidden}_bs-"
+                         f"{a.batch}.txt) in {a.out}")
     best = max((n for n, (ok, _) in outcomes.items() if ok), default=0)
     failed_above = min((n for n, (ok, _) in outcomes.items() if not ok and n > best), default=None)
     return best, outcomes[best][1] if best else None, None if failed_above == best + 1 else best + 1
 
 
 class TimedOut(Exception):
-    """A trial ran past --timeout: neither fits nor fails, so the search stops there."""
+    """A trial ran past --timeout, or the next one would end past --budget: the size neither fits nor
+    fails, so the search stops there."""
 
 
 def planned_capacity(a) -> int:
@@ -102,7 +106,8 @@ def planned_capacity(a) -> int:
 
 def search(a, start):
     """Gallop from `start` to the first change of outcome, then bisect. Returns (largest layer count that
-    trained, its log, None), or, if a trial timed out, what was found up to then and that layer count."""
+    trained, its log, None), or, if time ran out (TimedOut), what was found up to then and the layer count
+    it stopped at."""
     found = {"layers": 0, "log": None}
     began, longest = time.time(), [0.0]
 
@@ -183,8 +188,8 @@ def main():
            "peak GPU (GiB)": summary.get("peak GPU memory (GiB)", ""),
            "peak host (GiB)": summary.get("peak host RSS (GiB)", ""), "card": card,
            "hidden": a.hidden, "batch": a.batch,
-           # a search cut short by --timeout gives a lower bound, and says so
-           "search": "complete" if stopped_at is None else f"stopped before {stopped_at} layers: at least {best}"}
+           # a search cut short (--timeout, --budget, or trial logs that stop short) gives a lower bound
+           "search": "complete" if stopped_at is None else f"stopped at {stopped_at} layers: at least {best}"}
     path = os.path.join(a.out, f"largest_{a.method}.csv")
     with open(path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
