@@ -55,8 +55,7 @@ COLUMNS = ("method", "layers", "hidden", "batch", "window", "params (B)", "sampl
            "iteration (ms)", "peak GPU (GiB)", "peak host (GiB)", "card", "log")
 LARGEST_COLUMNS = ("method", "largest layers", "params (B)", "peak GPU (GiB)", "peak host (GiB)", "card")
 
-# Log names written by examples/run.sh.
-# run.sh's log names; the window and time stamp are absent from tools/largest_model.py's trial logs,
+# Log names written by examples/run.sh; the window and time stamp are absent from tools/largest_model.py's trial logs,
 # which case 2 may reuse for the baselines' points
 LOG_NAME = re.compile(
     r"^log_(?P<method>[a-z0-9-]+)_l-(?P<layers>\d+)_hs-(?P<hidden>\d+)_bs-(?P<batch>\d+)"

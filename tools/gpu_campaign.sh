@@ -12,8 +12,8 @@
 #   largest   case 1: largest trainable model per method (LARGEST_METHODS; tools/largest_model.py,
 #             seeded by the pre-flight capacity), start-up times, case1.csv and case1.png
 #   case3     examples/case3.sh: the methods at megatron-lm's largest size
-#   case4     examples/case4.sh at CASE_POINTS layers, case5 at CASE_LAYERS and CASE_POINTS windows, every
-#   case5     layer streamed (case 2 needs case 1's baselines)
+#   case4     examples/case4.sh at CASE_POINTS layers, every layer streamed (case 2 needs case 1's baselines)
+#   case5     examples/case5.sh at CASE_LAYERS and CASE_POINTS windows, every layer streamed
 #   threads   tools/thread_cpu.py: each thread's CPU use during megatron-lm's and stronghold's steady
 #             iterations at CASE_LAYERS (default 88, megatron-lm's largest on an H100) with CASE_EXTRA
 #   dp        2 GPUs: DP=1 and DP=2 at a size megatron-lm cannot hold (micro-batch per rank fixed);
@@ -73,12 +73,13 @@ for s in "$@"; do
                     --lr-warmup-iters 2 --weight-decay 0.01 --clip-grad 1.0 --mock-data --bf16 --offload-method "$m" \
                     ${CASE_EXTRA:-} 2>&1 | grep -E "^threads|^  thread|plan \||summary" | sed "s/^/$m /" | tee -a "$OUT/threads.txt"
             done ;;
-        case4|case5)  # as in the paper's Figs. 8b and 9, every layer streamed (--resident-layers 0):
-                      # with the planner's default a model that fits would stay on the GPU
-            [[ "$s" == case4 ]] && RESULTS_DIR="$OUT" bash examples/case4.sh -p "${CASE_POINTS:-16 32 64 96 128}" \
-                -i "${CASE_ITERS:-6}" -w 2 -- --log-interval 1 --resident-layers 0 ${CASE_EXTRA:-}
-            [[ "$s" == case5 ]] && RESULTS_DIR="$OUT" bash examples/case5.sh -l "${CASE_LAYERS:-64}" \
-                -p "${CASE_POINTS:-1 2 4 8}" -i "${CASE_ITERS:-6}" -- --log-interval 1 --resident-layers 0 ${CASE_EXTRA:-} ;;
+        case4)  # as in the paper's Fig. 8b, every layer streamed (--resident-layers 0): with the
+                # planner's default a model that fits would stay on the GPU
+            RESULTS_DIR="$OUT" bash examples/case4.sh -p "${CASE_POINTS:-16 32 64 96 128}" -i "${CASE_ITERS:-6}" \
+                -w 2 -- --log-interval 1 --resident-layers 0 ${CASE_EXTRA:-} ;;
+        case5)  # Fig. 9: windows at megatron-lm's largest size (CASE_LAYERS, default 88: an H100's), all streamed
+            RESULTS_DIR="$OUT" bash examples/case5.sh -l "${CASE_LAYERS:-88}" -p "${CASE_POINTS:-1 2 4 8}" \
+                -i "${CASE_ITERS:-6}" -- --log-interval 1 --resident-layers 0 ${CASE_EXTRA:-} ;;
         dp)  # a model megatron-lm cannot hold (DP_LAYERS; default 96 on 80 GB cards, 176 on 141 GB ones),
              # planner's placement, DP=1 then DP=2
             mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
