@@ -36,3 +36,31 @@ def test_reports_each_busy_thread_over_the_steady_iterations():
     main = re.search(r"thread \d+ \(main\) \S+: (\d+)%", proc.stdout)
     assert summary and main, proc.stdout[-2000:]
     assert float(summary.group(1)) > 0 and int(summary.group(2)) >= int(main.group(1)) > 10
+
+
+def test_time_of_threads_that_did_not_live_through_the_window_is_counted_apart():
+    """A thread team made per parallel region never appears in both per-thread snapshots; the
+    process's own counter keeps its time, and the report shows it."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import thread_cpu
+
+    first = {1: ("python3", 10.0), 2: ("pt_autograd_0", 5.0)}
+    last = {1: ("python3", 15.0), 2: ("pt_autograd_0", 9.0), 3: ("stronghold-adam", 1.0)}
+    lines = thread_cpu.report(first, last, 10.0, 1, process_cpu=20.0)
+    assert lines[0].startswith("threads | window: 10.00 s | process CPU: 200% of one core | "
+                               "in threads that started or ended within the window: 110% |")
+    assert lines[1:] == ["  thread 1 (main) python3: 50%", "  thread 2 pt_autograd_0: 40%"]
+
+
+@linux_only
+def test_the_process_counter_keeps_the_time_of_ended_threads():
+    import threading
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import thread_cpu
+
+    before = thread_cpu.process_time(os.getpid())
+    spin = threading.Thread(target=lambda: sum(i * i for i in range(3_000_000)))
+    spin.start()
+    spin.join()
+    assert thread_cpu.process_time(os.getpid()) - before > 0.05

@@ -4,8 +4,9 @@
 
 Runs pretrain_gpt.py with the given flags (log interval 1 is added), reads /proc/PID/task/*/stat when
 the log prints the iteration named by --from-iteration and again at the last iteration line, and
-prints each thread's CPU time per second of wall time between the two, busiest first, with the
-mean "cpu MHz" of the cores at both moments. A profiler trace shows only the threads and ops it
+prints the process's CPU time per second of wall time between the two (/proc/PID/stat, which keeps
+the time of threads that have ended), each thread's, busiest first, and the mean "cpu MHz" of the
+cores at both moments. A profiler trace shows only the threads and ops it
 records; this shows whether threads it does not see (OpenMP teams, CUDA's own) take the cores while
 the main thread launches GPU work.
 """
@@ -37,6 +38,14 @@ def thread_times(pid: int) -> dict:
     return out
 
 
+def process_time(pid: int) -> float:
+    """CPU seconds of the whole process, threads that have ended included (the per-thread files lose
+    a thread's time when it exits: an OpenMP team made per parallel region would never show there)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
 def mean_mhz() -> float:
     try:
         with open("/proc/cpuinfo") as f:
@@ -46,15 +55,18 @@ def mean_mhz() -> float:
     return sum(mhz) / len(mhz) if mhz else float("nan")
 
 
-def report(first, last, seconds, pid) -> list:
-    """Lines: each thread alive at both snapshots, as % of one core, busiest first."""
+def report(first, last, seconds, pid, process_cpu) -> list:
+    """Lines: the process's CPU use, then each thread alive at both snapshots, as % of one core,
+    busiest first. process_cpu: the process's CPU seconds between the snapshots."""
     rows = []
     for tid, (name, cpu) in last.items():
         if tid in first:
             rows.append(((cpu - first[tid][1]) / seconds * 100, tid, name))
     rows.sort(reverse=True)
-    total = sum(r[0] for r in rows)
+    total = process_cpu / seconds * 100
+    elsewhere = max(0.0, total - sum(r[0] for r in rows))
     lines = [f"threads | window: {seconds:.2f} s | process CPU: {total:.0f}% of one core | "
+             f"in threads that started or ended within the window: {elsewhere:.0f}% | "
              f"threads above 5%: {sum(r[0] > 5 for r in rows)} of {len(rows)} |"]
     for busy, tid, name in rows:
         if busy > 0.5:
@@ -74,7 +86,7 @@ def main():
         sys.stdout.write(line)
         m = ITERATION.match(line)
         if m and int(m.group(1)) >= a.from_iteration:
-            snapshot = (time.perf_counter(), thread_times(proc.pid), mean_mhz())
+            snapshot = (time.perf_counter(), thread_times(proc.pid), mean_mhz(), process_time(proc.pid))
             first = first or snapshot
             last = snapshot
     code = proc.wait()
@@ -82,7 +94,7 @@ def main():
         print(f"thread_cpu: fewer than two iteration lines from iteration {a.from_iteration}: nothing to report",
               file=sys.stderr)
         return code or 1
-    for line in report(first[1], last[1], last[0] - first[0], proc.pid):
+    for line in report(first[1], last[1], last[0] - first[0], proc.pid, last[3] - first[3]):
         print(line)
     print(f"threads | cpu MHz, mean over the cores: {first[2]:.0f} at the first snapshot, {last[2]:.0f} at the last |")
     return code
