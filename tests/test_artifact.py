@@ -348,7 +348,7 @@ def test_a_lower_bound_is_drawn_as_one(tmp_path):
     rows = [{"method": "megatron-lm", "layers": "88", "params (B)": "4.43", "card": "NVIDIA H100 80GB HBM3",
              "log": "largest_megatron-lm.csv"},
             {"method": "l2l", "layers": "155", "params (B)": "7.81", "card": "NVIDIA H200",
-             "log": "largest_l2l.csv (stopped before 156 layers: at least 155)"}]
+             "log": "largest_l2l.csv (stopped at 156 layers: at least 155)"}]
     fig, ax = plt.subplots()
     draw_results.draw_case1(ax, rows)
     labels = [t.get_text() for t in ax.texts]

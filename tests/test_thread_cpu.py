@@ -10,6 +10,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import thread_cpu  # noqa: E402
+
 linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
 
 
@@ -41,9 +44,6 @@ def test_reports_each_busy_thread_over_the_steady_iterations():
 def test_time_of_threads_that_did_not_live_through_the_window_is_counted_apart():
     """A thread team made per parallel region never appears in both per-thread snapshots; the
     process's own counter keeps its time, and the report shows it."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import thread_cpu
-
     first = {1: ("python3", 10.0), 2: ("pt_autograd_0", 5.0)}
     last = {1: ("python3", 15.0), 2: ("pt_autograd_0", 9.0), 3: ("stronghold-adam", 1.0)}
     lines = thread_cpu.report(first, last, 10.0, 1, process_cpu=20.0)
@@ -55,9 +55,6 @@ def test_time_of_threads_that_did_not_live_through_the_window_is_counted_apart()
 @linux_only
 def test_the_process_counter_keeps_the_time_of_ended_threads():
     import threading
-
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import thread_cpu
 
     before = thread_cpu.process_time(os.getpid())
     spin = threading.Thread(target=lambda: sum(i * i for i in range(3_000_000)))

@@ -117,7 +117,7 @@ def log_row(path) -> dict:
         "layers": c.get("layers"),
         "hidden": c.get("hidden"),
         "batch": c.get("micro batch"),
-        "window": None if c.get("window") in (None, "None") else c.get("window"),  # None: not set
+        "window": c.get("window"),
         "params (B)": fmt(params / 1e9) if params is not None else "",
         "samples/s": fmt(s["samples per second"]),
         "TFLOP/s": fmt(tflops(log)),

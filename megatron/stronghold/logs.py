@@ -26,6 +26,10 @@ _PARAMS = re.compile(r"total parameters: (\d+) \(([\d.]+) B\)")
 
 
 def _number(text):
+    """A field's value: int, float, None (the trainer prints an unset value, e.g. the window of a
+    method that streams nothing, as Python's None), else the text."""
+    if text.strip() == "None":
+        return None
     try:
         return int(text)
     except ValueError:

@@ -86,7 +86,7 @@ class Plan:
     gpu_bytes: int
     host_bytes: int
     predicted_s: float
-    gpu_free: object = None  # bytes the plan was made for; None without a GPU
+    gpu_free: int | None = None  # bytes the plan was made for; None without a GPU
 
     def describe(self, costs: ModelCosts) -> str:
         return (f"plan | resident layers: {self.resident} | streamed layers: {costs.layers - self.resident} | "
