@@ -225,7 +225,8 @@ run_method() {
     "${CMD[@]}" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     set -e
-    echo "$PROG: method $method exited with status $status"
+    # into the log too: a run killed before its summary line still says how it ended
+    echo "$PROG: method $method exited with status $status" | tee -a "$log"
     echo "$PROG: log: $log"
     return "$status"
 }

@@ -62,7 +62,7 @@ def check_row_matches_log(row, log_path):
     assert int(row["layers"]) == c["layers"]
     assert int(row["hidden"]) == c["hidden"]
     assert int(row["batch"]) == c["micro batch"]
-    assert int(row["window"]) == c["window"]
+    assert row["window"] == ("" if c["window"] is None else str(c["window"]))
     assert math.isclose(float(row["params (B)"]) * 1e9, log.total_parameters, rel_tol=1e-5)
     assert math.isclose(float(row["samples/s"]), s["samples per second"], rel_tol=1e-5)
     assert math.isclose(float(row["iteration (ms)"]), s["mean iteration time (ms)"], rel_tol=1e-5)
@@ -100,8 +100,10 @@ def test_case3_trains_extracts_and_draws(case3_results):
         assert name.endswith(".txt") and "_l-2_hs-64_bs-2_ws-1_" in name
         log = read_log(results / "case3" / name)
         assert [row["iteration"] for row in log.iterations] == [1, 2, 3]  # -i 3 reached the trainer
+        assert log.exit_status == 0  # run.sh's last line, which tells how a run without a summary ended
     rows = read_csv(results / "case3.csv")
     assert [r["method"] for r in rows] == ["megatron-lm", "stronghold"]
+    assert [r["window"] for r in rows] == ["", "1"]  # -w 1 is stronghold's; megatron-lm streams nothing
     for row in rows:
         assert row["log"] in logs
         check_row_matches_log(row, results / "case3" / row["log"])
@@ -245,8 +247,10 @@ def test_bad_case_arguments(tmp_path, n, args, message):
 # --------------------------------------------------------------------------- extraction on synthetic logs
 
 def write_log(path, method="stronghold", layers=32, window=4, device="cuda (NVIDIA H100 80GB HBM3)",
-              samples=10.0, tflops=150.0, complete=True, params=1_678_000_000, summary_tflops=None):
-    """A log in the trainer's format, written with the trainer's own line writers."""
+              samples=10.0, tflops=150.0, complete=True, params=1_678_000_000, summary_tflops=None,
+              exit_status=None):
+    """A log in the trainer's format, written with the trainer's own line writers (and examples/run.sh's
+    last line, when exit_status is given)."""
     config = {"method": method, "precision": "bf16", "device": device, "layers": layers, "hidden": 2048,
               "heads": 16, "seq": 1024, "micro batch": 4, "global batch": 4, "micro batches per step": 1,
               "window": window, "recompute": "none"}
@@ -261,15 +265,20 @@ def write_log(path, method="stronghold", layers=32, window=4, device="cuda (NVID
                                    "samples per second": samples, "peak GPU memory (GiB)": 61.5,
                                    "peak host RSS (GiB)": 90.25, "pinned host memory (GiB)": 10.0,
                                    **({"TFLOP/s per GPU": summary_tflops} if summary_tflops else {})}))
+    if exit_status is not None:
+        lines.append(f"examples/run.sh: method {method} exited with status {exit_status}")
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_extraction_of_gpu_logs_newest_wins_failed_left_out(tmp_path, capsys):
+def test_extraction_of_gpu_logs_newest_complete_wins_failed_kept_without_figures(tmp_path, capsys):
     d = tmp_path / "case4"
     d.mkdir()
     write_log(d / "log_stronghold_l-32_hs-2048_bs-4_ws-4_20260101-000000.txt", samples=5.0)
     write_log(d / "log_stronghold_l-32_hs-2048_bs-4_ws-4_20260102-000000.txt", samples=8.0, tflops=120.0)
-    write_log(d / "log_stronghold_l-64_hs-2048_bs-4_ws-4_20260101-000000.txt", layers=64, complete=False)
+    # a later failure at a size that also completed is left out; one at a size that never did is kept
+    write_log(d / "log_stronghold_l-32_hs-2048_bs-4_ws-4_20260103-000000.txt", complete=False, exit_status=1)
+    write_log(d / "log_stronghold_l-64_hs-2048_bs-4_ws-4_20260101-000000.txt", layers=64, complete=False,
+              exit_status=137)
     write_log(d / "log_stronghold_l-16_hs-2048_bs-4_ws-4_20260101-000000.txt", layers=16, samples=16.0,
               device="cuda (NVIDIA H200)", summary_tflops=140.5)  # a summary's own TFLOP/s is taken as is
     (d / "notes.txt").write_text("not a log\n")
@@ -277,7 +286,10 @@ def test_extraction_of_gpu_logs_newest_wins_failed_left_out(tmp_path, capsys):
     assert "l-64" in capsys.readouterr().err  # the failed run is reported
     rows = read_csv(tmp_path / "case4.csv")
     assert [(r["layers"], r["samples/s"], r["TFLOP/s"], r["card"]) for r in rows] == [
-        ("16", "16", "140.5", "NVIDIA H200"), ("32", "8", "120", "NVIDIA H100 80GB HBM3")]
+        ("16", "16", "140.5", "NVIDIA H200"), ("32", "8", "120", "NVIDIA H100 80GB HBM3"),
+        ("64", "", "", "NVIDIA H100 80GB HBM3")]
+    assert rows[2]["log"].endswith("(no summary: killed (exit 137: usually out of host memory))")
+    assert rows[2]["params (B)"] == "1.678" and rows[2]["iteration (ms)"] == ""
     assert rows[1]["log"].endswith("20260102-000000.txt")
     assert rows[1]["TFLOP/s"] == "120" and rows[1]["iteration (ms)"] == "500"
     assert rows[1]["params (B)"] == "1.678" and rows[1]["peak GPU (GiB)"] == "61.5"
@@ -295,6 +307,24 @@ def test_extraction_without_logs_fails(tmp_path, capsys):
     assert "no complete training log" in capsys.readouterr().err
     assert not (tmp_path / "case3.csv").exists()
     assert draw_results.main(["case3", "--results", str(tmp_path)]) == 1
+
+
+def test_a_method_that_did_not_train_is_drawn_as_such(tmp_path):
+    """Case 3 on an H100: zero-infinity was killed at megatron-lm's largest size; its slot says so."""
+    d = tmp_path / "case3"
+    d.mkdir()
+    write_log(d / "log_megatron-lm_l-88_hs-2048_bs-4_ws-4_20260101-000000.txt", method="megatron-lm", layers=88)
+    write_log(d / "log_zero-infinity_l-88_hs-2048_bs-4_ws-4_20260101-000000.txt", method="zero-infinity",
+              layers=88, complete=False, exit_status=137)
+    assert extract_results.main(["case3", "--results", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "case3.csv")
+    assert [(r["method"], r["samples/s"]) for r in rows] == [("megatron-lm", "10"), ("zero-infinity", "")]
+    fig, ax = draw_results.plt.subplots()
+    draw_results.draw_case3(ax, rows)
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["10", "did not train\n(killed)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["megatron-lm", "zero-infinity"]
+    draw_results.plt.close(fig)
 
 
 def test_largest_model_csv_headers_are_matched_loosely(tmp_path):

@@ -85,3 +85,20 @@ def test_no_trial_logs_is_an_error_not_a_zero(tmp_path):
     args = types.SimpleNamespace(method="l2l", hidden=2048, batch=4, iters=3, out=str(tmp_path))
     with pytest.raises(SystemExit, match="no trial log of l2l"):
         largest_model.from_logs(args)
+
+
+def test_a_trial_that_trained_but_exited_past_its_timeout_counts_as_trained():
+    """zero-infinity at 85 layers on an H100 printed its summary and was still tearing down at the
+    timeout; the same log cut before its summary is a timeout."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "case1",
+                        "log_zero-infinity_l-85_hs-2048_bs-4.txt")
+    with open(path) as f:
+        out = f.read()
+    args = types.SimpleNamespace(iters=3, timeout=240)
+    log = largest_model.parse_log(out)
+    assert largest_model.outcome(log, out, None, args) == (
+        True, "ok (trained; its exit ran past the 240 s timeout)")
+    assert largest_model.outcome(log, out, 0, args) == (True, "ok")
+    cut = out[:out.index("summary |")] + "\ntimed out"
+    assert largest_model.outcome(largest_model.parse_log(cut), cut, None, args) == (
+        False, "timed out after 240 s")

@@ -89,11 +89,31 @@ def label_bars(ax, bars, texts):
                     textcoords="offset points", ha="center", va="bottom", fontsize=8)
 
 
-def throughput_rows(rows):
+def throughput_rows(rows, failed_too=False):
+    """The rows with a throughput; with failed_too, also those of runs that did not train (extract_results
+    keeps them with no figures and 'no summary: ...' in the log column)."""
     good = [r for r in rows if num(r.get("samples/s")) is not None]
     if not good:
         raise DrawError("no row has a throughput (samples/s)")
-    return good
+    return good + [r for r in rows if failed_too and did_not_train(r)]
+
+
+def did_not_train(row):
+    return num(row.get("samples/s")) is None and "no summary" in (row.get("log") or "")
+
+
+def throughput_bars(ax, x, rows, colors):
+    """Bars of samples/s; a run that did not train gets an empty slot marked with how it ended."""
+    bars = ax.bar(x, [num(r["samples/s"]) or 0 for r in rows], color=colors)
+    for bar, r in zip(bars, rows):
+        middle = bar.get_x() + bar.get_width() / 2
+        if did_not_train(r):
+            ax.plot(middle, 0, marker="x", markersize=10, color="black", clip_on=False)
+            text, lift = "did not train\n(killed)" if "killed" in r["log"] else "did not train", 8
+        else:
+            text, lift = f"{num(r['samples/s']):.3g}", 2
+        ax.annotate(text, (middle, bar.get_height()), xytext=(0, lift), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8)
 
 
 def draw_case1(ax, rows):
@@ -147,12 +167,11 @@ def draw_case2(ax, rows):
 
 
 def draw_case3(ax, rows):
-    rows = sorted(throughput_rows(rows), key=lambda r: (method_rank(r["method"]), int(r["layers"])))
+    rows = sorted(throughput_rows(rows, failed_too=True), key=lambda r: (method_rank(r["method"]), int(r["layers"])))
     sizes = sorted({(int(r["layers"]), params_text(r)) for r in rows})
     one_size = len(sizes) == 1
     x = range(len(rows))
-    bars = ax.bar(x, [num(r["samples/s"]) for r in rows], color=[COLORS.get(r["method"], "gray") for r in rows])
-    label_bars(ax, bars, [f"{num(r['samples/s']):.3g}" for r in rows])
+    throughput_bars(ax, x, rows, [COLORS.get(r["method"], "gray") for r in rows])
     ax.set_xticks(list(x), [r["method"] if one_size else f"{r['method']}\n{r['layers']} layers" for r in rows])
     ax.set_ylabel("throughput (samples/s)")
     size = f"{sizes[0][0]} layers, {sizes[0][1]} params" if one_size else "several sizes"
@@ -183,12 +202,11 @@ def draw_case4(ax, rows):
 
 
 def draw_case5(ax, rows):
-    rows = sorted(throughput_rows(rows), key=lambda r: (int(r["layers"]), int(r["window"])))
+    rows = sorted(throughput_rows(rows, failed_too=True), key=lambda r: (int(r["layers"]), int(r["window"])))
     sizes = sorted({(int(r["layers"]), params_text(r)) for r in rows})
     one_size = len(sizes) == 1
     x = range(len(rows))
-    bars = ax.bar(x, [num(r["samples/s"]) for r in rows], color=COLORS["stronghold"])
-    label_bars(ax, bars, [f"{num(r['samples/s']):.3g}" for r in rows])
+    throughput_bars(ax, x, rows, COLORS["stronghold"])
     ax.set_xticks(list(x), [r["window"] if one_size else f"{r['window']}\n({r['layers']} layers)" for r in rows])
     ax.set_xlabel("window size (layers on the GPU)")
     ax.set_ylabel("throughput (samples/s)")

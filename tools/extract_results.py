@@ -4,8 +4,10 @@
 
 Case N's runs (examples/caseN.sh) leave their logs in DIR/caseN/ (DIR: --results, else $RESULTS_DIR,
 else results/); this writes DIR/caseN.csv, one row per configuration, read through
-megatron.stronghold.logs.read_log. Where a configuration ran more than once the newest log wins;
-a log without an end summary (a run that failed or was killed) is reported and left out.
+megatron.stronghold.logs.read_log. Where a configuration ran more than once the newest log wins.
+A log without an end summary (a run that failed or was killed) gives a row without figures whose log
+column says how it ended, unless the same method and size also completed (then it is left out): a
+method that cannot train at a case's size shows as such rather than vanishing from the table.
 
 Columns (COLUMNS below), the same for every case:
     method, layers, hidden, batch (micro-batch per GPU), window, params (B),
@@ -105,12 +107,30 @@ def tflops(log):
     return best["TFLOP/s per GPU"] / best["samples per second"] * samples
 
 
+def failed_row(path, log) -> dict:
+    """The row of a run that ended without a summary: its configuration (from the config line, else the
+    log's name), no figures, and how it ended in the log column, so a table and plot can show that the
+    method did not train at this size."""
+    c, name = log.config, LOG_NAME.match(os.path.basename(path))
+    if not c and not name:
+        raise ExtractionError(f"{path}: no summary line and no config line (the run failed at start)")
+    size = {k: c.get(key) if c else _number(name.group(k), int)
+            for k, key in (("layers", "layers"), ("hidden", "hidden"), ("batch", "micro batch"), ("window", "window"))}
+    how = ("killed (exit 137: usually out of host memory)" if log.exit_status == 137 else
+           f"failed (exit {log.exit_status})" if log.exit_status is not None else "failed or stopped")
+    params = log.total_parameters
+    return {"method": c.get("method") or name.group("method"), **size,
+            "params (B)": fmt(params / 1e9) if params is not None else "",
+            "card": card_name(c.get("device")), "log": f"{os.path.basename(path)} (no summary: {how})",
+            "_failed": True}
+
+
 def log_row(path) -> dict:
-    """One CSV row from one log; raises ExtractionError for a log without a summary."""
+    """One CSV row from one log (a failed run's: see failed_row)."""
     log = read_log(path)
     s, c = log.summary, log.config
     if "samples per second" not in s or "mean iteration time (ms)" not in s:
-        raise ExtractionError(f"{path}: no summary line (the run failed or was stopped)")
+        return failed_row(path, log)
     params = log.total_parameters
     return {
         "method": c.get("method") or s.get("method"),
@@ -139,16 +159,27 @@ def log_order(path):
 
 
 def rows_from_logs(case_dir, warn) -> list:
+    """The newest complete run of each configuration, and a failed run's row where the same method and
+    size never completed."""
     paths = [p for p in glob.glob(os.path.join(case_dir, "log_*.txt")) if LOG_NAME.match(os.path.basename(p))]
-    newest = {}
+    newest, failed = {}, {}
     for path in sorted(paths, key=log_order):
         try:
             row = log_row(path)
         except ExtractionError as exc:
             warn(f"skipping {exc}")
             continue
-        newest[row["_key"]] = row  # later (newer) logs replace earlier ones
-    return list(newest.values())
+        if row.pop("_failed", False):
+            warn(f"{row['log']}: kept as a run that did not train")
+            failed[size_of(row)] = row
+        else:
+            newest[row["_key"]] = row  # later (newer) logs replace earlier ones
+    trained = {size_of(row) for row in newest.values()}
+    return list(newest.values()) + [row for size, row in failed.items() if size not in trained]
+
+
+def size_of(row):
+    return tuple(row.get(k) for k in ("method", "layers", "hidden", "batch", "window"))
 
 
 def _header_key(name: str) -> str:
@@ -250,6 +281,8 @@ def extract(case: str, results: str, warn=None) -> str:
     else:
         rows = rows_from_logs(case_dir, warn)
         what = "complete training log (log_*.txt with a summary line)"
+        if not any("samples/s" in row for row in rows):  # failed runs only: nothing was measured
+            rows = []
     if not rows:
         raise ExtractionError(f"no {what} in {case_dir}")
     rows.sort(key=sort_key)

@@ -23,6 +23,9 @@ def summary_line(fields: dict) -> str:
 _ITER = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
 _FIELD = re.compile(r"\s*([^:|]+?):\s*([^|]+?)\s*\|")
 _PARAMS = re.compile(r"total parameters: (\d+) \(([\d.]+) B\)")
+# examples/run.sh appends this line to a run's log when the run ends, so that a log without a summary
+# still tells how the run ended (137: killed, usually by the kernel for want of host memory)
+_EXIT = re.compile(r"^examples/run\.sh: method \S+ exited with status (\d+)$")
 
 
 def _number(text):
@@ -45,6 +48,7 @@ class TrainingLog:
     total_parameters: int = None
     iterations: list = field(default_factory=list)  # one dict per iteration line
     summary: dict = field(default_factory=dict)
+    exit_status: int = None                         # from examples/run.sh's last line, when it ran the job
 
     def series(self, key):
         return [row[key] for row in self.iterations]
@@ -71,6 +75,8 @@ def parse_log(text: str) -> TrainingLog:
             log.config.update(parse_fields(line[len("config |"):]))
         elif line.startswith("summary |"):
             log.summary.update(parse_fields(line[len("summary |"):]))
+        elif _EXIT.match(line):
+            log.exit_status = int(_EXIT.match(line).group(1))
     return log
 
 

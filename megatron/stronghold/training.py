@@ -164,6 +164,8 @@ def preflight(args, vocab_size, device):
     from .executor.cpu_worker import default_threads
     from .planner import DoesNotFit, ModelCosts, available_memory, check
 
+    if args.offload_method not in ("l2l", "stronghold"):
+        args.window_size = None  # only the streaming methods have a window: logs and tables show none
     costs = ModelCosts.of(args, vocab_size)
     gpu_free, host_free = available_memory(device)
     resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0
