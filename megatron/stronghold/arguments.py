@@ -9,6 +9,7 @@ import os
 
 METHODS = ("megatron-lm", "stronghold", "l2l", "zero-offload", "zero-infinity")
 ZERO_METHODS = ("zero-offload", "zero-infinity")  # the DeepSpeed baselines
+STREAMING_METHODS = ("stronghold", "l2l")          # layers stream through a GPU window
 
 
 class ArgumentError(ValueError):

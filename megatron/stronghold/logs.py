@@ -75,8 +75,8 @@ def parse_log(text: str) -> TrainingLog:
             log.config.update(parse_fields(line[len("config |"):]))
         elif line.startswith("summary |"):
             log.summary.update(parse_fields(line[len("summary |"):]))
-        elif _EXIT.match(line):
-            log.exit_status = int(_EXIT.match(line).group(1))
+        elif m := _EXIT.match(line):
+            log.exit_status = int(m.group(1))
     return log
 
 

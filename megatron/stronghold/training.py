@@ -164,7 +164,7 @@ def preflight(args, vocab_size, device):
     from .executor.cpu_worker import default_threads
     from .planner import DoesNotFit, ModelCosts, available_memory, check
 
-    if args.offload_method not in ("l2l", "stronghold"):
+    if args.offload_method not in arguments.STREAMING_METHODS:
         args.window_size = None  # only the streaming methods have a window: logs and tables show none
     costs = ModelCosts.of(args, vocab_size)
     gpu_free, host_free = available_memory(device)
@@ -191,7 +191,7 @@ def layer_placement(args, device, dtype):
     baselines hand the whole fp32 model to DeepSpeed: None."""
     if args.offload_method == "megatron-lm":
         return lambda index, layer: layer.to(device=device, dtype=dtype)
-    if args.offload_method not in ("stronghold", "l2l"):
+    if args.offload_method not in arguments.STREAMING_METHODS:
         return None
     from .executor import owned_by_this_rank
 
@@ -219,7 +219,7 @@ def build_method(args, model, device, dtype) -> Method:
     if args.offload_method == "megatron-lm":
         model.to(device=device, dtype=dtype)
         return Method(args.offload_method, ResidentOptimizer(list(model.named_parameters()), args))
-    if args.offload_method in ("stronghold", "l2l"):
+    if args.offload_method in arguments.STREAMING_METHODS:
         from .baselines.l2l import build_l2l_executor
         from .executor import StreamingExecutor
 
