@@ -167,8 +167,9 @@ def main():
     p.add_argument("--start", default="8", help="first size tried, or 'planner': the most layers the method's "
                    "pre-flight check admits on this machine (every method; for ZeRO, the bytes DeepSpeed surely keeps)")
     p.add_argument("--max-layers", type=int, default=4096)
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per trial; a trial past it ends the "
-                   "search, whose result is then a lower bound (the CSV's search column)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per trial; a trial past it before its "
+                   "summary ends the search, whose result is then a lower bound (the CSV's search column); one "
+                   "that printed its summary has trained, however long its exit takes")
     p.add_argument("--budget", type=int, default=0, help="seconds for the whole search (0: no limit): it stops "
                    "before a trial that would not finish in time (judged by the longest trial so far), with a "
                    "lower bound, as after --timeout")
