@@ -48,7 +48,8 @@ Run GPT pre-training through pretrain_gpt.py with Megatron-LM style flags.
   -- EXTRA    everything after '--' is passed to pretrain_gpt.py last, so it
               overrides the defaults (e.g. -- --num-attention-heads 8 --train-iters 100)
 
-Defaults: $DEFAULT_HEADS heads, sequence length $DEFAULT_SEQ, $TRAIN_ITERS iterations, mock data, bf16 on GPU.
+Defaults: $DEFAULT_HEADS heads, sequence length $DEFAULT_SEQ, $TRAIN_ITERS iterations, bf16 on GPU, mock data unless
+-- --data-path PREFIX is given.
 Without a GPU (fp32) and unless -l or -h is given, a small model is used:
 $SMALL_LAYERS layers, hidden $SMALL_HIDDEN, $SMALL_HEADS heads, sequence length $SMALL_SEQ.
 
@@ -195,8 +196,9 @@ build_command() {
         --log-interval 5
         --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-iters 2
         --weight-decay 0.01 --clip-grad 1.0
-        --mock-data
     )
+    # No --mock-data: pretrain_gpt.py uses mock data only without --data-path, so a user's
+    # `-- --data-path PREFIX` trains on PREFIX (or stops if it does not exist).
     (( HAS_GPU )) && args+=(--bf16)
     args+=(--offload-method "$method" --window-size "$WINDOW")
     if (( NPROC > 1 )); then

@@ -94,7 +94,7 @@ def test_dry_run_builds_the_command(tmp_path):
     assert flag_value(command, "--global-batch-size") == "8"  # the user's value comes last
     assert flag_value(command, "--offload-method") == "stronghold"
     assert flag_value(command, "--window-size") == "5"
-    assert "--mock-data" in command
+    assert "--mock-data" not in command  # mock data only when the user gives no --data-path
     log = result.stdout.split("log would be: ", 1)[1].split()[0]
     assert os.path.dirname(log) == str(tmp_path)
     assert LOG_NAME.match(os.path.basename(log)).groupdict() == {
@@ -142,3 +142,29 @@ def test_tiny_training_run_writes_log(tmp_path):
     assert logs[0].name.startswith("log_megatron-lm_l-2_hs-64_bs-2_ws-4_")
     assert re.search(r" iteration\s+3/", logs[0].read_text()), logs[0].read_text()[-3000:]
     assert f"log: {logs[0]}" in result.stdout
+
+
+TINY_RUN = ["-m", "stronghold", "-l", "2", "-h", "64", "-b", "2", "--", "--num-attention-heads", "4",
+            "--seq-length", "32", "--max-position-embeddings", "32", "--train-iters", "3", "--log-interval", "1"]
+
+
+def test_a_missing_data_path_stops_the_launcher(tmp_path):
+    """The launcher's defaults must not replace the user's data with mock data."""
+    result = run_launcher([*TINY_RUN, "--data-path", str(tmp_path / "nowhere")], tmp_path, timeout=300)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr  # the launcher tees the run's stderr into its log
+    assert "nowhere.bin" in output and "Traceback" not in output
+
+
+def test_the_launcher_trains_on_the_users_data(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join('{"text": "%s"}' % ("the quick brown fox %d " % i * 20) for i in range(50)))
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"), "--input", str(corpus),
+                    "--output-prefix", str(tmp_path / "corpus"), "--tokenizer-type", "ByteTokenizer",
+                    "--append-eod"], check=True, capture_output=True)
+    prefix = str(tmp_path / "corpus_text_document")
+    result = run_launcher([*TINY_RUN, "--data-path", prefix, "--tokenizer-type", "ByteTokenizer",
+                           "--split", "100,0,0"], tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"data: {prefix} |" in result.stdout
+    assert "data: mock" not in result.stdout

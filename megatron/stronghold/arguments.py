@@ -212,6 +212,8 @@ def validate_args(args: argparse.Namespace) -> None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     if args.clip_grad < 0:
         raise ArgumentError("--clip-grad must be >= 0")
+    if args.mock_data and args.data_path:
+        raise ArgumentError("choose one of --mock-data and --data-path")
     if not args.data_path:
         args.mock_data = True
     if args.tokenizer_type is None:

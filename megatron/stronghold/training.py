@@ -294,7 +294,8 @@ def train(args) -> History:
         f"heads: {args.num_attention_heads} | seq: {args.seq_length} | "
         f"micro batch: {args.micro_batch_size} | global batch: {args.global_batch_size} | "
         f"micro batches per step: {args.num_microbatches} | window: {args.window_size} | "
-        f"resident layers: {args.resident_layers} | recompute: {args.recompute_granularity or 'none'} |")
+        f"resident layers: {args.resident_layers} | recompute: {args.recompute_granularity or 'none'} | "
+        f"data: {'mock' if args.mock_data else ' '.join(args.data_path)} |")
     if plan is not None:
         log(plan)
 
