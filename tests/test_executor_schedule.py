@@ -24,21 +24,23 @@ def executor():
     ex.shutdown()
 
 
-def test_start_forward_does_not_wait_for_unfinished_cpu_steps(executor):
-    # Layer 0's CPU step is still running (as after a clipped iteration). Steps finish in forward
-    # order, so the loads are queued in that order too.
+def test_begin_step_does_not_wait_for_unfinished_cpu_steps(executor):
+    # Layer 0's CPU step is still running (as after a clipped iteration): the embeddings must not
+    # wait for it. Steps finish in forward order, so the loads are queued in that order too.
     step0 = concurrent.futures.Future()
     executor.weight_pending[0] = step0
-    starter = threading.Thread(target=executor.start_forward)
+    starter = threading.Thread(target=executor.begin_step, args=(1.0,))
     starter.start()
     starter.join(timeout=5)
     blocked = starter.is_alive()
-    step0.set_result(None)  # let a blocked start_forward finish before failing
+    step0.set_result(None)  # let a blocked begin_step finish before failing
     starter.join()
-    assert not blocked, "start_forward waited for a CPU step: the resident layers' forward would wait too"
+    assert not blocked, "begin_step waited for a CPU step: the embeddings' forward would wait too"
     assert executor.slot_owner == [-1, -1] and executor.pending_start == [0, 1]
-    executor.prefetch_ready()  # a resident layer's forward hook, once the step is done
-    assert executor.slot_owner == [0, 1] and executor.pending_start == []
+    executor.acquire(0)  # the first streamed layer's forward, once the step is done
+    assert executor.slot_owner == [0, -1] and executor.pending_start == [1]
+    executor.release(0)  # the rest of the first W, then the prefetch of layer 0 + W
+    assert executor.slot_owner == [2, 1] and executor.pending_start == []
 
 
 def test_no_guessing_in_the_iteration_after_clipping(executor):
@@ -46,7 +48,6 @@ def test_no_guessing_in_the_iteration_after_clipping(executor):
         group.update(lr=1e-3, weight_decay=0.0)
 
     def finish(coeff):
-        executor.stats = {i: (1.0, True, False) for i in range(executor.num_layers)}
         executor.finish_step(coeff, skip=True)  # skipped: no CPU work queued, only the decision
         return executor.guessing
 
@@ -76,16 +77,6 @@ def test_cpu_worker_steps_the_lowest_pending_layer_first():
         worker.shutdown()
 
 
-def test_cpu_worker_keeps_arrival_order_when_asked():
-    # With gradient accumulation a layer's norm is known only from its CPU work, and the guesses follow
-    # the order the worker meets the layers: arrival order keeps a run repeatable.
-    worker = CpuWorker(1, lowest_layer_first=False)
-    try:
-        assert _run_in_order(worker, [3, 2, 1, 0]) == [3, 2, 1, 0]
-    finally:
-        worker.shutdown()
-
-
 def test_cpu_worker_hands_errors_to_the_waiter():
     worker = CpuWorker(1)
     try:
@@ -94,10 +85,6 @@ def test_cpu_worker_hands_errors_to_the_waiter():
         assert worker.submit(1, lambda: "still running").result(timeout=5) == "still running"
     finally:
         worker.shutdown()
-
-
-def test_single_process_executor_uses_lowest_layer_first(executor):
-    assert executor.worker.lowest_layer_first
 
 
 def test_cpu_optimizer_threads_under_torchrun(monkeypatch):
@@ -119,6 +106,8 @@ def test_global_norm_does_not_wait_for_cpu_steps():
     # One micro-batch: each layer's norm is taken as its gradient leaves the compute device, so the
     # main thread has the global norm (and starts the next forward) while the CPU steps still run.
     from megatron.stronghold.data import build_data_iterators, build_tokenizer
+    from megatron.stronghold.dropout import DropoutSeeds
+    from megatron.stronghold.executor import layer_major
 
     # A clip threshold every layer's norm passes: no layer guesses, whatever the initial weights.
     args = arguments.parse_args(["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -134,10 +123,11 @@ def test_global_norm_does_not_wait_for_cpu_steps():
     gate = threading.Event()
     try:
         ex.worker.submit(-1, gate.wait)  # the CPU optimizer is busy
-        ex.begin_microbatch(0, 1.0)
-        ex.start_forward()
+        seeds = DropoutSeeds(args.seed)
+        seeds.install(model)
+        ex.begin_step(1.0)
         batch = next(build_data_iterators(args, build_tokenizer(args))[0])
-        model_lib.lm_loss(model, batch).backward()
+        layer_major.train_step(model, ex, [], [], [batch], 1.0, seeds)
         result = []
         reader = threading.Thread(target=lambda: result.append(ex.gradient_stats()))
         reader.start()
@@ -162,10 +152,10 @@ def test_guesses_follow_arrival_order_not_the_worker_order(executor):
     # would depend on thread timing.
     for group in executor.param_groups:
         group.update(lr=1e-3, weight_decay=0.0)
-    assert executor.device_norm and executor.clip_grad == 1.0
+    assert executor.clip_grad == 1.0
     executor.sumsq_host.copy_(torch.tensor([0.01, 0.01, 4.0]))
-    executor._update(0, True, True, 1.0, executor._hyperparameters(), executor.iteration, True)
+    executor._update(0, 1.0, executor._hyperparameters(), executor.iteration, True)
     assert executor.decided[0] == "wait"
     executor.sumsq_host.copy_(torch.tensor([0.01, 0.01, 0.01]))
-    executor._update(1, True, True, 1.0, executor._hyperparameters(), executor.iteration, True)
+    executor._update(1, 1.0, executor._hyperparameters(), executor.iteration, True)
     assert executor.decided[1] == "guess"

@@ -24,7 +24,37 @@ def test_layer_size_and_bytes_per_parameter():
     assert c.layer_params == 12 * 2048 ** 2 + 13 * 2048  # the paper's 50M-parameter layer
     assert c.host_bytes_per_param == 16  # bf16: fp32 master + Adam, pinned weights + gradient
     assert c.resident_bytes_per_param == 18
-    assert costs(8, "--global-batch-size", "8").host_bytes_per_param == 20  # + fp32 accumulation
+    assert costs(8, "--global-batch-size", "8").host_bytes_per_param == 16  # the sum stays on the device
+
+
+def test_streamed_layers_keep_one_boundary_per_layer_and_micro_batch():
+    """Layer-major with recompute: (S + 3) k boundaries of s b h (inputs, gradients at two boundaries)
+    and one layer's activations of one micro-batch."""
+    c = costs(32, "--global-batch-size", "64", "--recompute-granularity", "full")
+    a = 2 * 1024 * 4 * 2048  # bf16 hidden state of a micro-batch of 4
+    assert c.microbatches == 16 and c.hidden_state == a
+    assert c.streamed_activations(32, recompute=True) == (32 + 3) * 16 * a + 17 * a
+    plan = make_plan(c, gpu_free=140 * GiB, host_free=120 * GiB, resident=0)
+    assert plan.streamed_recompute and plan.boundary_bytes == c.streamed_activations(32, True)
+
+
+def test_streamed_layers_keep_their_activations_only_where_they_fit():
+    """Without --recompute-granularity full the plan keeps the streamed layers' activations when
+    they fit (no recompute: a quarter less compute) and keeps only their inputs when they do not."""
+    one = costs(32, "--global-batch-size", "4")  # the paper's batch: 32 x 17 boundaries, 17 GiB
+    assert not make_plan(one, gpu_free=140 * GiB, host_free=120 * GiB, resident=0).streamed_recompute
+    many = costs(32, "--global-batch-size", "64")  # 16 micro-batches: 272 GiB of activations
+    plan = make_plan(many, gpu_free=140 * GiB, host_free=120 * GiB, resident=0)
+    assert plan.streamed_recompute and plan.gpu_bytes <= 140 * GiB
+
+
+def test_the_prediction_counts_every_micro_batch():
+    """At a real batch the step is compute-bound (the link and CPU work do not grow with the
+    micro-batches): twice the micro-batches, about twice the iteration."""
+    plan = lambda batch: make_plan(costs(32, "--recompute-granularity", "full", "--global-batch-size", batch),  # noqa: E731
+                                   140 * GiB, 200 * GiB, resident=0)
+    assert plan("128").predicted_s / plan("64").predicted_s == pytest.approx(2, rel=0.05)
+    assert plan("4").predicted_s < plan("64").predicted_s / 3
 
 
 def test_everything_resident_when_it_fits():

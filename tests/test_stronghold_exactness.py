@@ -1,6 +1,9 @@
 """StrongHold must train exactly like megatron-lm: same per-iteration loss and grad norm (fp32, 1e-5).
 
-Tiny models on the CPU: the executor runs its real schedule with host-to-host copies.
+Tiny models on the CPU: the executor runs its real schedule with host-to-host copies. Dropout is on
+(0.1, the default) everywhere: the layer-major order of a step with several micro-batches draws the
+same masks as megatron-lm's micro-batch order only because every (layer, micro-batch) is seeded
+from (seed, iteration, micro-batch, layer).
 """
 
 import functools
@@ -42,10 +45,27 @@ def test_window_sizes_and_depths(layers, window):
     assert_same_training(baseline(layers, ()), run("stronghold", layers, window))
 
 
-@pytest.mark.parametrize("window", [1, 2])
+ACCUMULATE = ("--global-batch-size", "6")  # three micro-batches per step
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
 def test_gradient_accumulation(window):
-    extra = ("--global-batch-size", "6")  # three micro-batches per step
-    assert_same_training(baseline(3, extra), run("stronghold", 3, window, extra))
+    assert_same_training(baseline(3, ACCUMULATE), run("stronghold", 3, window, ACCUMULATE))
+
+
+@pytest.mark.parametrize("resident", [1, 3])
+def test_gradient_accumulation_with_resident_layers(resident):
+    extra = (*ACCUMULATE, "--resident-layers", str(resident))
+    assert_same_training(baseline(3, ACCUMULATE), run("stronghold", 3, 2, extra))
+
+
+def test_gradient_accumulation_with_clipping_and_recompute():
+    free = baseline(3, (*ACCUMULATE, "--clip-grad", "0"))
+    clip = sorted(free.grad_norms)[ITERS // 2]
+    extra = (*ACCUMULATE, "--clip-grad", repr(clip), "--recompute-granularity", "full")
+    reference = baseline(3, extra)
+    assert 0 < sum(n > clip for n in reference.grad_norms) < ITERS
+    assert_same_training(reference, run("stronghold", 3, 2, extra))
 
 
 @pytest.mark.parametrize("extra", [
@@ -74,7 +94,7 @@ def test_clipping_fires_on_some_iterations_only():
 def test_fp16_overflow_skips_the_step_for_every_layer():
     """fp16 with a huge initial loss scale: the first iterations overflow and must be skipped by
     every layer (guessed steps undone), with the same loss-scale trajectory as megatron-lm."""
-    extra = ("--fp16", "--initial-loss-scale", str(2.0 ** 20), "--hysteresis", "1")
+    extra = ("--fp16", "--initial-loss-scale", str(2.0 ** 20), "--hysteresis", "1", *ACCUMULATE)
     reference = baseline(3, extra)
     assert any(reference.skipped) and not all(reference.skipped)
     stronghold = run("stronghold", 3, 2, extra)
@@ -86,6 +106,7 @@ def test_fp16_overflow_skips_the_step_for_every_layer():
 @pytest.mark.parametrize("layers,extra", [
     (3, ()),
     (3, ("--global-batch-size", "4", "--recompute-granularity", "full")),
+    (3, ACCUMULATE),
 ])
 def test_l2l_trains_like_megatron(layers, extra):
     """L2L: one layer on the device at a time, loaded on demand, every step after backward."""
@@ -102,3 +123,25 @@ def test_resident_layers_train_like_megatron(resident):
     assert_same_training(baseline(4, ()), got)
     streamed_steps = sum(got.layer_steps.values())
     assert streamed_steps == (4 - resident) * ITERS
+
+
+def test_dropout_masks_do_not_depend_on_the_order():
+    """Each (layer, micro-batch) draws from its own seed: running micro-batch 1 before micro-batch 0,
+    or another layer in between, draws the same masks."""
+    import torch
+
+    from megatron.stronghold.dropout import DropoutSeeds
+
+    seeds = DropoutSeeds(7)
+    seeds.iteration = 3
+    layer = torch.nn.Dropout(0.5)
+
+    def mask(m, position):
+        seeds.microbatch = m
+        seeds.apply(layer, position)
+        return layer(torch.ones(64))
+
+    a0, a1 = mask(0, 1), mask(1, 1)
+    b1, _, b0 = mask(1, 1), mask(0, 2), mask(0, 1)
+    assert torch.equal(a0, b0) and torch.equal(a1, b1)
+    assert not torch.equal(a0, a1)

@@ -72,7 +72,7 @@ def test_host_store_is_16_bytes_per_parameter_in_bf16():
     from megatron.stronghold.executor import StreamingExecutor
     from megatron.stronghold.model import build_model
 
-    for flags, expected in (((), 16), (("--global-batch-size", "4"), 20)):  # + fp32 accumulation
+    for flags, expected in (((), 16), (("--global-batch-size", "4"), 16)):  # the sum stays on the device
         args = arguments.parse_args([*TINY, "--bf16", "--offload-method", "stronghold", *flags])
         training.init_distributed(torch.device("cpu"))
         layers = list(build_model(args, 128).decoder.layers)
@@ -102,6 +102,7 @@ def test_log_lines_parse_back():
     assert log.config["method"] == "stronghold" and log.config["precision"] == "fp32"
     assert log.summary["iterations"] == 4 and log.summary["samples per second"] > 0
     assert "peak host RSS (GiB)" in log.summary and "pinned host memory (GiB)" in log.summary
+    assert log.summary["host-to-device (MiB/iter)"] > 0 and log.summary["device-to-host (MiB/iter)"] > 0
     assert "start-up: " in proc.stdout and "model built and initialised in" in proc.stdout
 
 
@@ -119,14 +120,18 @@ def test_manual_gc_collects_between_steps_only(monkeypatch):
     collected, enabled = [], []
     real_collect = gc.collect
     monkeypatch.setattr(gc, "collect", lambda *a: collected.append(len(enabled)) or real_collect(*a))
-    monkeypatch.setattr(training, "train_loop_hook", lambda: enabled.append(gc.isenabled()))
-    h = train("--train-iters", "5", "--mock-data", "--manual-gc", "--manual-gc-interval", "2")
+    def observe(event, **_):
+        if event == "iteration":
+            enabled.append(gc.isenabled())
+
+    h = training.train(arguments.parse_args([*TINY, "--train-iters", "5", "--mock-data", "--manual-gc",
+                                             "--manual-gc-interval", "2"]), observer=observe)
     assert len(h.losses) == 5
     assert enabled == [False] * 5
     assert collected == [0, 2, 4]  # before iteration 1, after iterations 2 and 4
     assert gc.isenabled()
     enabled.clear()
-    train("--train-iters", "2", "--mock-data")
+    training.train(arguments.parse_args([*TINY, "--train-iters", "2", "--mock-data"]), observer=observe)
     assert enabled == [True, True]
 
 
@@ -148,7 +153,8 @@ def test_layers_are_placed_as_each_is_built_with_the_same_weights(monkeypatch):
     torch.manual_seed(3)
     reference = {k: v.clone() for k, v in build_model(args, 128).state_dict().items() if torch.is_tensor(v)}
 
-    # Rank 1 of 2: of the streamed layers 2, 3, 4 (streamed 0, 1, 2) it owns only layer 3.
+    # Rank 1 of 2: of the streamed layers 2, 3, 4 (streamed 0, 1, 2) it owns only layer 3. (One
+    # micro-batch per step: the resident layers come first, see training.streamed_span.)
     monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda *a, **k: 2)
     monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda *a, **k: 1)
     place = training.layer_placement(args, torch.device("cpu"), torch.bfloat16)
@@ -174,3 +180,19 @@ def test_layers_are_placed_as_each_is_built_with_the_same_weights(monkeypatch):
     for name, value in model.state_dict().items():
         if torch.is_tensor(value) and not any(name.startswith(d) for d in dropped):
             assert torch.equal(value, reference[name].to(value.dtype)), name
+
+
+def test_each_streamed_layer_crosses_the_link_once_per_step_whatever_the_micro_batches():
+    """Layer-major: 2 S - W loads and S gradients per step, for one micro-batch or four."""
+    layers, window, iters = 3, 1, 3
+    link = []
+    for global_batch in ("2", "8"):
+        h = train("--num-layers", str(layers), "--train-iters", str(iters), "--mock-data", "--offload-method",
+                  "stronghold", "--window-size", str(window), "--global-batch-size", global_batch)
+        link.append(h.link)
+    assert link[0] == link[1]
+    from megatron.stronghold.model import build_model
+    args = arguments.parse_args([*TINY, "--num-layers", str(layers)])
+    layer_bytes = 4 * sum(p.numel() for p in build_model(args, 128).decoder.layers[0].parameters())
+    assert link[0]["host-to-device"] == iters * (2 * layers - window) * layer_bytes
+    assert link[0]["device-to-host"] == iters * layers * layer_bytes

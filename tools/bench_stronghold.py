@@ -61,7 +61,7 @@ def measure_cpu_update(numel):
 
     layer = torch.nn.Linear(numel // 1024, 1024, bias=False)
     args = arguments.parse_args([])
-    host = HostLayer(layer, LayerLayout.of(layer), torch.bfloat16, pin=True, accumulate=False, args=args)
+    host = HostLayer(layer, LayerLayout.of(layer), torch.bfloat16, pin=True, args=args)
     host.init_optimizer_state()
     host.grad.copy_(torch.randn(host.layout.numel) * 1e-3)
     scratch = torch.empty(host.layout.numel)

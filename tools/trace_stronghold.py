@@ -92,8 +92,8 @@ def main():
         config = {}
     with profile(activities=activities, schedule=schedule(wait=0, warmup=a.warmup, active=a.active),
                  on_trace_ready=lambda prof: prof.export_chrome_trace(path), **config) as prof:
-        training.train_loop_hook = prof.step  # one profiler step per iteration
-        training.train(args)
+        # one profiler step per iteration
+        training.train(args, observer=lambda event, **_: prof.step() if event == "iteration" else None)
     print(f"trace: {path}")
     overlap_report(path)
 

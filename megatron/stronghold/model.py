@@ -120,14 +120,22 @@ def checkpointed_layers(args):
 
 
 def enable_recompute(layer: torch.nn.Module) -> None:
-    """Recompute this layer's forward in backward; hooks on the layer still fire once per call."""
+    """Recompute this layer's forward in backward; hooks on the layer still fire once per call.
+
+    The hidden state goes to checkpoint positionally: checkpoint saves and restores the RNG state of
+    the devices of its positional tensors only, and with the hidden state as a keyword it kept only
+    the CPU's, so on a GPU the recompute drew other dropout masks than the forward."""
     inner = layer.forward
 
     @functools.wraps(inner)
-    def forward(*a, **kw):
-        return checkpoint(inner, *a, use_reentrant=False, **kw)
+    def forward(hidden_states, *a, **kw):
+        return checkpoint(inner, hidden_states, *a, use_reentrant=False, **kw)
 
     layer.forward = forward
+
+
+def disable_recompute(layer: torch.nn.Module) -> None:
+    layer.__dict__.pop("forward", None)  # back to the class's forward
 
 
 def transformer_layers(model: GPTModel):
@@ -157,3 +165,29 @@ def flops_per_iteration(args, vocab_size: int) -> float:
     per_layer = 2 * b * s * (4 * h * h + 2 * h * ffn) + 4 * b * s * s * h  # matmuls + attention scores
     forward = L * per_layer + 2 * b * s * h * vocab_size
     return 3 * forward
+
+
+# ----- the model in stages, for schedules that do not run it micro-batch by micro-batch -----
+# GPTModel.forward is embedding -> decoder (layers, final norm) -> output layer and loss; these are
+# the same calls, one stage at a time (megatron-core 0.16's _preprocess/_postprocess, what forward uses).
+
+def embed(model: GPTModel, batch):
+    """(decoder input [s, b, h], rotary embedding or None) of one micro-batch."""
+    out = model._preprocess(input_ids=batch["tokens"], position_ids=batch["position_ids"])
+    return out[0], out[1]
+
+
+def run_layer(layer, hidden, rotary_pos_emb):
+    return layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary_pos_emb)[0]
+
+
+def head_loss(model: GPTModel, layers, hidden, batch, rotary_pos_emb):
+    """lm_loss of one micro-batch from the hidden state before `layers` (the model's last layers)."""
+    for layer in layers:
+        hidden = run_layer(layer, hidden, rotary_pos_emb)
+    hidden = model.decoder.final_layernorm(hidden)
+    losses = model._postprocess(hidden_states=hidden, input_ids=batch["tokens"],
+                                position_ids=batch["position_ids"], labels=batch["labels"],
+                                rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=None, rotary_pos_sin=None)
+    mask = batch["loss_mask"]
+    return (losses.float() * mask).sum() / mask.sum()

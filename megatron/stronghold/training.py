@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 from . import arguments, checkpointing
+from .dropout import DropoutSeeds
+from .executor import layer_major
 from .logs import iteration_line, summary_line
-from .model import build_model, flops_per_iteration, lm_loss, num_parameters
+from .model import build_model, disable_recompute, flops_per_iteration, lm_loss, num_parameters
 from .optim import LossScaler, ResidentOptimizer, clip_coefficient, global_norm, lr_scheduler
 
 GiB = 1024 ** 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-train_loop_hook = None  # called after every iteration (tools/trace_stronghold.py steps its profiler)
 
 
 def log(msg: str) -> None:
@@ -66,7 +67,10 @@ class Method:
 
     name: str
     resident: ResidentOptimizer
-    executor: object = None  # StreamingExecutor for stronghold
+    executor: object = None  # StreamingExecutor for stronghold and l2l
+    head: list = field(default_factory=list)  # resident layers before the streamed ones
+    tail: list = field(default_factory=list)  # resident layers after the streamed ones
+    seeds: object = None  # the trainer's DropoutSeeds (set after build)
 
     @property
     def optimizers(self):
@@ -115,14 +119,17 @@ class Method:
         """One optimizer step over the micro-batches; returns (loss, grad norm, skipped)."""
         n, executor = len(batches), self.executor
         inv_scale = 1.0 / scaler.scale
-        losses = []
-        for index, batch in enumerate(batches):
-            if executor is not None:
-                executor.begin_microbatch(index, inv_scale)
-                executor.start_forward()
-            loss = lm_loss(model, to_device(batch, device))
-            (loss * (scaler.scale / n)).backward()
-            losses.append(loss.detach())
+        if executor is not None:  # layer-major through the streamed layers
+            executor.begin_step(inv_scale)
+            losses = layer_major.train_step(model, executor, self.head, self.tail,
+                                            [to_device(b, device) for b in batches], scaler.scale, self.seeds)
+        else:
+            losses = []
+            for index, batch in enumerate(batches):
+                self.seeds.microbatch = index
+                loss = lm_loss(model, to_device(batch, device))
+                (loss * (scaler.scale / n)).backward()
+                losses.append(loss.detach())
 
         self.resident.average_over_data_parallel()  # streamed layers: by the executor, as each leaves the device
         sumsq, found_inf = self.resident.unscale_and_measure(inv_scale)
@@ -180,6 +187,7 @@ def preflight(args, vocab_size, device):
     if args.window_size is None or args.offload_method == "l2l":  # l2l: one slot, whatever -w says
         args.window_size = max(plan.window, 1)
     args.cpu_optimizer_threads = plan.threads
+    args.streamed_recompute = plan.streamed_recompute
     return plan.describe(costs)
 
 
@@ -195,15 +203,26 @@ def layer_placement(args, device, dtype):
         return None
     from .executor import owned_by_this_rank
 
-    owned = owned_by_this_rank(args.num_layers - args.resident_layers)
+    first, end = streamed_span(args)
+    owned = owned_by_this_rank(end - first)
 
     def place(index, layer):
-        if index < args.resident_layers:
+        if not first <= index < end:
             layer.to(device=device, dtype=dtype)
-        elif not owned[index - args.resident_layers]:
+        elif not owned[index - first]:
             for p in layer.parameters():  # the shape stays (one element's storage) until bound to a slot
                 p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)
     return place
+
+
+def streamed_span(args) -> tuple:
+    """(first, end) of the streamed layers. With several micro-batches per step they come first: the
+    step runs layer-major through them and then micro-batch by micro-batch through the resident
+    layers, which then need only the boundary between the two (executor/layer_major.py). With one
+    micro-batch the resident layers come first, so that the streamed layers' CPU steps overlap
+    the resident layers' backward and the next forward pass."""
+    streamed = args.num_layers - args.resident_layers
+    return (0, streamed) if args.num_microbatches > 1 else (args.resident_layers, args.num_layers)
 
 
 def _move_all_but(model, streamed, device, dtype) -> None:
@@ -223,20 +242,22 @@ def build_method(args, model, device, dtype) -> Method:
         from .baselines.l2l import build_l2l_executor
         from .executor import StreamingExecutor
 
-        # The first R layers stay on the GPU: their CPU steps would finish last in backward and
-        # hold up the next forward pass; the rest stream.
-        layers = list(model.decoder.layers)[args.resident_layers:]
+        first, end = streamed_span(args)
+        every = list(model.decoder.layers)
+        head, layers, tail = every[:first], every[first:end], every[end:]
         _move_all_but(model, layers, device, dtype)  # frees host memory for the store
+        for layer in layers:  # the executor recomputes streamed layers itself (or keeps their graph)
+            disable_recompute(layer)
         executor = None
         if args.offload_method == "l2l":
             executor = build_l2l_executor(layers, dtype, device, args, log=log)
         elif layers:
-            executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log)
-            executor.watch(list(model.decoder.layers)[:args.resident_layers])
+            executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log,
+                                         recompute=args.streamed_recompute)
         model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
         streamed = {id(p) for layer in layers for p in layer.parameters()}
         named = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]
-        return Method(args.offload_method, ResidentOptimizer(named, args), executor)
+        return Method(args.offload_method, ResidentOptimizer(named, args), executor, head, tail)
     if args.offload_method in arguments.ZERO_METHODS:
         from .baselines.zero import build_zero_method  # imports DeepSpeed: only when asked for
 
@@ -255,6 +276,7 @@ class History:
     lrs: list = field(default_factory=list)
     times: list = field(default_factory=list)
     layer_steps: dict = field(default_factory=dict)  # stronghold: kept / redone / deferred counts
+    link: dict = field(default_factory=dict)  # stronghold: bytes moved host-to-device / device-to-host
     valid_losses: list = field(default_factory=list)  # (iteration, validation loss)
     exit_code: int = 0  # process exit status (see checkpointing.RunGuard)
 
@@ -263,7 +285,10 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train(args) -> History:
+def train(args, observer=None) -> History:
+    """observer(event, **details), for tools that watch a run (tools/diag_memory.py,
+    tools/trace_stronghold.py): "iteration" after every iteration (iteration=N), and the streaming
+    executor's events (executor.StreamingExecutor.observer)."""
     from .data import build_data_iterators, build_tokenizer, check_data_paths, padded_vocab_size
 
     try:
@@ -299,8 +324,13 @@ def train(args) -> History:
     if plan is not None:
         log(plan)
 
+    seeds = DropoutSeeds(args.seed, getattr(args, "data_parallel_rank", 0) or 0, args.data_parallel_size)
+    seeds.install(model)
     t0 = time.perf_counter()
     method = build_method(args, model, device, dtype)
+    method.seeds = seeds
+    if method.executor is not None:
+        method.executor.observer = observer
     model.train()
     if method.executor is not None:
         host, owned = method.executor.host_bytes(), sum(method.executor.owned)
@@ -333,11 +363,12 @@ def train(args) -> History:
 
     with checkpointing.RunGuard(args, save, log) as guard, manual_gc(args):
         history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter,
-                             guard)
+                             guard, observer)
     history.exit_code = guard.exit_code
     method.shutdown()
     if method.executor is not None:
         history.layer_steps = dict(method.executor.counts)
+        history.link = dict(method.executor.link)
     if history.times:
         log_summary(args, method, history, device)
     return history
@@ -348,10 +379,14 @@ def evaluate(args, model, method, valid_iter, device) -> float:
     model.eval()
     losses = []
     with torch.no_grad():
-        for _ in range(args.eval_iters * args.num_microbatches):
+        for _ in range(args.eval_iters):
+            batches = [to_device(next(valid_iter), device) for _ in range(args.num_microbatches)]
             if method.executor is not None:
-                method.executor.start_forward()
-            losses.append(float(lm_loss(model, to_device(next(valid_iter), device))))
+                method.executor.begin_step(1.0)
+                losses += layer_major.evaluate_losses(model, method.executor, method.head, method.tail, batches,
+                                                      method.seeds)
+            else:
+                losses += [float(lm_loss(model, batch)) for batch in batches]
     model.train()
     return sum(losses) / len(losses)
 
@@ -372,20 +407,21 @@ def manual_gc(args):
 
 
 def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter=None,
-               guard=None) -> History:
+               guard=None, observer=None) -> History:
     history = History()
     interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
     for it in range(getattr(args, "iteration", 0) + 1, args.train_iters + 1):  # resumes after --load
         batches = [next(train_iter) for _ in range(args.num_microbatches)]
         start = time.perf_counter()
+        method.seeds.iteration = it
         loss, grad_norm, skipped = method.train_step(args, model, scaler, batches, device)
         if not skipped:
             scheduler.step(increment=args.global_batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
-        if train_loop_hook is not None:
-            train_loop_hook()
+        if observer is not None:
+            observer("iteration", iteration=it)
         if args.manual_gc and args.manual_gc_interval and it % args.manual_gc_interval == 0:
             gc.collect()
 
@@ -438,6 +474,9 @@ def log_summary(args, method, history, device) -> None:
     if method.executor is not None:
         n = len(history.times)
         extra = {f"{k} (ms/iter)": v * 1000 / n for k, v in method.executor.timers.items()}
+        # What crossed the link per iteration (evaluation included), in MiB: 2 loads and 1 gradient per
+        # streamed layer and step, whatever the number of micro-batches.
+        extra.update({f"{k} (MiB/iter)": float(v) / n / 2 ** 20 for k, v in method.executor.link.items()})
         # How the CPU steps went: guessed during backward and kept / redone, or deferred (clipping fired).
         extra.update({f"layer steps {k}": v for k, v in method.executor.counts.items()})
     if device.type == "cuda":

@@ -100,6 +100,7 @@ class ZeroMethod:
     """The trainer's Method interface over a DeepSpeed engine."""
 
     executor = None  # no StrongHold executor: the trainer's host-store log line is skipped
+    seeds = None  # the trainer's DropoutSeeds (set after build)
 
     def __init__(self, name: str, engine, args):
         self.name = name
@@ -122,7 +123,8 @@ class ZeroMethod:
         if self.fp16:
             engine.optimizer.override_loss_scale(scaler.scale)
         losses = []
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            self.seeds.microbatch = index
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = lm_loss(engine, batch)
             engine.backward(loss)  # (loss / micro-batches) x loss scale

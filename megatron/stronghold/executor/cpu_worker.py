@@ -7,9 +7,7 @@ would wait for every step. Taking the lowest pending layer first lets the forwar
 soon as layer 0 has stepped and run alongside the remaining steps.
 
 Work whose input is not there yet (its gradient copy still on the way) is passed over for work
-that can start now. Where a layer's norm is known only from its CPU work (gradient accumulation),
-the executor's guesses follow the order the worker meets the layers: there it keeps arrival order,
-so a run repeats exactly.
+that can start now.
 """
 
 import concurrent.futures
@@ -39,8 +37,7 @@ def _name_os_thread(name: bytes) -> None:
 
 
 class CpuWorker:
-    def __init__(self, threads: int, lowest_layer_first: bool = True):
-        self.lowest_layer_first = lowest_layer_first
+    def __init__(self, threads: int):
         self._pending = []  # (layer, arrival number, ready(), fn, args, future)
         self._arrivals = 0
         self._cond = threading.Condition()
@@ -61,8 +58,6 @@ class CpuWorker:
         return future
 
     def _next(self):
-        if not self.lowest_layer_first:
-            return min(self._pending, key=lambda w: w[1])
         ready = [w for w in self._pending if w[2] is None or w[2]()]
         if ready:
             return min(ready, key=lambda w: (w[0], w[1]))

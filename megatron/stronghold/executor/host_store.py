@@ -6,8 +6,10 @@ Each layer's parameters are packed into one flat buffer, weight-decayed paramete
 - the optimizer is two fused AdamW calls (decay / no-decay group) over contiguous fp32 views.
 
 Bytes per parameter: fp32 master + two fp32 Adam moments (12), pinned compute-dtype weights and
-pinned compute-dtype gradient (2 + 2 in bf16/fp16). In fp32 the pinned weights are the master
-itself, so also 16. An fp32 accumulation buffer (+4) exists only with gradient accumulation.
+pinned gradient (2 + 2 in bf16; in fp16 the gradient stays fp32, as Megatron's main grads, since the
+sum of a step's micro-batches can overflow fp16 where none of them does: 18). In fp32 the pinned
+weights are the master itself, so also 16. Whatever the number of micro-batches: the gradient is summed on the device and
+arrives once per step.
 """
 
 from dataclasses import dataclass
@@ -75,25 +77,29 @@ class PinnedBlock:
             self.pinned = False
 
 
+def gradient_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """What a streamed layer's gradient crosses PCIe in: the compute dtype, except fp16 (see above)."""
+    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
+
+
 class HostLayer:
     """fp32 master, Adam state, pinned compute copy and pinned gradient of one layer."""
 
-    def __init__(self, layer: torch.nn.Module, layout: LayerLayout, dtype: torch.dtype, pin: bool,
-                 accumulate: bool, args):
+    def __init__(self, layer: torch.nn.Module, layout: LayerLayout, dtype: torch.dtype, pin: bool, args):
         params = dict(layer.named_parameters())
         n = layout.numel
         self.layout = layout
         # What crosses PCIe (weights in, gradients out) shares one page-locked block.
-        self.block = PinnedBlock(2 * n * dtype.itemsize, pin)
+        grad_dtype = gradient_dtype(dtype)
+        self.block = PinnedBlock(n * (dtype.itemsize + grad_dtype.itemsize), pin)
         self.weights = self.block.tensor[:n * dtype.itemsize].view(dtype)
-        self.grad = self.block.tensor[n * dtype.itemsize:].view(dtype)
+        self.grad = self.block.tensor[n * dtype.itemsize:].view(grad_dtype)
         # In fp32 the pinned weights are the master; otherwise the master is pageable.
         self.master = self.weights if dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
         for view, name in zip(layout.views(self.master), layout.names):
             view.copy_(params[name].detach())
         if self.weights is not self.master:
             self.weights.copy_(self.master)
-        self.grad_accum = torch.zeros(n, dtype=torch.float32) if accumulate else None
 
         # (flat view, start, end) per non-empty group: decay first, then no-decay.
         cut = layout.decay_numel
@@ -112,8 +118,6 @@ class HostLayer:
                     for t in s.values() if torch.is_tensor(t))
         pinned = self.block.tensor.numel()
         pageable = (0 if self.weights is self.master else self.master.numel() * 4) + state
-        if self.grad_accum is not None:
-            pageable += self.grad_accum.numel() * 4
         return {"pinned": pinned, "pageable": pageable}
 
     def init_optimizer_state(self) -> None:
@@ -128,20 +132,9 @@ class HostLayer:
 
     # ----- gradient handling (runs on the CPU worker) -----
 
-    def accumulate(self, first: bool) -> None:
-        if first:
-            self.grad_accum.copy_(self.grad)
-        else:
-            self.grad_accum.add_(self.grad)
-
-    @property
-    def gradient(self) -> torch.Tensor:
-        """This step's gradient as received: fp32 accumulation, or the pinned compute-dtype buffer."""
-        return self.grad_accum if self.grad_accum is not None else self.grad
-
     def final_grad(self, scratch: torch.Tensor, inv_scale: float) -> torch.Tensor:
         """This step's unscaled fp32 gradient (a view of scratch unless no conversion is needed)."""
-        g = self.gradient
+        g = self.grad
         if g.dtype == torch.float32 and inv_scale == 1.0:
             return g
         g = scratch[:self.layout.numel].copy_(g)
@@ -156,7 +149,7 @@ class HostLayer:
         grad in its received dtype, fp32 master and moments updated, compute-dtype weights written.
         """
         self._set_hyperparameters(hyper)
-        grad = self.gradient
+        grad = self.grad
         out = None if self.weights is self.master else self.weights
         for group, (view, a, b) in zip(self.optimizer.param_groups, self.parts):
             st = self.optimizer.state[view]

@@ -1,15 +1,17 @@
 """The StrongHold executor: transformer layers live in host memory and stream through W GPU slots.
 
-Schedule (layer i always uses slot i % W, so loads never need a free-slot search):
-- forward of layer i: the compute stream waits for "i loaded"; once i's kernels are queued, the
-  load of i + W into the same slot is queued on the H2D stream behind the event "slot free".
-- backward of layer i: an identity autograd node on the layer's output makes the compute stream
-  wait for "i loaded" before the layer's backward kernels. When the last parameter gradient of the
-  layer has been accumulated, its gradients go to the pinned host buffer on the D2H stream, the
-  slot is released, i - W is loaded into it, and the layer's CPU work (accumulate, or step) is
-  queued on the optimizer worker, which takes the lowest pending layer first (cpu_worker.py).
+The step that drives it (executor/layer_major.py) runs layer-major: a streamed layer, once in its
+slot, computes every micro-batch of the step before the next layer, so each layer crosses PCIe
+twice (weights in for forward and for backward) and once back (its gradient), and steps on the CPU
+once per optimizer step, however many micro-batches the step has. This module holds the slots and
+their copies, and the CPU work a finished gradient starts:
+- slots: layer i always uses slot i % W, so loads never need a free-slot search. acquire(i) makes
+  the compute stream wait for "i loaded" (loading it first if it is not in its slot); release(i),
+  after its forward kernels are queued, queues the load of i + W into the same slot behind the
+  event "slot free". offload(i, grad), after its backward, sends the step's gradient to the pinned
+  host buffer on the D2H stream, queues the layer's CPU step and loads i - W into the slot.
 - the CPU step is speculative: the global gradient norm is known only once every layer is done, so
-  a layer steps as soon as its gradients arrive while the running norm stays under the clip
+  a layer steps as soon as its gradient arrives while the running norm stays under the clip
   threshold; if clipping fires after all, or an overflow skips the iteration, those steps are
   undone exactly and redone from the kept gradients (HostLayer.undo_step). Once the running norm
   passes the threshold the remaining layers step right after backward, in forward order, and the
@@ -33,21 +35,7 @@ from megatron.core import parallel_state
 
 from ..optim import counts_in_norm
 from .cpu_worker import CpuWorker, default_threads
-from .host_store import HostLayer, LayerLayout, _numel
-
-
-class _WaitForLoad(torch.autograd.Function):
-    """Identity whose backward makes the compute stream wait until the layer is back on the GPU."""
-
-    @staticmethod
-    def forward(ctx, hidden, executor, index):
-        ctx.executor, ctx.index = executor, index
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.executor.wait_loaded(ctx.index)
-        return grad, None, None
+from .host_store import HostLayer, LayerLayout, _numel, gradient_dtype
 
 
 def streamed_layer_owners(num_streamed: int) -> list:
@@ -63,9 +51,12 @@ def owned_by_this_rank(num_streamed: int) -> list:
 
 class StreamingExecutor:
     def __init__(self, layers, window: int, dtype: torch.dtype, device: torch.device, args, log=print,
-                 overlap: bool = True):
+                 overlap: bool = True, recompute: bool = True):
         """overlap=False gives L2L's schedule on the same store: each layer is copied in when it is
-        needed (no prefetch) and every CPU step runs after backward, before the next iteration."""
+        needed (no prefetch) and every CPU step runs after backward, before the next iteration.
+        recompute: keep only each layer's input between forward and backward and run the layer
+        again in backward (the plan decides; see planner.streamed_recompute)."""
+        self.recompute = recompute
         self.overlap = overlap
         self.layers = list(layers)
         self.num_layers = len(self.layers)
@@ -74,7 +65,6 @@ class StreamingExecutor:
         self.window = min(window, self.num_layers)
         self.device = device
         self.cuda = device.type == "cuda"
-        self.num_microbatches = args.num_microbatches
         # Data parallel: streamed layer i belongs to data-parallel rank i mod N, whose host store alone
         # holds it and whose CPU steps it (host memory and CPU work per rank fall as 1/N). Its gradient is
         # summed onto the owner on the device (NCCL between GPUs; through host memory over gloo it was
@@ -89,18 +79,16 @@ class StreamingExecutor:
         self.layout = LayerLayout.of(self.layers[0])
 
         self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
-        self.host, self.grad_targets = [], []
+        self.host, self.params = [], []
         for i, layer in enumerate(self.layers):
             if LayerLayout.of(layer) != self.layout:
                 raise ValueError("streamed layers must all have the same parameter layout")
             host = None
             if self.owned[i]:
-                host = HostLayer(layer, self.layout, dtype, pin=self.cuda,
-                                 accumulate=self.num_microbatches > 1, args=args)
+                host = HostLayer(layer, self.layout, dtype, pin=self.cuda, args=args)
                 host.init_optimizer_state()
             self.host.append(host)
             self._bind(i)  # frees the layer's fp32 initial weights before the next layer's store
-        self.params_per_layer = len(self.layout.names)
         # Spans of the flat gradient that count in the global norm (tensor-parallel duplicates only on rank 0).
         counted = {n for n, p in self.layers[0].named_parameters() if counts_in_norm(p)}
         self.counted_spans = [(o, o + _numel(shape)) for name, o, shape in
@@ -115,29 +103,29 @@ class StreamingExecutor:
         self.grad_pending = [None] * self.num_layers  # future: CPU work reading layer i's grad buffer
         self.weight_pending = [None] * self.num_layers  # future: CPU step writing layer i's weights
         self.grads_seen = [0] * self.num_layers
-        self.pending_start = []  # of the first W layers, those whose load start_forward left for later
-        self.microbatch = 0
+        self.pending_start = []  # of the first W layers, those whose load begin_step left for later
         self.inv_scale = 1.0
+        self.grad_dtype = gradient_dtype(dtype)
+        # Bytes the executor moved between host and device (on CPU: between host tensors), for the log.
+        self.link = {"host-to-device": 0, "device-to-host": 0}
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
         threads = args.cpu_optimizer_threads or default_threads()
-        # Lowest layer first only where each layer's norm is known on arrival (device_norm, set
-        # below): the guesses then depend on arrival order, never on which layer the thread took first.
-        self.device_norm = self.num_microbatches == 1
-        self.worker = CpuWorker(threads, lowest_layer_first=self.device_norm)
+        # Lowest layer first: each layer's norm is known on arrival (taken on the device), so the
+        # guesses depend on arrival order, never on which layer the thread took first.
+        self.worker = CpuWorker(threads)
         # Seconds, for the log: CPU work (its own thread) and the main thread's waits for it.
         self.timers = {"cpu work": 0.0, "waits for cpu": 0.0, "copy waits": 0.0}
         # Layer steps: guessed during backward and kept, guessed and redone, deferred to finish_step.
         self.counts = {"kept": 0, "redone": 0, "deferred": 0}
         self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
         self.clip_grad = args.clip_grad
-        self.seen_sumsq, self.guessing = 0.0, True  # see _update
-        # device_norm: with one micro-batch, each layer's gradient norm (after the data-parallel
-        # average) is taken on the compute device as the gradient leaves it: the global norm is then known as soon
-        # as backward ends, without waiting for the CPU work (see gradient_stats).
+        self.guessing = True  # see _update
+        # Each layer's gradient norm (after the data-parallel average) is taken on the compute device
+        # as the gradient leaves it: the global norm is then known as soon as backward ends, without
+        # waiting for the CPU work (see gradient_stats).
         self.sumsq_device = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
         self.sumsq_host = torch.zeros(self.num_layers, dtype=torch.float32, pin_memory=self.cuda)
-        self.stats = {}  # layer -> (sum of squares, finite) of this iteration's gradient, from the CPU work
         # How each layer's step of this iteration was decided, guarded by decision_lock: "guess" (stepped
         # before the norm was known), "wait" (left to finish_step); a layer whose CPU work has not
         # decided when finish_step publishes the iteration's coefficient (final) steps with it directly.
@@ -146,21 +134,23 @@ class StreamingExecutor:
         self.iteration = 0
         self.norm_taken = [-1] * self.num_layers  # iteration whose gradient norm sumsq_host[i] holds
         self.final = None  # (iteration, clip coefficient, skip) once finish_step knows them
+        # observer(event, **details) if set (training.train's observer): "begin step" and
+        # "offload" (layer=i), on the main thread, as the schedule reaches them.
+        self.observer = None
+
+    def _observe(self, event: str, **details) -> None:
+        if self.observer is not None:
+            self.observer(event, **details)
 
     # ----- setup -----
 
     def _bind(self, i: int) -> None:
-        """Point layer i's parameters at its slot, and hook its forward and backward."""
-        layer = self.layers[i]
+        """Point layer i's parameters at its slot; params[i] lists them in the layout's order."""
         views = dict(zip(self.layout.names, self.layout.views(self.slots[i % self.window])))
-        host_grads = dict(zip(self.layout.names, self.layout.views(self.host[i].grad))) if self.owned[i] else {}
-        self.grad_targets.append([])  # (parameter, its host grad view, whether it counts in the norm)
-        for name, p in layer.named_parameters():
+        named = dict(self.layers[i].named_parameters())
+        for name, p in named.items():
             p.data = views[name]
-            p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_param_grad(i))
-            self.grad_targets[i].append((p, host_grads.get(name), counts_in_norm(p)))
-        layer.register_forward_pre_hook(lambda m, a, i=i: self._before_forward(i))
-        layer.register_forward_hook(lambda m, a, out, i=i: self._after_forward(i, out))
+        self.params.append([named[n] for n in self.layout.names])
 
     @property
     def param_groups(self):
@@ -197,11 +187,13 @@ class StreamingExecutor:
             with torch.cuda.stream(self.h2d):
                 if self.owned[i]:
                     dst.copy_(self.host[i].weights, non_blocking=True)
+                    self.link["host-to-device"] += dst.numel() * dst.element_size()
                 self._broadcast(i, dst)
                 self.loaded[i] = self.h2d.record_event()
         else:
             if self.owned[i]:
                 dst.copy_(self.host[i].weights)
+                self.link["host-to-device"] += dst.numel() * dst.element_size()
             self._broadcast(i, dst)
         self.slot_owner[slot] = i
 
@@ -213,8 +205,11 @@ class StreamingExecutor:
         if work is not None:
             work.wait()  # orders the copy stream after the collective; does not block the host
 
-    def wait_loaded(self, i: int) -> None:
-        if self.slot_owner[i % self.window] != i:  # not prefetched (first use): load it now
+    def acquire(self, i: int) -> None:
+        """Layer i's weights in its slot before the compute stream's next kernels."""
+        while self.pending_start and self.pending_start[0] <= i:  # the first W loads, in order
+            self.load(self.pending_start.pop(0))
+        if self.slot_owner[i % self.window] != i:  # not prefetched (first use, or L2L): load it now
             self.load(i)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.loaded[i])
@@ -235,84 +230,68 @@ class StreamingExecutor:
             self._wait(self.grad_pending, i)
             self._wait(self.weight_pending, i)
 
-    # ----- hooks -----
+    # ----- the schedule's calls -----
 
-    def start_forward(self) -> None:
-        """Called before each forward pass: queue the loads of the first W layers whose CPU step is done.
-
-        A load waits on the host for its layer's step, and after a clipped iteration the steps are
-        still running when the next forward starts: waiting here would hold up the resident layers'
-        forward (and the embedding) behind W CPU steps. Loads not ready now are queued by
-        prefetch_ready (resident layers' forward hooks, see watch) or, at the latest, by the first
-        streamed layer's forward.
-        """
+    def begin_step(self, inv_scale: float) -> None:
+        """Before a step's (or an evaluation's) forward: queue the loads of the first W layers whose
+        CPU step is done. A load waits on the host for its layer's step, and after a clipped
+        iteration the steps are still running: the embeddings need not wait for them. The loads
+        not ready now are queued by acquire or release, in order."""
+        self._observe("begin step")
+        self.inv_scale = inv_scale
         self.pending_start = list(range(self.window if self.overlap else 0))
-        self.prefetch_ready()
-
-    def watch(self, modules) -> None:
-        """Modules that run before the streamed layers (the resident layers): each one's forward
-        queues the first loads whose steps have finished meanwhile."""
-        for module in modules:
-            module.register_forward_pre_hook(lambda m, a: self.prefetch_ready())
-
-    def prefetch_ready(self) -> None:
         while self.pending_start and self._step_done(self.pending_start[0]):
             self.load(self.pending_start.pop(0))
 
     def _step_done(self, i: int) -> bool:
         return self.weight_pending[i] is None or self.weight_pending[i].done()
 
-    def _before_forward(self, i: int) -> None:
-        self.wait_loaded(i)
-
-    def _after_forward(self, i: int, output):
-        hidden, context = output
-        if torch.is_grad_enabled():
-            hidden = _WaitForLoad.apply(hidden, self, i)
+    def release(self, i: int) -> None:
+        """Layer i's forward kernels are queued: its slot may take layer i + W after them."""
         self.slot_free[i % self.window] = self._record()
         while self.pending_start:  # the first W loads, in order, before i + W's (steps finish in order)
             self.load(self.pending_start.pop(0))
         if self.overlap and i + self.window < self.num_layers:
             self.load(i + self.window)
-        return hidden, context
 
-    def _on_param_grad(self, i: int) -> None:
-        self.grads_seen[i] += 1
-        if self.grads_seen[i] < self.params_per_layer:
-            return
-        self.grads_seen[i] = 0
-        self._offload_grads(i)
+    def new_gradient(self) -> torch.Tensor:
+        """A zeroed fp32 buffer (the layer's flat layout) that a layer's gradient is summed in over
+        the step's micro-batches on the device, as Megatron sums its fp32 main grads."""
+        return torch.zeros(self.layout.numel, dtype=torch.float32, device=self.device)
+
+    def gradient_views(self, flat: torch.Tensor):
+        return self.layout.views(flat)
+
+    def offload(self, i: int, grad: torch.Tensor) -> None:
+        """Layer i's backward over every micro-batch is complete (grad: its fp32 sum, flat): send the
+        gradient to its owner's host store and queue the layer's CPU step; load i - W into the slot."""
+        self._observe("offload", layer=i)
+        self._offload(i, grad)
         if self.overlap and i - self.window >= 0:
             self.load(i - self.window)
 
-    def _offload_grads(self, i: int) -> None:
-        """Layer i's backward is complete: send its grads to the host and queue its CPU work."""
-        self._wait(self.grad_pending, i)  # the previous micro-batch's accumulation reads the buffer
-        last = self.microbatch == self.num_microbatches - 1
-        first = self.microbatch == 0
-        grads = [p.grad for p, _, _ in self.grad_targets[i]]
-        reduce = self._start_reduce(i, grads) if self.dp_group is not None else None
-        if self.device_norm and reduce is None:
-            self._take_norm(i, grads)
+    def _offload(self, i: int, grad: torch.Tensor) -> None:
+        self._wait(self.grad_pending, i)  # a CPU step that still reads the buffer (L2L after a redo)
+        reduce = self._start_reduce(i, grad) if self.dp_group is not None else None
+        if reduce is None:
+            grad = self._to_compute_dtype(grad)
+            self._take_norm(i, grad)
         done = self._record()
         self.slot_free[i % self.window] = done
         if not self.owned[i]:  # its owner steps it: nothing of it leaves this device
             self.sumsq_host[i] = 0.0
             self.norm_taken[i] = self.iteration
-            for p, _, _ in self.grad_targets[i]:
-                p.grad = None
             return
         copied = None
+        host_grad = self.host[i].grad
         if self.cuda:
             self.d2h.wait_event(done)
             with torch.cuda.stream(self.d2h):
                 if reduce is not None:  # the copy stream, not the compute stream, waits for the sum
-                    grads = self._finish_reduce(i, grads, *reduce)
-                for (_, host_grad, _), g in zip(self.grad_targets[i], grads):
-                    host_grad.copy_(g, non_blocking=True)
-                    g.record_stream(self.d2h)
-                if self.device_norm:
-                    self.sumsq_host[i].copy_(self.sumsq_device[i], non_blocking=True)
+                    grad = self._finish_reduce(i, *reduce)
+                host_grad.copy_(grad, non_blocking=True)
+                grad.record_stream(self.d2h)
+                self.sumsq_host[i].copy_(self.sumsq_device[i], non_blocking=True)
                 copied = self.d2h.record_event()
             self.offloaded[i] = copied
             # Bound the gradients waiting for PCIe to 2W layers. The caching allocator frees a
@@ -324,47 +303,41 @@ class StreamingExecutor:
                 self.offloaded[ahead].synchronize()
         else:
             if reduce is not None:
-                grads = self._finish_reduce(i, grads, *reduce)
-            for (_, host_grad, _), g in zip(self.grad_targets[i], grads):
-                host_grad.copy_(g)
+                grad = self._finish_reduce(i, *reduce)
+            host_grad.copy_(grad)
             self.sumsq_host[i] = self.sumsq_device[i]
-        for p, _, _ in self.grad_targets[i]:
-            p.grad = None
-        future = self.worker.submit(i, self._cpu_work, i, copied, first, last, self.inv_scale,
-                                    self._hyperparameters() if last else None, self.iteration, self.guessing,
+        self.link["device-to-host"] += host_grad.numel() * host_grad.element_size()
+        future = self.worker.submit(i, self._cpu_work, i, copied, self.inv_scale, self._hyperparameters(),
+                                    self.iteration, self.guessing,
                                     ready=copied.query if copied is not None else None)
-        self.grad_pending[i] = future
-        if last:
-            self.weight_pending[i] = future
+        self.grad_pending[i] = self.weight_pending[i] = future
 
-    def _take_norm(self, i: int, grads) -> None:
+    def _to_compute_dtype(self, grad: torch.Tensor) -> torch.Tensor:
+        """What crosses PCIe and the CPU step reads: the gradient rounded once from the fp32 sum to
+        bf16 (2 B/param), in fp32 otherwise (host_store.gradient_dtype)."""
+        return grad if grad.dtype == self.grad_dtype else grad.to(self.grad_dtype)
+
+    def _take_norm(self, i: int, grad: torch.Tensor) -> None:
         """Layer i's gradient sum of squares, on the device (microseconds there, tens of ms on the CPU)."""
-        norms = torch._foreach_norm([g for g, (_, _, counted) in zip(grads, self.grad_targets[i]) if counted],
-                                    2, dtype=torch.float32)
+        norms = torch._foreach_norm([grad[a:b] for a, b in self.counted_spans], 2, dtype=torch.float32)
         self.sumsq_device[i] = torch.stack(norms).square().sum()
         self.norm_taken[i] = self.iteration
 
-    def _start_reduce(self, i, grads):
-        """Start summing layer i's gradient over the data-parallel ranks onto its owner, in fp32 as
+    def _start_reduce(self, i, flat):
+        """Start summing layer i's fp32 gradient over the data-parallel ranks onto its owner, as
         Megatron reduces its main grads."""
-        flat = torch.cat([g.reshape(-1) for g in grads]).float()
         work = torch.distributed.reduce(flat, dst=self.owner[i], group=self.dp_group, async_op=self.cuda)
         return flat, work
 
-    def _finish_reduce(self, i, grads, flat, work):
-        """On the owner: the mean gradient in the compute dtype (views of one buffer), on the current stream."""
+    def _finish_reduce(self, i, flat, work):
+        """On the owner: the mean gradient in the compute dtype, on the current stream."""
         if work is not None:
             work.wait()  # orders the current stream after the collective; does not block the host
         if self.cuda:
             flat.record_stream(torch.cuda.current_stream())  # allocated on the compute stream
-        mean = flat.div_(self.data_parallel).to(grads[0].dtype)
-        out, offset = [], 0
-        for g in grads:
-            out.append(mean[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        if self.device_norm:
-            self._take_norm(i, out)
-        return out
+        mean = self._to_compute_dtype(flat.div_(self.data_parallel))
+        self._take_norm(i, mean)
+        return mean
 
     @contextlib.contextmanager
     def _timed(self, name):
@@ -374,16 +347,15 @@ class StreamingExecutor:
         finally:
             self.timers[name] += time.perf_counter() - start
 
-    def _cpu_work(self, i, copied, first, last, inv_scale, hyper, iteration, may_guess):
+    def _cpu_work(self, i, copied, inv_scale, hyper, iteration, may_guess):
         if copied is not None:
             with self._timed("copy waits"):
                 copied.synchronize()
         with self._timed("cpu work"):
-            self._update(i, first, last, inv_scale, hyper, iteration, may_guess)
+            self._update(i, inv_scale, hyper, iteration, may_guess)
 
-    def _update(self, i, first, last, inv_scale, hyper, iteration, may_guess):
-        """Accumulate; on the last micro-batch measure the grad and step if the coefficient is known
-        or it is safe to guess.
+    def _update(self, i, inv_scale, hyper, iteration, may_guess):
+        """Step layer i if the coefficient is known or it is safe to guess.
 
         A step taken before the global norm is known is a guess that clipping will not fire. The sum
         over the layers that arrived up to this one (backward order) is a lower bound of the global
@@ -393,22 +365,8 @@ class StreamingExecutor:
         published, a layer that the rule says guesses repeats exactly what finish_step would do.
         """
         host = self.host[i]
-        if host.grad_accum is not None:
-            host.accumulate(first)
-        if not last:
-            return
-        if self.device_norm:
-            # Layers i..L-1 arrived up to now; their norms landed before i's (one copy stream, in order).
-            arrived = float(self.sumsq_host[i:].sum()) * inv_scale * inv_scale  # the scale is a power of two
-        else:  # arrival order is processing order here
-            grad = host.final_grad(self.scratch, inv_scale)
-            if len(self.counted_spans) == len(self.layout.names):
-                sumsq = float(torch.linalg.vector_norm(grad)) ** 2
-            else:
-                sumsq = sum(float(torch.linalg.vector_norm(grad[a:b])) ** 2 for a, b in self.counted_spans)
-            self.stats[i] = (sumsq, math.isfinite(sumsq))
-            self.seen_sumsq += sumsq
-            arrived = self.seen_sumsq
+        # Layers i..L-1 arrived up to now; their norms landed before i's (one copy stream, in order).
+        arrived = float(self.sumsq_host[i:].sum()) * inv_scale * inv_scale  # the scale is a power of two
         guess = (may_guess and self.overlap and math.isfinite(arrived)
                  and not (self.clip_grad > 0 and math.sqrt(arrived) + 1.0e-6 > self.clip_grad))
         with self.decision_lock:
@@ -424,26 +382,17 @@ class StreamingExecutor:
 
     # ----- the step -----
 
-    def begin_microbatch(self, index: int, inv_scale: float) -> None:
-        self.microbatch, self.inv_scale = index, inv_scale
-
     def gradient_stats(self):
         """(sum of squares, all finite) over the streamed layers' gradients of this iteration.
 
-        With norms taken on the compute device this waits only for their copies: the CPU steps go on
-        while the main thread takes the global norm and starts the next forward pass. Otherwise the
-        norms come from the CPU work (after accumulation)."""
-        if self.device_norm:
-            missing = [i for i in range(self.num_layers) if self.norm_taken[i] != self.iteration]
-            if self.cuda and not missing:
-                for i in range(self.num_layers):
-                    if self.owned[i]:
-                        self.offloaded[i].synchronize()
-            sumsq = [float(self.sumsq_host[i]) * self.inv_scale * self.inv_scale for i in range(self.num_layers)]
-        else:
-            self._wait_all()
-            missing = [i for i in range(self.num_layers) if self.owned[i] and i not in self.stats]
-            sumsq = [s for s, _ in self.stats.values()]
+        The norms were taken on the compute device, so this waits only for their copies: the CPU
+        steps go on while the main thread takes the global norm and starts the next forward pass."""
+        missing = [i for i in range(self.num_layers) if self.norm_taken[i] != self.iteration]
+        if self.cuda and not missing:
+            for i in range(self.num_layers):
+                if self.owned[i]:
+                    self.offloaded[i].synchronize()
+        sumsq = [float(self.sumsq_host[i]) * self.inv_scale * self.inv_scale for i in range(self.num_layers)]
         if missing:
             raise RuntimeError(f"no gradients reached the host for layers {missing}")
         total = sum(sumsq)
@@ -462,10 +411,9 @@ class StreamingExecutor:
             decided, self.decided = self.decided, {}
             # Guess next iteration only if this one needed no clipping: norms change slowly, and a wrong
             # guess costs an undo and a redo (three times a step) where deferring costs nothing extra.
-            self.seen_sumsq, self.guessing = 0.0, clip_coeff == 1.0
+            self.guessing = clip_coeff == 1.0
             for d in decided.values():  # the others count themselves when they run (_update)
                 self._count(d == "guess", clip_coeff, skip)
-        self.stats = {}
         for i in range(self.num_layers):  # forward order: layer 0 is needed first
             guessed = decided.get(i) == "guess"
             if i in decided and self._needs_final_step(guessed, clip_coeff, skip):

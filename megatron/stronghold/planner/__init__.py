@@ -2,23 +2,31 @@
 
 The planner counts the bytes every placement needs, compares them with the free GPU memory and the
 available host memory, and picks
-- R resident layers (the first R: their CPU steps would otherwise finish last and hold up the
-  next forward pass), kept on the GPU with the GPU optimizer, as in megatron-lm;
+- R resident layers, kept on the GPU with the GPU optimizer, as in megatron-lm: the last R with
+  several micro-batches per step (the step runs layer-major through the streamed layers, then
+  micro-batch by micro-batch through the resident ones), the first R with one (the streamed layers'
+  CPU steps then overlap the resident layers' work; training.streamed_span);
 - W window slots through which the other S = L - R layers stream from host memory;
+- whether the streamed layers keep their activations from forward to backward or only their
+  inputs (one boundary per layer and micro-batch) and run again in backward;
 - the CPU optimizer's threads: all the cores it may have only where its steps bound the iteration.
 It keeps as many layers resident as fit, so a model that fits on the GPU runs like megatron-lm and a
 larger one streams only what does not fit. A model that fits nowhere is refused with the numbers.
 
-Byte counts (P parameters per layer, c = bytes of the compute dtype):
+Byte counts (P parameters per layer, c = bytes of the compute dtype, k micro-batches per step,
+a = c s b h, one micro-batch's hidden state):
 - resident parameter: c weights + 4 fp32 master (not in fp32) + 8 Adam + 4 main grad (the compute-dtype
   gradient is added into the main grad and freed as it arrives; measured on an H100: 18.3 B/param);
-- streamed layer on the host: 16 P (fp32 master + Adam, pinned weights and gradient), +4 P with
-  gradient accumulation, held by one data-parallel rank of N (each holds ceil(S / N) layers); on
-  the GPU a slot of c P, and at most W layers' gradients in flight (+4 P each with data
-  parallelism: the fp32 buffer they are summed in);
-- activations kept from forward to backward per layer: the layer input (c s b h) with full
-  recompute, else about 17 c s b h with flash attention (Korthikanti et al. 2022, without the
-  attention matrix); plus the fp32 logits and their gradient, 3 x 4 s b V.
+- streamed layer on the host: 16 P (fp32 master + Adam, pinned weights and gradient; 18 in fp16, whose
+  gradient crosses in fp32) whatever k is,
+  held by one data-parallel rank of N (each holds ceil(S / N) layers); on the GPU a slot of c P per
+  window slot, the fp32 sum of the layer in backward (4 P) and at most 2W layers' gradients in flight
+  to the host (c P each);
+- activations: streamed layers keep (S + 3) k a (their inputs, and the gradients at two boundaries)
+  plus one layer's activations of one micro-batch while it runs again, or, without recompute,
+  S k x 17 a (Korthikanti et al. 2022, flash attention); resident layers run one micro-batch at a
+  time: a per layer with full recompute, else 17 a; plus the fp32 logits and their gradient,
+  3 x 4 s b V.
 """
 
 from dataclasses import dataclass
@@ -35,7 +43,8 @@ GPU_RESERVE = 5 * GiB // 2   # beyond the counted bytes: cuBLAS workspaces, NCCL
                              # torch's allocator (CUDA context included, which the free figure already
                              # excludes) and 0.3 GiB cached in it. A fixed reserve, not a fraction of the
                              # free memory: 5% of an H200 would stream 8 layers that fit
-ACHIEVED_TFLOPS = 350e12     # bf16 layer forward+backward measured on H200 (see the bench); a model
+ACHIEVED_FLOPS = 450e12      # bf16 on an H200: megatron-lm's 32 layers (h2048, micro-batch 4) ran 447 model
+                             # TFLOP/s, with full recompute at micro-batch 16 483 counting the recompute
 CPU_ADAM_RATE = 4e9          # params/s of fused AdamW on 16 cores (gpu-machine.md)
 PCIE_RATE = 45e9             # bytes/s each way with both directions busy (gpu-machine.md)
 
@@ -46,12 +55,16 @@ class ModelCosts:
     layer_params: int
     other_params: int
     compute_bytes: int
-    act_per_layer: int
+    hidden_state: int  # bytes of one micro-batch's hidden state (c s b h)
     act_fixed: int
-    accumulate: bool
     tokens: int  # per micro-batch
-    recompute: bool
+    recompute: bool  # the user's --recompute-granularity full
+    microbatches: int = 1
+    seq_length: int = 1024
+    hidden: int = 2048
+    vocab: int = 50304
     data_parallel: int = 1  # ranks: each holds 1/N of the streamed layers and reduces gradients in fp32
+    fp16: bool = False
 
     @classmethod
     def of(cls, args, vocab_size: int) -> "ModelCosts":
@@ -63,10 +76,14 @@ class ModelCosts:
             other += vocab_size * h
         tp = getattr(args, "tensor_model_parallel_size", 1)  # each rank holds its shards
         layer, other = layer // tp, other // tp
-        recompute = args.recompute_granularity == "full"
-        act = c * s * b * h * (1 if recompute else 17)
-        return cls(args.num_layers, layer, other, c, act, 3 * 4 * s * b * vocab_size,
-                   args.num_microbatches > 1, s * b, recompute, getattr(args, "data_parallel_size", 1))
+        return cls(args.num_layers, layer, other, c, c * s * b * h // tp, 3 * 4 * s * b * vocab_size // tp,
+                   s * b, args.recompute_granularity == "full", args.num_microbatches, s, h // tp,
+                   vocab_size // tp, getattr(args, "data_parallel_size", 1), bool(args.fp16))
+
+    @property
+    def act_per_layer(self) -> int:
+        """Activations one resident layer keeps for one micro-batch."""
+        return self.hidden_state * (1 if self.recompute else 17)
 
     @property
     def resident_bytes_per_param(self) -> int:
@@ -74,8 +91,21 @@ class ModelCosts:
         return c + (0 if c == 4 else 4) + 8 + 4
 
     @property
+    def gradient_bytes(self) -> int:
+        """A streamed gradient crosses PCIe in bf16, or in fp32 with fp16 (executor/host_store.py)."""
+        return 2 if self.compute_bytes == 2 and not self.fp16 else 4
+
+    @property
     def host_bytes_per_param(self) -> int:
-        return 16 + (4 if self.accumulate else 0)
+        return 12 + (0 if self.compute_bytes == 4 else self.compute_bytes) + self.gradient_bytes
+
+    def streamed_activations(self, streamed: int, recompute: bool) -> int:
+        if not streamed:
+            return 0
+        k, a = self.microbatches, self.hidden_state
+        if recompute:
+            return (streamed + 3) * k * a + 17 * a
+        return streamed * k * 17 * a + 2 * k * a
 
 
 @dataclass
@@ -87,23 +117,32 @@ class Plan:
     host_bytes: int
     predicted_s: float
     gpu_free: int | None = None  # bytes the plan was made for; None without a GPU
+    streamed_recompute: bool = True  # streamed layers keep only their inputs and run again in backward
+    predicted_deferred_s: float = 0.0  # the iteration when clipping fires and the CPU steps wait for the norm
+    boundary_bytes: int = 0
 
     def describe(self, costs: ModelCosts) -> str:
-        return (f"plan | resident layers: {self.resident} | streamed layers: {costs.layers - self.resident} | "
-                f"window: {self.window} | CPU optimizer threads: {self.threads} | GPU: {self.gpu_bytes / GiB:.1f} GiB"
+        streamed = costs.layers - self.resident
+        keeps = ("boundaries" if self.streamed_recompute else "activations") if streamed else "none"
+        return (f"plan | resident layers: {self.resident} | streamed layers: {streamed} | "
+                f"window: {self.window} | micro batches per step: {costs.microbatches} | "
+                f"streamed layers keep: {keeps} ({self.boundary_bytes / GiB:.2f} GiB) | "
+                f"CPU optimizer threads: {self.threads} | GPU: {self.gpu_bytes / GiB:.1f} GiB"
                 f"{'' if self.gpu_free is None else f' of {self.gpu_free / GiB:.1f} free'} | host: {self.host_bytes / GiB:.1f} GiB | "
-                f"predicted iteration (ms): {self.predicted_s * 1e3:.0f} |")
+                f"predicted iteration (ms): {self.predicted_s * 1e3:.0f} | "
+                f"predicted iteration when clipping defers the CPU steps (ms): {self.predicted_deferred_s * 1e3:.0f} |")
 
 
-def gpu_bytes(costs: ModelCosts, resident: int, window: int) -> int:
+def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = True) -> int:
     streamed = costs.layers - resident
-    # W slots of weights, W layers' gradients in flight (with data parallelism an fp32 copy for the
-    # average and the average in the compute dtype)
-    grad_bytes = costs.compute_bytes + (4 if costs.data_parallel > 1 else 0)
-    slots = window * costs.layer_params * (costs.compute_bytes + grad_bytes) if streamed else 0
+    c, P = costs.compute_bytes, costs.layer_params
+    # W slots of weights, the fp32 sum of the layer in backward, up to 2W gradients on their way to the
+    # host (the executor waits for the copy of layer i + 2W before it lets go of layer i's)
+    slots = (window * (c + 2 * costs.gradient_bytes) + 4) * P if streamed else 0
     return (costs.other_params * costs.resident_bytes_per_param
-            + resident * costs.layer_params * costs.resident_bytes_per_param
-            + slots + costs.layers * costs.act_per_layer + costs.act_fixed + GPU_RESERVE)
+            + resident * P * costs.resident_bytes_per_param
+            + slots + resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute)
+            + costs.act_fixed + GPU_RESERVE)
 
 
 def host_bytes(costs: ModelCosts, resident: int) -> int:
@@ -118,34 +157,77 @@ def host_bytes(costs: ModelCosts, resident: int) -> int:
     return max(built, store) + HOST_RESERVE
 
 
-def compute_seconds(costs: ModelCosts) -> float:
-    flops = 6 * costs.layer_params * costs.tokens * (4 / 3 if costs.recompute else 1)
-    return costs.layers * flops / ACHIEVED_TFLOPS
+def layer_forward_seconds(costs: ModelCosts) -> float:
+    """One layer's forward over one micro-batch: its matmuls and attention (Megatron's FLOPs count)."""
+    t = costs.tokens
+    return (2 * t * costs.layer_params + 4 * t * costs.seq_length * costs.hidden) / ACHIEVED_FLOPS
+
+
+def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool = True) -> float:
+    """GPU time of one step: forward + backward (2x forward) of every layer and micro-batch, a third
+    forward where it runs again, and the output layer."""
+    streamed = costs.layers - resident
+    k, f = costs.microbatches, layer_forward_seconds(costs)
+    resident_time = resident * k * f * (4 if costs.recompute else 3)
+    streamed_time = streamed * k * f * (4 if streamed_recompute else 3)
+    head = k * 3 * 2 * costs.tokens * costs.hidden * costs.vocab / ACHIEVED_FLOPS
+    return resident_time + streamed_time + head
 
 
 def cpu_step_seconds(costs: ModelCosts, resident: int) -> float:
-    return (costs.layers - resident) * costs.layer_params / CPU_ADAM_RATE
+    return -(-(costs.layers - resident) // costs.data_parallel) * costs.layer_params / CPU_ADAM_RATE
 
 
-def predicted_seconds(costs: ModelCosts, resident: int, window: int) -> float:
-    """A model, not a measurement: the largest of compute, PCIe and CPU optimizer time."""
-    compute = compute_seconds(costs)
+def link_seconds(costs: ModelCosts, resident: int, window: int) -> float:
+    """Host-to-device bytes of a step: each streamed layer loaded for forward and again for backward,
+    except the W still in their slots when backward starts (the gradients go the other way)."""
     streamed = costs.layers - resident
     loads = 0 if not streamed else (streamed if window >= streamed else 2 * streamed - window)
-    pcie = (loads + streamed) * costs.layer_params * costs.compute_bytes / PCIE_RATE
-    return max(compute, pcie, cpu_step_seconds(costs, resident))
+    return loads * costs.layer_params * costs.compute_bytes / PCIE_RATE
+
+
+def overlapped_forward_seconds(costs: ModelCosts, resident: int) -> float:
+    """The forward work the next step does before it needs each streamed layer's new weights in turn
+    (what steps deferred to the end of backward overlap): with several micro-batches the streamed
+    layers come first; with one, the resident layers run before them."""
+    layers = costs.layers if costs.microbatches == 1 else costs.layers - resident
+    return layers * costs.microbatches * layer_forward_seconds(costs)
+
+
+def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_recompute: bool = True,
+                      deferred: bool = False) -> float:
+    """A model, not a measurement. The CPU steps and copies overlap the GPU work: the step takes the
+    largest of compute, link and CPU time, plus what cannot overlap (layer 0 steps last and is loaded
+    first). When clipping fires, no step starts before the global norm is known: the CPU work then
+    overlaps only the next forward pass through the streamed layers."""
+    compute = compute_seconds(costs, resident, streamed_recompute)
+    streamed = costs.layers - resident
+    if not streamed:
+        return compute
+    cpu = cpu_step_seconds(costs, resident)
+    one_layer = costs.layer_params * (1 / CPU_ADAM_RATE + costs.compute_bytes / PCIE_RATE)
+    if deferred:
+        forward = overlapped_forward_seconds(costs, resident)
+        return max(compute + max(0.0, cpu - forward), link_seconds(costs, resident, window)) + one_layer
+    return max(compute, link_seconds(costs, resident, window), cpu) + one_layer
 
 
 def optimizer_threads(costs: ModelCosts, resident: int, cores: int) -> int:
     """Threads for the CPU optimizer, out of `cores` (this rank's share less the main thread's).
 
-    Where the streamed layers' CPU steps bound the iteration, all of them: 64 layers all streamed
-    on a 16-core H100 host ran 15% faster with 15 threads than with 8. Where the steps are a small
-    part of the iteration, half: the main thread launches the GPU work, and next to 15 optimizer
-    threads its host ops ran 1.7x slower (88 layers, 5 streamed, profiler trace) while the steps
-    hid behind the GPU with 8 threads as well as with 15 (CPU work 74 vs 69 ms per iteration).
+    Where the streamed layers' CPU steps can bound the iteration, all of them: 64 layers all streamed
+    on a 16-core H100 host ran 15% faster with 15 threads than with 8. That is when they take half
+    the step's compute, or, with several micro-batches (streamed layers first) and clipping deferring
+    them until the global norm is known, half the next forward pass before the streamed layers need
+    them (overlapped_forward_seconds): at 32 layers, global batch 64, micro-batch 4 on an H200, the
+    plan gave 8 threads and the deferred steps took 583 ms per iteration. Where the steps are a
+    small part of the iteration, half: the main thread launches the GPU work, and next to 15
+    optimizer threads its host ops ran 1.7x slower (88 layers, 5 streamed, profiler trace) while the
+    steps hid behind the GPU with 8 threads as well as with 15 (CPU work 74 vs 69 ms per iteration).
     """
-    if cpu_step_seconds(costs, resident) >= compute_seconds(costs) / 2:
+    cpu = cpu_step_seconds(costs, resident)
+    deferred_bound = costs.microbatches > 1 and cpu >= overlapped_forward_seconds(costs, resident) / 2
+    if cpu >= compute_seconds(costs, resident) / 2 or deferred_bound:
         return cores
     return max(1, (cores + 1) // 2)
 
@@ -170,12 +252,19 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
     gpu_budget = host_free if shared else gpu_free
     L = costs.layers
     candidates = [min(resident, L)] if resident is not None else range(L, -1, -1)
+    # Streamed layers keep their activations only where the user did not ask for recompute and they
+    # fit; running a layer again costs a third more of its compute, not another copy.
+    keep_options = (True,) if costs.recompute else (False, True)
     for r in candidates:
         w = _window(costs, r, window)
-        g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
-        if (g + h <= host_free) if shared else (g <= gpu_budget and h <= host_free):
-            return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h, predicted_seconds(costs, r, w),
-                        gpu_free)
+        h = host_bytes(costs, r)
+        for recompute in keep_options:
+            g = gpu_bytes(costs, r, w, recompute)
+            if (g + h <= host_free) if shared else (g <= gpu_budget and h <= host_free):
+                return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h,
+                            predicted_seconds(costs, r, w, recompute), gpu_free, recompute,
+                            predicted_seconds(costs, r, w, recompute, deferred=True),
+                            costs.streamed_activations(L - r, recompute))
     r = min(resident, L) if resident is not None else 0
     w = _window(costs, r, window)
     g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
@@ -189,7 +278,8 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
         f"({r} resident layers, window {w}), and this machine has {host_free / GiB:.1f} GiB host and "
         f"{gpu_budget / GiB:.1f} GiB GPU available. Use fewer layers (--num-layers), "
         f"{'full activation recompute (--recompute-granularity full), ' if not costs.recompute else ''}"
-        f"a smaller micro-batch, or a machine with more memory.")
+        f"a smaller micro-batch or global batch (the streamed layers keep {costs.microbatches} micro-batches' "
+        f"inputs: {costs.streamed_activations(L - r, True) / GiB:.1f} GiB), or a machine with more memory.")
 
 
 def megatron_check(costs: ModelCosts, gpu_free, host_free: int) -> None:

@@ -1,0 +1,175 @@
+"""Real training batches on one GPU: stronghold beside megatron-lm and zero-offload, measured in one call.
+
+Hidden 2048, 16 heads, sequence 1024, bf16, mock data; global batch 64 unless a row says otherwise.
+Each row is one pretrain_gpt.py run; a case compares its rows by the median iteration time of the
+iterations after the first two (and by model TFLOP/s where the sizes differ), and prints the plan's
+predicted iteration beside each stronghold run.
+
+    python tools/bench_real_batch.py --out results/h200/real-batch [--cases 1 2 3 4] [--iters 8]
+    [--baseline-tree DIR]   (case 4: the code before the layer-major schedule, e.g. a `git archive` of it)
+    [--override FLAGS]      (appended to every run, e.g. smaller sizes for a smoke test on a CPU)
+
+Cases (the issue's benchmark):
+ 1. 32 layers all streamed, micro-batch 4: stronghold vs megatron-lm with full recompute at micro-batch 4
+    (target <= 1.15x) and vs zero-offload at micro-batch 4 (target >= 1.25x faster).
+ 2. 32 layers all streamed, micro-batch 16, full recompute: vs megatron-lm at the same (target <= 1.10x).
+ 3. 200 layers in the planner's default placement, micro-batch 8, full recompute: model TFLOP/s vs
+    megatron-lm's at 32 layers with the same settings (target >= 0.90x).
+ 4. The paper's regime: global batch 4, 64 layers all streamed, W=2, --clip-grad 0: this code vs the
+    baseline tree (target: no slower).
+"""
+
+import argparse
+import csv
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megatron.stronghold.logs import parse_log  # noqa: E402
+
+BASE = ["--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "1024",
+        "--max-position-embeddings", "1024", "--bf16", "--mock-data", "--lr", "1e-4", "--min-lr", "1e-5",
+        "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--weight-decay", "0.01", "--clip-grad", "1.0",
+        "--log-interval", "1"]
+RECOMPUTE = ["--recompute-granularity", "full"]
+STREAM_ALL = ["--resident-layers", "0"]
+
+
+def rows_of(case: int):
+    """(label, method, layers, micro-batch, extra flags, tree) of a case."""
+    g64 = ["--global-batch-size", "64"]
+    if case == 1:
+        return [("megatron-lm mb4 recompute", "megatron-lm", 32, 4, g64 + RECOMPUTE, None),
+                ("megatron-lm mb4", "megatron-lm", 32, 4, g64, None),
+                ("zero-offload mb4", "zero-offload", 32, 4, g64, None),
+                ("stronghold mb4", "stronghold", 32, 4, g64 + STREAM_ALL, None)]
+    if case == 2:
+        return [("megatron-lm mb16 recompute", "megatron-lm", 32, 16, g64 + RECOMPUTE, None),
+                ("stronghold mb16 recompute", "stronghold", 32, 16, g64 + RECOMPUTE + STREAM_ALL, None)]
+    if case == 3:
+        return [("megatron-lm 32 layers mb8 recompute", "megatron-lm", 32, 8, g64 + RECOMPUTE, None),
+                ("stronghold 200 layers mb8 recompute", "stronghold", 200, 8, g64 + RECOMPUTE, None)]
+    if case == 4:
+        paper = ["--global-batch-size", "4", "--window-size", "2", "--clip-grad", "0"] + STREAM_ALL
+        return [("stronghold before (paper regime)", "stronghold", 64, 4, paper, "baseline"),
+                ("stronghold (paper regime)", "stronghold", 64, 4, paper, None)]
+    raise ValueError(case)
+
+
+def run(label, method, layers, micro, extra, tree, iters, out, baseline_tree, override=()):
+    cwd = baseline_tree if tree == "baseline" else ROOT
+    cmd = [sys.executable, "pretrain_gpt.py", *BASE, "--num-layers", str(layers), "--micro-batch-size", str(micro),
+           "--train-iters", str(iters), "--offload-method", method, *extra, *override]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != ROOT] + [cwd]))
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    with open(os.path.join(out, "runs.log"), "a") as f:  # one file: every run's command and log, in order
+        f.write(f"===== {label}\n" + " ".join(cmd) + "\n" + proc.stdout + proc.stderr
+                + f"\nexit status {proc.returncode}\n")
+    row = {"label": label, "method": method, "layers": layers, "micro batch": micro, "exit": proc.returncode,
+           "wall (s)": round(time.time() - start, 1)}
+    if proc.returncode != 0:
+        print(f"{label}: exit {proc.returncode}\n{proc.stderr[-1500:]}", flush=True)
+        return row
+    log = parse_log(proc.stdout)
+    times = log.series("elapsed time per iteration (ms)")[2:]
+    row["median iteration (ms)"] = statistics.median(times)
+    row["TFLOP/s"] = statistics.median(log.series("TFLOP/s per GPU")[2:])
+    row["samples/s"] = statistics.median(log.series("samples per second")[2:])
+    plan = re.search(r"predicted iteration \(ms\): (\d+) \| predicted iteration when clipping defers the CPU "
+                     r"steps \(ms\): (\d+)", proc.stdout)
+    if plan:
+        row["predicted (ms)"], row["predicted if clipping defers (ms)"] = int(plan.group(1)), int(plan.group(2))
+        steps = log.summary
+        # The prediction that applies: the CPU steps were deferred (clipping fired) on most layer steps
+        deferred = steps.get("layer steps deferred", 0) > steps.get("layer steps kept", 0)
+        row["applies"] = row["predicted if clipping defers (ms)"] if deferred else row["predicted (ms)"]
+        row["measured / predicted"] = round(row["median iteration (ms)"] / row["applies"], 3)
+    plan_line = re.search(r"^plan \|.*$", proc.stdout, re.M)
+    row["plan"] = plan_line.group(0) if plan_line else ""
+    for key in ("peak GPU memory (GiB)", "peak host RSS (GiB)", "host-to-device (MiB/iter)", "device-to-host (MiB/iter)",
+                "cpu work (ms/iter)", "waits for cpu (ms/iter)", "layer steps kept", "layer steps deferred"):
+        if key in log.summary:
+            row[key] = log.summary[key]
+    print(f"{label}: median {row['median iteration (ms)']:.0f} ms, {row['TFLOP/s']:.0f} TFLOP/s"
+          + (f", predicted {row['applies']} ms" if plan else ""), flush=True)
+    return row
+
+
+def verdicts(case, rows):
+    by = {r["label"]: r for r in rows}
+    ms = lambda label: by[label].get("median iteration (ms)")  # noqa: E731
+    out = []
+
+    def ratio(text, a, b, target, lower_is_better=True):
+        if a is None or b is None:
+            out.append(f"case {case}: {text}: not measured")
+            return
+        r = a / b
+        ok = r <= target if lower_is_better else r >= target
+        out.append(f"case {case}: {text} = {r:.3f} (target {'<=' if lower_is_better else '>='} {target}) "
+                   f"{'met' if ok else 'MISSED'}")
+
+    if case == 1:
+        ratio("stronghold / megatron-lm recompute, mb4", ms("stronghold mb4"), ms("megatron-lm mb4 recompute"), 1.15)
+        ratio("zero-offload / stronghold, mb4", ms("zero-offload mb4"), ms("stronghold mb4"), 1.25, False)
+    elif case == 2:
+        ratio("stronghold / megatron-lm, mb16 recompute", ms("stronghold mb16 recompute"),
+              ms("megatron-lm mb16 recompute"), 1.10)
+    elif case == 3:
+        a = by["stronghold 200 layers mb8 recompute"].get("TFLOP/s")
+        b = by["megatron-lm 32 layers mb8 recompute"].get("TFLOP/s")
+        ratio("stronghold 200 layers / megatron-lm 32 layers, model TFLOP/s", a, b, 0.90, False)
+    elif case == 4:
+        ratio("this code / before, paper regime", ms("stronghold (paper regime)"),
+              ms("stronghold before (paper regime)"), 1.0)
+    for r in rows:
+        if "measured / predicted" in r:
+            ok = 0.75 <= r["measured / predicted"] <= 1.25
+            out.append(f"case {case}: {r['label']}: measured {r['median iteration (ms)']:.0f} ms, predicted "
+                       f"{r['applies']} ms, ratio {r['measured / predicted']} ({'within' if ok else 'OUTSIDE'} +-25%)")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--baseline-tree", default=None)
+    parser.add_argument("--override", default="", help="pretrain_gpt.py flags appended to every run (a smoke "
+                        "test on a CPU: --override '--hidden-size 64 --num-attention-heads 4 --seq-length 32')")
+    a = parser.parse_args()
+    if 4 in a.cases and not a.baseline_tree:
+        parser.error("case 4 needs --baseline-tree (the code before, e.g. `git archive b90e1b6 | tar -x -C DIR`)")
+    os.makedirs(a.out, exist_ok=True)
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"card: {card}", flush=True)
+    rows, lines = [], []
+    for case in a.cases:
+        case_rows = [dict(run(*spec, a.iters, a.out, a.baseline_tree, a.override.split()), case=case)
+                     for spec in rows_of(case)]
+        rows += case_rows
+        lines += verdicts(case, case_rows)
+        with open(os.path.join(a.out, "real_batch.csv"), "w", newline="") as f:
+            keys = ["case"] + [k for k in dict.fromkeys(k for r in rows for k in r) if k != "case"]
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    text = "\n".join([f"card: {card}", *lines])
+    with open(os.path.join(a.out, "verdicts.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
