@@ -10,6 +10,9 @@
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 PROG="examples/case${CASE}.sh"
+# Every method of examples/run.sh, in the tables' order (megatron.stronghold.arguments.METHODS).
+ALL_METHODS="$(cd "$REPO_ROOT" && "$PY" -c 'from megatron.stronghold.arguments import METHODS; print(*METHODS)' 2>/dev/null)" ||
+    { echo "$PROG: error: cannot import megatron.stronghold with '$PY' (set PYTHON)" >&2; exit 1; }
 
 # The paper's model (GPT, hidden 2048, 16 heads, sequence 1024, micro-batch 4). Heads and sequence
 # length come from examples/run.sh; change them with -- --num-attention-heads N --seq-length S.
@@ -42,10 +45,7 @@ require_methods() { # require_methods LIST: every word of LIST is a method of ex
     local m
     [[ -n "${1// /}" ]] || die "-m needs at least one method"
     for m in $1; do
-        case "$m" in
-            megatron-lm | l2l | zero-offload | zero-infinity | stronghold) ;;
-            *) die "unknown method '$m'; valid: megatron-lm, l2l, zero-offload, zero-infinity, stronghold" ;;
-        esac
+        [[ " $ALL_METHODS " == *" $m "* ]] || die "unknown method '$m'; valid: ${ALL_METHODS// /, }"
     done
 }
 

@@ -25,7 +25,7 @@ CASE_OPTS="m h b"
 CASE_USAGE="$(sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//')"
 # shellcheck source=examples/artifact_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/artifact_common.sh"
-METHODS="megatron-lm l2l zero-offload zero-infinity stronghold"
+METHODS="$ALL_METHODS"
 parse_case_args "$@"
 
 TOOL="${LARGEST_MODEL_TOOL:-tools/largest_model.py}"

@@ -25,7 +25,7 @@ CASE_OPTS="p m i h b w"
 CASE_USAGE="$(sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//')"
 # shellcheck source=examples/artifact_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/artifact_common.sh"
-METHODS="megatron-lm l2l zero-offload zero-infinity"
+METHODS="${ALL_METHODS/ stronghold/}"  # the baselines; stronghold is run at each one's size
 parse_case_args "$@"
 
 if [[ -z "$POINTS" ]]; then

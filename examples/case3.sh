@@ -23,7 +23,7 @@ CASE_OPTS="l m i h b w"
 CASE_USAGE="$(sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//')"
 # shellcheck source=examples/artifact_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/artifact_common.sh"
-METHODS="megatron-lm l2l zero-offload zero-infinity stronghold"
+METHODS="$ALL_METHODS"
 parse_case_args "$@"
 megatron_layers
 

@@ -7,8 +7,13 @@
 # See usage() below, or run `examples/run.sh --help`.
 set -euo pipefail
 
-# Methods the launcher accepts ('all' runs the others in turn).
-VALID_METHODS="megatron-lm l2l zero-offload zero-infinity stronghold all"
+PY="${PYTHON:-python3}"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Methods the launcher accepts ('all' runs the others in turn): megatron.stronghold.arguments.METHODS.
+METHODS="$(cd "$REPO_ROOT" && "$PY" -c 'from megatron.stronghold.arguments import METHODS; print(*METHODS)' 2>/dev/null)" ||
+    { echo "examples/run.sh: error: cannot import megatron.stronghold with '$PY' (set PYTHON to the interpreter of your environment)" >&2; exit 1; }
+VALID_METHODS="$METHODS all"
 
 # Paper defaults (GPU).
 DEFAULT_LAYERS=16
@@ -26,8 +31,6 @@ SMALL_HIDDEN=128
 SMALL_HEADS=4
 SMALL_SEQ=128
 
-PY="${PYTHON:-python3}"
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PROG="examples/run.sh"
 
 usage() {
@@ -134,6 +137,13 @@ extra_value() {
     printf '%s' "$found"
 }
 
+# has_extra FLAG: whether FLAG (a switch) is among the extra args.
+has_extra() {
+    local a
+    for a in ${EXTRA[@]+"${EXTRA[@]}"}; do [[ "$a" == "$1" ]] && return 0; done
+    return 1
+}
+
 # ---------------------------------------------------------------- validation
 validate() {
     contains "$METHOD" "$VALID_METHODS" ||
@@ -194,12 +204,24 @@ build_command() {
         --global-batch-size "$(( BATCH * NPROC ))"
         --train-iters "$TRAIN_ITERS"
         --log-interval 5
-        --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-iters 2
+        --lr 1e-4 --lr-decay-style cosine
         --weight-decay 0.01 --clip-grad 1.0
     )
+    # Defaults that depend on the user's flags, so that one given after '--' never meets a launcher
+    # default it contradicts: the minimum learning rate a tenth of the user's --lr, the warmup at most
+    # the iterations before the last, --bf16 only when the user chose no precision.
+    local lr iters
+    lr="$(extra_value --lr)"
+    iters="$(extra_value --train-iters)"
+    [[ -n "$(extra_value --min-lr)" ]] || args+=(--min-lr "$("$PY" -c 'import sys; print(max(0.0, float(sys.argv[1]) / 10))' "${lr:-1e-4}" 2>/dev/null || echo 1e-5)")
+    if [[ -z "$(extra_value --lr-warmup-iters)$(extra_value --lr-warmup-fraction)" ]]; then
+        iters=${iters:-$TRAIN_ITERS}
+        [[ "$iters" =~ ^[0-9]+$ ]] && (( iters < 3 )) && args+=(--lr-warmup-iters $(( iters > 0 ? iters - 1 : 0 ))) ||
+            args+=(--lr-warmup-iters 2)
+    fi
     # No --mock-data: pretrain_gpt.py uses mock data only without --data-path, so a user's
     # `-- --data-path PREFIX` trains on PREFIX (or stops if it does not exist).
-    (( HAS_GPU )) && args+=(--bf16)
+    if (( HAS_GPU )) && ! has_extra --fp16 && ! has_extra --bf16; then args+=(--bf16); fi
     args+=(--offload-method "$method" --window-size "$WINDOW")
     if (( NPROC > 1 )); then
         # `python -m torch.distributed.run` is torchrun, for the same interpreter.

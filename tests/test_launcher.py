@@ -168,3 +168,25 @@ def test_the_launcher_trains_on_the_users_data(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"data: {prefix} |" in result.stdout
     assert "data: mock" not in result.stdout
+
+
+@pytest.mark.parametrize("flags", [["--train-iters", "1"], ["--train-iters", "2"], ["--lr", "0"]])
+def test_the_users_flags_win_over_the_launchers_defaults(tmp_path, flags):
+    """The launcher's warmup (2 iterations) and minimum learning rate (1e-5) give way to the user's
+    --train-iters and --lr instead of tripping megatron-core's scheduler asserts."""
+    result = run_launcher([*TINY_RUN, *flags], tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "summary |" in output
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr=-1e-4"], "--lr must be >= 0"),
+    (["--min-lr", "1e-3", "--lr", "1e-4"], "--min-lr 0.001 is above --lr 0.0001"),
+    (["--lr-warmup-iters", "3", "--train-iters", "3"], "--lr-warmup-iters 3 must be >= 0 and below"),
+])
+def test_values_the_scheduler_would_assert_on_are_refused_with_a_message(tmp_path, flags, message):
+    result = run_launcher([*TINY_RUN, *flags], tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert message in output and "Traceback" not in output

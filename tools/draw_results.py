@@ -23,8 +23,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from megatron.stronghold.arguments import METHODS  # noqa: E402
+
 CASES = ("case1", "case2", "case3", "case4", "case5")
-METHOD_ORDER = ("megatron-lm", "l2l", "zero-offload", "zero-infinity", "stronghold")
+METHOD_ORDER = METHODS
 COLORS = {"megatron-lm": "#4c72b0", "l2l": "#dd8452", "zero-offload": "#55a868",
           "zero-infinity": "#8172b3", "stronghold": "#c44e52"}
 

@@ -49,10 +49,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from megatron.stronghold.arguments import METHODS  # noqa: E402
 from megatron.stronghold.logs import read_log  # noqa: E402
 
 CASES = ("case1", "case2", "case3", "case4", "case5")
-METHOD_ORDER = ("megatron-lm", "l2l", "zero-offload", "zero-infinity", "stronghold")
+METHOD_ORDER = METHODS
 COLUMNS = ("method", "layers", "hidden", "batch", "window", "params (B)", "samples/s", "TFLOP/s",
            "iteration (ms)", "peak GPU (GiB)", "peak host (GiB)", "card", "log")
 LARGEST_COLUMNS = ("method", "largest layers", "params (B)", "peak GPU (GiB)", "peak host (GiB)", "card")

@@ -7,7 +7,9 @@ clear message and exit code 2 before anything large is allocated.
 import argparse
 import os
 
-METHODS = ("megatron-lm", "stronghold", "l2l", "zero-offload", "zero-infinity")
+# The one list of methods (examples/run.sh, the case scripts and the result tables read it), in the
+# order the launcher's `-m all` runs them and the tables show them.
+METHODS = ("megatron-lm", "l2l", "zero-offload", "zero-infinity", "stronghold")
 ZERO_METHODS = ("zero-offload", "zero-infinity")  # the DeepSpeed baselines
 STREAMING_METHODS = ("stronghold", "l2l")          # layers stream through a GPU window
 
@@ -210,6 +212,7 @@ def validate_args(args: argparse.Namespace) -> None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_fraction is not None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    _validate_schedule(args)
     if args.clip_grad < 0:
         raise ArgumentError("--clip-grad must be >= 0")
     if args.mock_data and args.data_path:
@@ -220,6 +223,22 @@ def validate_args(args: argparse.Namespace) -> None:
         args.tokenizer_type = "GPT2BPETokenizer" if args.vocab_file else "ByteTokenizer"
     args.params_dtype_name = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     _validate_checkpointing(args)
+
+
+def _validate_schedule(args) -> None:
+    """What megatron-core's OptimizerParamScheduler would assert on, said in the flags' words."""
+    for flag, value in (("--lr", args.lr), ("--min-lr", args.min_lr)):
+        if not value >= 0:  # NaN too
+            raise ArgumentError(f"{flag} must be >= 0, got {value}")
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.lr_decay_iters < 1:
+        raise ArgumentError(f"--lr-decay-iters must be at least 1, got {args.lr_decay_iters}")
+    if not 0 <= args.lr_warmup_iters < args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and below --lr-decay-iters "
+                            f"{args.lr_decay_iters} (which defaults to --train-iters)")
+    if args.weight_decay < 0:
+        raise ArgumentError(f"--weight-decay must be >= 0, got {args.weight_decay}")
 
 
 def _validate_checkpointing(args) -> None:
