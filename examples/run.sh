@@ -232,6 +232,42 @@ build_command() {
     CMD+=("${args[@]}" ${EXTRA[@]+"${EXTRA[@]}"})
 }
 
+# run_logged LOG: run CMD with its output to the terminal and LOG; its exit status in RUN_STATUS.
+# The run gets a session of its own (setsid) and the launcher forwards SIGINT and SIGTERM to it, once
+# each: Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to the launcher or its group then
+# reach the run exactly once, and it saves and exits as a direct run does (a second signal stops it
+# at once), while tee ignores both and keeps the log complete to the last line.
+run_logged() {
+    local log="$1" fifo pid tee_pid again
+    fifo="$(mktemp -u "${TMPDIR:-/tmp}/stronghold-run.XXXXXX")"
+    mkfifo "$fifo"
+    ( trap '' INT TERM; exec tee "$log" < "$fifo" ) &
+    tee_pid=$!
+    if command -v setsid >/dev/null; then
+        setsid "${CMD[@]}" > "$fifo" 2>&1 &
+    else
+        "${CMD[@]}" > "$fifo" 2>&1 &
+    fi
+    pid=$!
+    trap 'kill -INT "$pid" 2>/dev/null' INT
+    trap 'kill -TERM "$pid" 2>/dev/null' TERM
+    set +e
+    while :; do
+        wait "$pid"
+        RUN_STATUS=$?
+        kill -0 "$pid" 2>/dev/null || break  # still running: the wait was cut short by a signal
+    done
+    if (( RUN_STATUS > 128 )); then  # a signal cut the last wait short: reap the run for its status
+        wait "$pid" 2>/dev/null
+        again=$?
+        (( again == 127 )) || RUN_STATUS=$again
+    fi
+    trap - INT TERM
+    wait "$tee_pid"
+    set -e
+    rm -f "$fifo"
+}
+
 # run_method METHOD: run one training job, tee its output to a log file.
 # Returns the exit status of the training command.
 run_method() {
@@ -245,10 +281,8 @@ run_method() {
     fi
     [[ -f pretrain_gpt.py ]] || die "pretrain_gpt.py not found in $REPO_ROOT" 1
     mkdir -p "$RESULTS_DIR"
-    set +e
-    "${CMD[@]}" 2>&1 | tee "$log"
-    status=${PIPESTATUS[0]}
-    set -e
+    run_logged "$log"
+    status=$RUN_STATUS
     # into the log too: a run killed before its summary line still says how it ended
     echo "$PROG: method $method exited with status $status" | tee -a "$log"
     echo "$PROG: log: $log"

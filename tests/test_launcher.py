@@ -190,3 +190,43 @@ def test_values_the_scheduler_would_assert_on_are_refused_with_a_message(tmp_pat
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert message in output and "Traceback" not in output
+
+
+def _start_and_wait_for_iteration(tmp_path, save):
+    """examples/run.sh in a process group of its own, once its run has logged an iteration."""
+    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path))
+    args = [*TINY_RUN[:-4], "--train-iters", "100000", "--log-interval", "1", "--save", str(save)]
+    proc = subprocess.Popen(["bash", RUN_SH, *args], env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r" iteration\s+2/", line):
+            return proc, lines
+    raise AssertionError("".join(lines)[-3000:])
+
+
+@pytest.mark.parametrize("to_group,signum", [(True, "SIGINT"), (True, "SIGTERM"), (False, "SIGTERM")])
+def test_a_signal_to_the_launcher_saves_and_ends_the_run(tmp_path, to_group, signum):
+    """Ctrl-C (SIGINT to the process group), SIGTERM to the group or to the launcher alone: the run
+    finishes its iteration, saves, exits 0, and the log keeps every line up to the exit line."""
+    import signal
+
+    save = tmp_path / "ckpt"
+    proc, lines = _start_and_wait_for_iteration(tmp_path, save)
+    sig = getattr(signal, signum)
+    if to_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").is_file(), output[-3000:]
+    (log,) = [p for p in tmp_path.iterdir() if LOG_NAME.match(p.name)]
+    text = log.read_text()
+    assert "successfully saved checkpoint" in text, text[-2000:]
+    assert text.rstrip().endswith("exited with status 0"), text[-2000:]
+    import psutil  # nothing of the run is left behind
+
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if str(save) in " ".join(p.info["cmdline"] or [])]
