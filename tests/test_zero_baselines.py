@@ -114,7 +114,7 @@ def test_zero_fp16_skips_and_loss_scale_like_megatron(method, monkeypatch):
 def test_fp16_refused_where_deepspeed_has_none(capsys):
     if torch.cuda.is_available():
         pytest.skip("DeepSpeed supports fp16 on CUDA")
-    status = training.main(TINY + ["--fp16", "--train-iters", "1", "--offload-method", "zero-offload"])
+    status = training.main(TINY + ["--fp16", "--train-iters", "3", "--offload-method", "zero-offload"])
     assert status == 2
     assert "--fp16 is not supported by DeepSpeed" in capsys.readouterr().err
 
