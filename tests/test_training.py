@@ -196,3 +196,15 @@ def test_each_streamed_layer_crosses_the_link_once_per_step_whatever_the_micro_b
     layer_bytes = 4 * sum(p.numel() for p in build_model(args, 128).decoder.layers[0].parameters())
     assert link[0]["host-to-device"] == iters * (2 * layers - window) * layer_bytes
     assert link[0]["device-to-host"] == iters * layers * layer_bytes
+
+
+def test_start_up_reports_its_progress(monkeypatch, capsys):
+    """A large model takes minutes to build and to fill its host store: a progress line every few
+    seconds says how far it is (here every step, with the interval at 0)."""
+    from megatron.stronghold.logs import Progress
+
+    monkeypatch.setattr(Progress, "interval", 0.0)
+    train("--num-layers", "3", "--train-iters", "1", "--mock-data", "--offload-method", "stronghold")
+    out = capsys.readouterr().out
+    assert "building the model: 3 of 3 layers" in out
+    assert "filling the host store: 3 of 3 layers" in out

@@ -5,6 +5,7 @@ read logs only through `parse_log`.
 """
 
 import re
+import time
 from dataclasses import dataclass, field
 
 
@@ -13,6 +14,27 @@ def iteration_line(it, train_iters, fields: dict) -> str:
     for key, value in fields.items():
         parts.append(f" {key}: {value} |")
     return "".join(parts)
+
+
+class Progress:
+    """A progress line at most every `interval` seconds during long start-up work (a 10 B model takes
+    minutes to build and to fill its host store): '<what>: 12 of 200 layers, 3.4 GiB, 5 s'. Quick work
+    prints nothing; work that printed a line also prints its last."""
+
+    interval = 5.0
+
+    def __init__(self, what: str, total: int, log):
+        self.what, self.total, self.log = what, total, log
+        self.start = self.last = time.perf_counter()
+        self.nbytes, self.printed = 0, False
+
+    def step(self, done: int, nbytes: int = 0) -> None:
+        self.nbytes += nbytes
+        now = time.perf_counter()
+        if now - self.last >= self.interval or (done == self.total and self.printed):
+            self.last, self.printed = now, True
+            self.log(f"{self.what}: {done} of {self.total} layers, {self.nbytes / 2 ** 30:.1f} GiB, "
+                     f"{now - self.start:.0f} s")
 
 
 def summary_line(fields: dict) -> str:

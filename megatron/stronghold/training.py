@@ -18,7 +18,7 @@ import torch
 from . import arguments, checkpointing
 from .dropout import DropoutSeeds
 from .executor import layer_major
-from .logs import iteration_line, summary_line
+from .logs import Progress, iteration_line, summary_line
 from .model import build_model, disable_recompute, flops_per_iteration, lm_loss, num_parameters
 from .optim import LossScaler, ResidentOptimizer, clip_coefficient, global_norm, lr_scheduler
 
@@ -215,6 +215,18 @@ def layer_placement(args, device, dtype):
     return place
 
 
+def with_progress(place, layers: int):
+    """The placement, reporting the build's progress (layers initialised, their fp32 bytes)."""
+    progress = Progress("building the model", layers, log)
+
+    def placed(index, layer):
+        nbytes = sum(p.numel() * 4 for p in layer.parameters())
+        if place is not None:
+            place(index, layer)
+        progress.step(index + 1, nbytes)
+    return placed
+
+
 def streamed_span(args) -> tuple:
     """(first, end) of the streamed layers. With several micro-batches per step they come first: the
     step runs layer-major through them and then micro-batch by micro-batch through the resident
@@ -310,7 +322,7 @@ def train(args, observer=None) -> History:
     if device.type == "cuda":
         torch.cuda.manual_seed(args.seed)
     start = time.perf_counter()
-    model = build_model(args, vocab_size, layer_placement(args, device, dtype))
+    model = build_model(args, vocab_size, with_progress(layer_placement(args, device, dtype), args.num_layers))
     built = time.perf_counter() - start
     total = num_parameters(model)
     log(f"total parameters: {total} ({total / 1e9:.3f} B)")

@@ -33,6 +33,7 @@ from stronghold_ext import fused_adamw
 
 from megatron.core import parallel_state
 
+from ..logs import Progress
 from ..optim import counts_in_norm
 from .cpu_worker import CpuWorker, default_threads
 from .host_store import HostLayer, LayerLayout, _numel, gradient_dtype
@@ -80,6 +81,8 @@ class StreamingExecutor:
 
         self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
         self.host, self.params = [], []
+        progress = Progress("filling the host store" + (" and pinning it" if self.cuda else ""),
+                            len(self.layers), log)
         for i, layer in enumerate(self.layers):
             if LayerLayout.of(layer) != self.layout:
                 raise ValueError("streamed layers must all have the same parameter layout")
@@ -88,6 +91,7 @@ class StreamingExecutor:
                 host = HostLayer(layer, self.layout, dtype, pin=self.cuda, args=args)
                 host.init_optimizer_state()
             self.host.append(host)
+            progress.step(i + 1, sum(host.nbytes().values()) if host is not None else 0)
             self._bind(i)  # frees the layer's fp32 initial weights before the next layer's store
         # Spans of the flat gradient that count in the global norm (tensor-parallel duplicates only on rank 0).
         counted = {n for n, p in self.layers[0].named_parameters() if counts_in_norm(p)}
