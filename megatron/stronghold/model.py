@@ -91,7 +91,7 @@ def _placing(place_layer):
         _place_layer = None
 
 
-def build_model(args, vocab_size: int, place_layer=None) -> GPTModel:
+def build_model(args, vocab_size: int, place_layer=None, streamed=()) -> GPTModel:
     """Build the GPT in fp32 on the CPU from the current RNG state (same weights for every method).
 
     place_layer(index, layer), if given, moves each transformer layer to where the method keeps it
@@ -107,7 +107,8 @@ def build_model(args, vocab_size: int, place_layer=None) -> GPTModel:
             position_embedding_type="learned_absolute",
         )
     for index in checkpointed_layers(args):
-        enable_recompute(model.decoder.layers[index])
+        if index not in streamed:  # the streaming executor recomputes its layers itself (or keeps their graph)
+            enable_recompute(model.decoder.layers[index])
     return model
 
 
@@ -134,10 +135,6 @@ def enable_recompute(layer: torch.nn.Module) -> None:
     layer.forward = forward
 
 
-def disable_recompute(layer: torch.nn.Module) -> None:
-    layer.__dict__.pop("forward", None)  # back to the class's forward
-
-
 def transformer_layers(model: GPTModel):
     return list(model.decoder.layers)
 
@@ -154,7 +151,10 @@ def num_parameters(model: torch.nn.Module) -> int:
 def lm_loss(model, batch):
     """Mean per-token loss over the micro-batch's unmasked tokens, as Megatron-LM's loss_func."""
     losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    mask = batch["loss_mask"]
+    return masked_mean(losses, batch["loss_mask"])
+
+
+def masked_mean(losses, mask):
     return (losses.float() * mask).sum() / mask.sum()
 
 
@@ -189,5 +189,4 @@ def head_loss(model: GPTModel, layers, hidden, batch, rotary_pos_emb):
     losses = model._postprocess(hidden_states=hidden, input_ids=batch["tokens"],
                                 position_ids=batch["position_ids"], labels=batch["labels"],
                                 rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=None, rotary_pos_sin=None)
-    mask = batch["loss_mask"]
-    return (losses.float() * mask).sum() / mask.sum()
+    return masked_mean(losses, batch["loss_mask"])

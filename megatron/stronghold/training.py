@@ -19,7 +19,7 @@ from . import arguments, checkpointing
 from .dropout import DropoutSeeds
 from .executor import layer_major
 from .logs import Progress, iteration_line, summary_line
-from .model import build_model, disable_recompute, flops_per_iteration, lm_loss, num_parameters
+from .model import build_model, flops_per_iteration, lm_loss, num_parameters
 from .optim import LossScaler, ResidentOptimizer, clip_coefficient, global_norm, lr_scheduler
 
 GiB = 1024 ** 3
@@ -258,8 +258,6 @@ def build_method(args, model, device, dtype) -> Method:
         every = list(model.decoder.layers)
         head, layers, tail = every[:first], every[first:end], every[end:]
         _move_all_but(model, layers, device, dtype)  # frees host memory for the store
-        for layer in layers:  # the executor recomputes streamed layers itself (or keeps their graph)
-            disable_recompute(layer)
         executor = None
         if args.offload_method == "l2l":
             executor = build_l2l_executor(layers, dtype, device, args, log=log)
@@ -322,7 +320,9 @@ def train(args, observer=None) -> History:
     if device.type == "cuda":
         torch.cuda.manual_seed(args.seed)
     start = time.perf_counter()
-    model = build_model(args, vocab_size, with_progress(layer_placement(args, device, dtype), args.num_layers))
+    streamed = range(*streamed_span(args)) if args.offload_method in arguments.STREAMING_METHODS else ()
+    model = build_model(args, vocab_size, with_progress(layer_placement(args, device, dtype), args.num_layers),
+                        streamed)
     built = time.perf_counter() - start
     total = num_parameters(model)
     log(f"total parameters: {total} ({total / 1e9:.3f} B)")

@@ -106,7 +106,6 @@ class StreamingExecutor:
         self.offloaded = [None] * self.num_layers  # event: layer i's gradients are on the host
         self.grad_pending = [None] * self.num_layers  # future: CPU work reading layer i's grad buffer
         self.weight_pending = [None] * self.num_layers  # future: CPU step writing layer i's weights
-        self.grads_seen = [0] * self.num_layers
         self.pending_start = []  # of the first W layers, those whose load begin_step left for later
         self.inv_scale = 1.0
         self.grad_dtype = gradient_dtype(dtype)
@@ -191,14 +190,14 @@ class StreamingExecutor:
             with torch.cuda.stream(self.h2d):
                 if self.owned[i]:
                     dst.copy_(self.host[i].weights, non_blocking=True)
-                    self.link["host-to-device"] += dst.numel() * dst.element_size()
                 self._broadcast(i, dst)
                 self.loaded[i] = self.h2d.record_event()
         else:
             if self.owned[i]:
                 dst.copy_(self.host[i].weights)
-                self.link["host-to-device"] += dst.numel() * dst.element_size()
             self._broadcast(i, dst)
+        if self.owned[i]:
+            self.link["host-to-device"] += dst.numel() * dst.element_size()
         self.slot_owner[slot] = i
 
     def _broadcast(self, i: int, slot: torch.Tensor) -> None:
@@ -275,10 +274,10 @@ class StreamingExecutor:
             self.load(i - self.window)
 
     def _offload(self, i: int, grad: torch.Tensor) -> None:
-        self._wait(self.grad_pending, i)  # a CPU step that still reads the buffer (L2L after a redo)
+        self._wait(self.grad_pending, i)  # CPU work still reading the buffer (done by now: the load waited for it)
         reduce = self._start_reduce(i, grad) if self.dp_group is not None else None
         if reduce is None:
-            grad = self._to_compute_dtype(grad)
+            grad = self._to_gradient_dtype(grad)
             self._take_norm(i, grad)
         done = self._record()
         self.slot_free[i % self.window] = done
@@ -316,7 +315,7 @@ class StreamingExecutor:
                                     ready=copied.query if copied is not None else None)
         self.grad_pending[i] = self.weight_pending[i] = future
 
-    def _to_compute_dtype(self, grad: torch.Tensor) -> torch.Tensor:
+    def _to_gradient_dtype(self, grad: torch.Tensor) -> torch.Tensor:
         """What crosses PCIe and the CPU step reads: the gradient rounded once from the fp32 sum to
         bf16 (2 B/param), in fp32 otherwise (host_store.gradient_dtype)."""
         return grad if grad.dtype == self.grad_dtype else grad.to(self.grad_dtype)
@@ -339,7 +338,7 @@ class StreamingExecutor:
             work.wait()  # orders the current stream after the collective; does not block the host
         if self.cuda:
             flat.record_stream(torch.cuda.current_stream())  # allocated on the compute stream
-        mean = self._to_compute_dtype(flat.div_(self.data_parallel))
+        mean = self._to_gradient_dtype(flat.div_(self.data_parallel))
         self._take_norm(i, mean)
         return mean
 
