@@ -50,7 +50,9 @@ def _forward(model, executor, head, batches, seeds, keep_graph: bool):
                 outputs.append(run_layer(layer, x, rotary))
         executor.release(l)
         graphs.append(outputs if keep_graph else None)
-        boundaries.append([_leaf(y) if keep_graph else y for y in outputs])
+        # detach even without grad: megatron-core runs bias-dropout-add under enable_grad, so each
+        # output would keep its two dropout masks (s b h bytes each) alive through the step
+        boundaries.append([_leaf(y) if keep_graph else y.detach() for y in outputs])
     return embedded, boundaries, graphs, rotary
 
 
