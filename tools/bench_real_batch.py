@@ -17,6 +17,8 @@ Cases (the issue's benchmark):
     megatron-lm's at 32 layers with the same settings (target >= 0.90x).
  4. The paper's regime: global batch 4, 64 layers all streamed, W=2, --clip-grad 0: this code vs the
     baseline tree (target: no slower).
+ 5. Case 1's stronghold row with the plan's CPU optimizer threads and with 8 (half the cores of a
+    16-core host), each beside zero-offload.
 """
 
 import argparse
@@ -59,6 +61,11 @@ def rows_of(case: int):
         paper = ["--global-batch-size", "4", "--window-size", "2", "--clip-grad", "0"] + STREAM_ALL
         return [("stronghold before (paper regime)", "stronghold", 64, 4, paper, "baseline"),
                 ("stronghold (paper regime)", "stronghold", 64, 4, paper, None)]
+    if case == 5:  # case 1's stronghold row with the plan's CPU optimizer threads and with half the cores
+        return [("zero-offload mb4", "zero-offload", 32, 4, g64, None),
+                ("stronghold mb4", "stronghold", 32, 4, g64 + STREAM_ALL, None),
+                ("stronghold mb4 8 threads", "stronghold", 32, 4, g64 + STREAM_ALL + ["--cpu-optimizer-threads", "8"],
+                 None)]
     raise ValueError(case)
 
 
@@ -127,6 +134,9 @@ def verdicts(case, rows):
         a = by["stronghold 200 layers mb8 recompute"].get("TFLOP/s")
         b = by["megatron-lm 32 layers mb8 recompute"].get("TFLOP/s")
         ratio("stronghold 200 layers / megatron-lm 32 layers, model TFLOP/s", a, b, 0.90, False)
+    elif case == 5:
+        for label in ("stronghold mb4", "stronghold mb4 8 threads"):
+            ratio(f"zero-offload / {label}", ms("zero-offload mb4"), ms(label), 1.25, False)
     elif case == 4:
         ratio("this code / before, paper regime", ms("stronghold (paper regime)"),
               ms("stronghold before (paper regime)"), 1.0)

@@ -215,19 +215,17 @@ def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_re
 def optimizer_threads(costs: ModelCosts, resident: int, cores: int) -> int:
     """Threads for the CPU optimizer, out of `cores` (this rank's share less the main thread's).
 
-    Where the streamed layers' CPU steps can bound the iteration, all of them: 64 layers all streamed
-    on a 16-core H100 host ran 15% faster with 15 threads than with 8. That is when they take half
-    the step's compute, or, with several micro-batches (streamed layers first) and clipping deferring
-    them until the global norm is known, half the next forward pass before the streamed layers need
-    them (overlapped_forward_seconds): at 32 layers, global batch 64, micro-batch 4 on an H200, the
-    plan gave 8 threads and the deferred steps took 583 ms per iteration. Where the steps are a
-    small part of the iteration, half: the main thread launches the GPU work, and next to 15
-    optimizer threads its host ops ran 1.7x slower (88 layers, 5 streamed, profiler trace) while the
-    steps hid behind the GPU with 8 threads as well as with 15 (CPU work 74 vs 69 ms per iteration).
+    All of them only where the streamed layers' CPU steps take half the step's compute or more: 64
+    layers all streamed on a 16-core H100 host ran 15% faster with 15 threads than with 8. Otherwise
+    half: the main thread launches the GPU work, and beside 15 optimizer threads it slows down. With
+    several small micro-batches it launches many short kernels, and the slowdown outweighs faster
+    CPU steps even when clipping defers them all to the end of backward: 32 layers all streamed,
+    global batch 64, micro-batch 4 on an H200 ran 2286 ms per iteration with 8 threads and 2936 ms
+    with 15, in one call (tools/bench_real_batch.py case 5). At 88 layers with 5 streamed the steps
+    hid behind the GPU with 8 threads as well as with 15.
     """
     cpu = cpu_step_seconds(costs, resident)
-    deferred_bound = costs.microbatches > 1 and cpu >= overlapped_forward_seconds(costs, resident) / 2
-    if cpu >= compute_seconds(costs, resident) / 2 or deferred_bound:
+    if cpu >= compute_seconds(costs, resident) / 2:
         return cores
     return max(1, (cores + 1) // 2)
 
