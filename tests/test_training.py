@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from megatron.stronghold import arguments, training
+from megatron.stronghold import arguments, methods, training
 from megatron.stronghold.logs import parse_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,10 +154,10 @@ def test_layers_are_placed_as_each_is_built_with_the_same_weights(monkeypatch):
     reference = {k: v.clone() for k, v in build_model(args, 128).state_dict().items() if torch.is_tensor(v)}
 
     # Rank 1 of 2: of the streamed layers 2, 3, 4 (streamed 0, 1, 2) it owns only layer 3. (One
-    # micro-batch per step: the resident layers come first, see training.streamed_span.)
+    # micro-batch per step: the resident layers come first, see methods/streaming.py.)
     monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda *a, **k: 2)
     monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda *a, **k: 1)
-    place = training.layer_placement(args, torch.device("cpu"), torch.bfloat16)
+    place = methods.placement(args, torch.device("cpu"), torch.bfloat16)
     seen = []
 
     def record(index, layer):
@@ -189,7 +189,7 @@ def test_each_streamed_layer_crosses_the_link_once_per_step_whatever_the_micro_b
     for global_batch in ("2", "8"):
         h = train("--num-layers", str(layers), "--train-iters", str(iters), "--mock-data", "--offload-method",
                   "stronghold", "--window-size", str(window), "--global-batch-size", global_batch)
-        link.append(h.link)
+        link.append(h.stats["link"])
     assert link[0] == link[1]
     from megatron.stronghold.model import build_model
     args = arguments.parse_args([*TINY, "--num-layers", str(layers)])

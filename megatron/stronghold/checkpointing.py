@@ -240,8 +240,8 @@ def _split(entries: dict):
 def model_and_optimizer_state(model, method):
     """("model", "optimizer") entries of a per-parameter checkpoint; tensors alias the method's own.
     Data parallel: streamed layers other ranks own are left to their part files (save_checkpoint)."""
-    params = method.state_dict(model)
-    elsewhere = method.held_elsewhere(model) if hasattr(method, "held_elsewhere") else set()
+    params = method.state_dict()
+    elsewhere = method.held_elsewhere()
     model_sd, optimizer = _split(params)
     own = model.state_dict(keep_vars=True)
     for key, value in own.items():
@@ -267,30 +267,25 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
     root = args.save
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
-    zero = args.offload_method in ZERO_METHODS
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         os.makedirs(tmp)
     _barrier()
-    if zero:
-        # Every rank writes its partitions; DeepSpeed's own 'latest' file is not written.
-        method.engine.save_checkpoint(root, tag=os.path.basename(tmp), client_state={}, save_latest=False)
-        state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, "deepspeed")
+    state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, method.checkpoint_format)
+    if method.checkpoint_format == "deepspeed":
+        method.save_engine(root, os.path.basename(tmp))
     else:
-        state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, "per-parameter")
-        executor = getattr(method, "executor", None)
-        if executor is not None:
-            state["stronghold_guess_next_step"] = bool(executor.guessing)
+        state.update(method.extra_state())
         # Data parallel: each rank writes the streamed layers it owns into a part file of its own, in
         # the same per-parameter form; the main file names the parts and the loader merges them.
-        owners = sorted(set(executor.owner)) if executor else [0]  # global ranks holding streamed layers
+        owners = method.part_owners()  # global ranks holding streamed layers
         if _rank() == 0:
             state["model"], state["optimizer"] = model_and_optimizer_state(model, method)
             state["parts"] = [_part_file(r) for r in owners if r != 0]
         elif _rank() in owners:
             part = {"format": "per-parameter part", "iteration": iteration}
-            part["model"], part["optimizer"] = _split(method.streamed_state_dict(model))
+            part["model"], part["optimizer"] = _split(method.streamed_state_dict())
             _write(part, os.path.join(tmp, _part_file(_rank())))
     _barrier()  # every part is written before the checkpoint is published
     if _rank() == 0:
@@ -380,7 +375,7 @@ def _load_per_parameter(state, model, method) -> None:
         if not torch.is_tensor(sd[name]):
             raise ValueError(f"{name} is not a tensor in the checkpoint")
         params[name] = {"param": sd[name], **optimizer.get(name, {})}
-    method.load_state_dict(model, params)
+    method.load_state_dict(params)
     for key, value in own.items():  # buffers
         if key not in names and torch.is_tensor(value):
             if value.shape != sd[key].shape:
@@ -423,15 +418,10 @@ def load_checkpoint(state, args, model, method, scheduler, scaler, log) -> None:
     try:
         if state["format"] == "deepspeed":
             _check_deepspeed_files(path)
-            root, tag = os.path.split(path)
-            loaded, _ = method.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=False)
-            if loaded is None:
-                raise ValueError("DeepSpeed found no checkpoint there")
+            method.load_engine(*os.path.split(path))
         else:
             _load_per_parameter(state, model, method)
-            if "stronghold_guess_next_step" in state and getattr(method, "executor", None) is not None:
-                method.executor.guessing = bool(state["stronghold_guess_next_step"])
+            method.load_extra_state(state)
         scheduler.load_state_dict(state["opt_param_scheduler"])
         scaler.load_state_dict(state["loss_scaler"])
     except ArgumentError:

@@ -1,7 +1,7 @@
 """Training entry: setup, then a loop that reads top to bottom, logging Megatron-LM's lines.
 
 Every method trains the same megatron-core GPT from the same initial weights; they differ only in
-where the transformer layers' model states live (see `build_method`).
+where the transformer layers' model states live (methods/).
 """
 
 import contextlib
@@ -11,16 +11,15 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import torch
 
-from . import arguments, checkpointing
+from . import arguments, checkpointing, methods
 from .dropout import DropoutSeeds
-from .executor import layer_major
 from .logs import Progress, iteration_line, summary_line
-from .model import build_model, flops_per_iteration, lm_loss, num_parameters
-from .optim import LossScaler, ResidentOptimizer, clip_coefficient, global_norm, lr_scheduler
+from .model import build_model, flops_per_iteration, num_parameters
+from .optim import LossScaler, lr_scheduler
 
 GiB = 1024 ** 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,111 +59,6 @@ def device_name(device: torch.device) -> str:
     return "cpu (no CUDA GPU found: training on the CPU)"
 
 
-@dataclass
-class Method:
-    """Where the layers live and who steps them. The baselines in `baselines/` provide the same
-    interface: train_step, learning_rate, pinned_bytes, shutdown."""
-
-    name: str
-    resident: ResidentOptimizer
-    executor: object = None  # StreamingExecutor for stronghold and l2l
-    head: list = field(default_factory=list)  # resident layers before the streamed ones
-    tail: list = field(default_factory=list)  # resident layers after the streamed ones
-    seeds: object = None  # the trainer's DropoutSeeds (set after build)
-
-    @property
-    def optimizers(self):
-        return [self.resident] + ([self.executor] if self.executor else [])
-
-    def learning_rate(self) -> float:
-        groups = self.resident.param_groups or self.executor.param_groups
-        return groups[0]["lr"]
-
-    def pinned_bytes(self) -> int:
-        return self.executor.host_bytes()["pinned"] if self.executor else 0
-
-    def shutdown(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown()
-
-    def state_dict(self, model) -> dict:
-        """{parameter name in the model: {"param": fp32 value, "exp_avg", "exp_avg_sq", "step"}}, the
-        same for every method (so checkpoints cross methods); tensors are views of the method's own."""
-        state = self.resident.state_dict()
-        if self.executor is not None:
-            state.update(self.streamed_state_dict(model))
-        return state
-
-    def load_state_dict(self, model, state) -> None:
-        self.resident.load_state_dict(state)
-        if self.executor is not None:
-            self.executor.load_state_dict(state, self._layer_prefixes(model))
-
-    def streamed_state_dict(self, model) -> dict:
-        """The part of state_dict() that this rank's host store holds (data parallel: its own layers)."""
-        return self.executor.state_dict(self._layer_prefixes(model))
-
-    def held_elsewhere(self, model) -> set:
-        """Data parallel: names of the streamed parameters that other ranks own (and save)."""
-        if self.executor is None:
-            return set()
-        return {prefix + name for prefix, owned in zip(self._layer_prefixes(model), self.executor.owned)
-                if not owned for name in self.executor.layout.names}
-
-    def _layer_prefixes(self, model):
-        names = {id(m): n for n, m in model.named_modules()}
-        return [names[id(layer)] + "." for layer in self.executor.layers]
-
-    def train_step(self, args, model, scaler, batches, device):
-        """One optimizer step over the micro-batches; returns (loss, grad norm, skipped)."""
-        n, executor = len(batches), self.executor
-        inv_scale = 1.0 / scaler.scale
-        if executor is not None:  # layer-major through the streamed layers
-            executor.begin_step(inv_scale)
-            losses = layer_major.train_step(model, executor, self.head, self.tail,
-                                            [to_device(b, device) for b in batches], scaler.scale, self.seeds)
-        else:
-            losses = []
-            for index, batch in enumerate(batches):
-                self.seeds.microbatch = index
-                loss = lm_loss(model, to_device(batch, device))
-                (loss * (scaler.scale / n)).backward()
-                losses.append(loss.detach())
-
-        self.resident.average_over_data_parallel()  # streamed layers: by the executor, as each leaves the device
-        sumsq, found_inf = self.resident.unscale_and_measure(inv_scale)
-        sumsq, found_inf = float(sumsq), bool(found_inf)
-        if executor is not None:
-            host_sumsq, host_finite = executor.gradient_stats()
-            sumsq, found_inf = sumsq + host_sumsq, found_inf or not host_finite
-        sumsq = _sum_over_tensor_parallel(sumsq, device)
-        found_inf = found_inf or not math.isfinite(sumsq)  # an overflow on any rank skips the step on all
-        grad_norm = global_norm(sumsq)
-        coeff = 1.0 if found_inf else clip_coefficient(grad_norm, args.clip_grad)
-        self.resident.step(coeff, skip=found_inf)
-        if executor is not None:
-            executor.finish_step(coeff, skip=found_inf)
-        scaler.update(found_inf)
-        loss = torch.stack(losses).mean()
-        if args.data_parallel_size > 1:  # the logged loss is the mean over data-parallel ranks, as Megatron's
-            from megatron.core import parallel_state
-
-            torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-            loss /= args.data_parallel_size
-        return float(loss), grad_norm, found_inf
-
-
-def _sum_over_tensor_parallel(value: float, device) -> float:
-    """Each tensor-parallel rank measured its own shards (replicated parameters once): add them up."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    torch.distributed.all_reduce(t, group=parallel_state.get_tensor_model_parallel_group())
-    return float(t)
-
-
 def preflight(args, vocab_size, device):
     """Check that the model fits and settle --resident-layers / --window-size / --cpu-optimizer-threads;
     returns the plan line (None for the methods without a plan)."""
@@ -191,30 +85,6 @@ def preflight(args, vocab_size, device):
     return plan.describe(costs)
 
 
-def layer_placement(args, device, dtype):
-    """Where each transformer layer goes the moment it is built (model.build_model's place_layer):
-    megatron-lm's and the resident layers to the device in the compute dtype; of the streamed layers,
-    those another data-parallel rank owns lose their weights at once (their owner broadcasts them
-    at load time), this rank's stay in fp32 on the host until the store takes them. The ZeRO
-    baselines hand the whole fp32 model to DeepSpeed: None."""
-    if args.offload_method == "megatron-lm":
-        return lambda index, layer: layer.to(device=device, dtype=dtype)
-    if args.offload_method not in arguments.STREAMING_METHODS:
-        return None
-    from .executor import owned_by_this_rank
-
-    first, end = streamed_span(args)
-    owned = owned_by_this_rank(end - first)
-
-    def place(index, layer):
-        if not first <= index < end:
-            layer.to(device=device, dtype=dtype)
-        elif not owned[index - first]:
-            for p in layer.parameters():  # the shape stays (one element's storage) until bound to a slot
-                p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)
-    return place
-
-
 def with_progress(place, layers: int):
     """The placement, reporting the build's progress (layers initialised, their fp32 bytes)."""
     progress = Progress("building the model", layers, log)
@@ -227,54 +97,6 @@ def with_progress(place, layers: int):
     return placed
 
 
-def streamed_span(args) -> tuple:
-    """(first, end) of the streamed layers. With several micro-batches per step they come first: the
-    step runs layer-major through them and then micro-batch by micro-batch through the resident
-    layers, which then need only the boundary between the two (executor/layer_major.py). With one
-    micro-batch the resident layers come first, so that the streamed layers' CPU steps overlap
-    the resident layers' backward and the next forward pass."""
-    streamed = args.num_layers - args.resident_layers
-    return (0, streamed) if args.num_microbatches > 1 else (args.resident_layers, args.num_layers)
-
-
-def _move_all_but(model, streamed, device, dtype) -> None:
-    """Move every parameter except the streamed layers' to the device, before the store is built,
-    so the host holds at most the fp32 weights of the layers not yet in the store."""
-    keep = {id(p) for layer in streamed for p in layer.parameters()}
-    for p in model.parameters():
-        if id(p) not in keep:
-            p.data = p.data.to(device=device, dtype=dtype)
-
-
-def build_method(args, model, device, dtype) -> Method:
-    if args.offload_method == "megatron-lm":
-        model.to(device=device, dtype=dtype)
-        return Method(args.offload_method, ResidentOptimizer(list(model.named_parameters()), args))
-    if args.offload_method in arguments.STREAMING_METHODS:
-        from .baselines.l2l import build_l2l_executor
-        from .executor import StreamingExecutor
-
-        first, end = streamed_span(args)
-        every = list(model.decoder.layers)
-        head, layers, tail = every[:first], every[first:end], every[end:]
-        _move_all_but(model, layers, device, dtype)  # frees host memory for the store
-        executor = None
-        if args.offload_method == "l2l":
-            executor = build_l2l_executor(layers, dtype, device, args, log=log)
-        elif layers:
-            executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log,
-                                         recompute=args.streamed_recompute)
-        model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
-        streamed = {id(p) for layer in layers for p in layer.parameters()}
-        named = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]
-        return Method(args.offload_method, ResidentOptimizer(named, args), executor, head, tail)
-    if args.offload_method in arguments.ZERO_METHODS:
-        from .baselines.zero import build_zero_method  # imports DeepSpeed: only when asked for
-
-        return build_zero_method(args, model, device, dtype)
-    raise arguments.ArgumentError(f"--offload-method {args.offload_method} is not implemented yet")
-
-
 @dataclass
 class History:
     """Per-iteration results, for tests and for the summary."""
@@ -285,14 +107,9 @@ class History:
     loss_scales: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
     times: list = field(default_factory=list)
-    layer_steps: dict = field(default_factory=dict)  # stronghold: kept / redone / deferred counts
-    link: dict = field(default_factory=dict)  # stronghold: bytes moved host-to-device / device-to-host
+    stats: dict = field(default_factory=dict)  # the method's totals (methods/protocol.py Method.stats)
     valid_losses: list = field(default_factory=list)  # (iteration, validation loss)
     exit_code: int = 0  # process exit status (see checkpointing.RunGuard)
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train(args, observer=None) -> History:
@@ -320,9 +137,8 @@ def train(args, observer=None) -> History:
     if device.type == "cuda":
         torch.cuda.manual_seed(args.seed)
     start = time.perf_counter()
-    streamed = range(*streamed_span(args)) if args.offload_method in arguments.STREAMING_METHODS else ()
-    model = build_model(args, vocab_size, with_progress(layer_placement(args, device, dtype), args.num_layers),
-                        streamed)
+    place = with_progress(methods.placement(args, device, dtype), args.num_layers)
+    model = build_model(args, vocab_size, place, methods.streamed_layers(args))
     built = time.perf_counter() - start
     total = num_parameters(model)
     log(f"total parameters: {total} ({total / 1e9:.3f} B)")
@@ -339,19 +155,12 @@ def train(args, observer=None) -> History:
     seeds = DropoutSeeds(args.seed, getattr(args, "data_parallel_rank", 0) or 0, args.data_parallel_size)
     seeds.install(model)
     t0 = time.perf_counter()
-    method = build_method(args, model, device, dtype)
-    method.seeds = seeds
-    if method.executor is not None:
-        method.executor.observer = observer
+    method = methods.build(args, model, device, dtype, seeds, log)
+    method.watch(observer)
     model.train()
-    if method.executor is not None:
-        host, owned = method.executor.host_bytes(), sum(method.executor.owned)
-        streamed = owned * method.executor.layout.numel
-        log(f"host store: {owned} of {method.executor.num_layers} streamed layers on this rank, {streamed} "
-            f"parameters, pinned {host['pinned'] / GiB:.3f} GiB + pageable "
-            f"{host['pageable'] / GiB:.3f} GiB = {(host['pinned'] + host['pageable']) / max(streamed, 1):.2f} B/param; "
-            f"GPU window {method.executor.window} layers = {method.executor.gpu_bytes() / GiB:.3f} GiB; "
-            f"setup {time.perf_counter() - t0:.1f} s")
+    setup = method.setup_line()
+    if setup is not None:
+        log(f"{setup}; setup {time.perf_counter() - t0:.1f} s")
 
     scheduler = lr_scheduler(args, method.optimizers)
     scaler = LossScaler(args)
@@ -378,27 +187,19 @@ def train(args, observer=None) -> History:
                              guard, observer)
     history.exit_code = guard.exit_code
     method.shutdown()
-    if method.executor is not None:
-        history.layer_steps = dict(method.executor.counts)
-        history.link = dict(method.executor.link)
+    history.stats = method.stats()
     if history.times:
         log_summary(args, method, history, device)
     return history
 
 
-def evaluate(args, model, method, valid_iter, device) -> float:
+def evaluate(args, model, method, valid_iter) -> float:
     """Mean validation loss over --eval-iters global batches (forward only)."""
     model.eval()
     losses = []
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            batches = [to_device(next(valid_iter), device) for _ in range(args.num_microbatches)]
-            if method.executor is not None:
-                method.executor.begin_step(1.0)
-                losses += layer_major.evaluate_losses(model, method.executor, method.head, method.tail, batches,
-                                                      method.seeds)
-            else:
-                losses += [float(lm_loss(model, batch)) for batch in batches]
+            losses += method.eval_losses([next(valid_iter) for _ in range(args.num_microbatches)])
     model.train()
     return sum(losses) / len(losses)
 
@@ -426,7 +227,7 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
         batches = [next(train_iter) for _ in range(args.num_microbatches)]
         start = time.perf_counter()
         method.seeds.iteration = it
-        loss, grad_norm, skipped = method.train_step(args, model, scaler, batches, device)
+        loss, grad_norm, skipped = astuple(method.train_step(batches, scaler))
         if not skipped:
             scheduler.step(increment=args.global_batch_size)
         if device.type == "cuda":
@@ -465,7 +266,7 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
             }))
             interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
         if valid_iter is not None and args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
-            loss = evaluate(args, model, method, valid_iter, device)
+            loss = evaluate(args, model, method, valid_iter)
             history.valid_losses.append((it, loss))
             if args.manual_gc:
                 gc.collect()
@@ -480,17 +281,15 @@ def log_summary(args, method, history, device) -> None:
     steady = history.times[1:] or history.times  # the first iteration pays for warm-up
     mean = sum(steady) / len(steady)
     peak_gpu = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else 0.0
-    pinned = method.pinned_bytes() / GiB
+    stats, n = history.stats, len(history.times)
+    pinned = stats.get("pinned bytes", 0) / GiB
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
-    extra = {}
-    if method.executor is not None:
-        n = len(history.times)
-        extra = {f"{k} (ms/iter)": v * 1000 / n for k, v in method.executor.timers.items()}
-        # What crossed the link per iteration (evaluation included), in MiB: 2 loads and 1 gradient per
-        # streamed layer and step, whatever the number of micro-batches.
-        extra.update({f"{k} (MiB/iter)": float(v) / n / 2 ** 20 for k, v in method.executor.link.items()})
-        # How the CPU steps went: guessed during backward and kept / redone, or deferred (clipping fired).
-        extra.update({f"layer steps {k}": v for k, v in method.executor.counts.items()})
+    extra = {f"{k} (ms/iter)": v * 1000 / n for k, v in stats.get("timers", {}).items()}
+    # What crossed the link per iteration (evaluation included), in MiB: 2 loads and 1 gradient per
+    # streamed layer and step, whatever the number of micro-batches.
+    extra.update({f"{k} (MiB/iter)": float(v) / n / 2 ** 20 for k, v in stats.get("link", {}).items()})
+    # How the CPU steps went: guessed during backward and kept / redone, or deferred (clipping fired).
+    extra.update({f"layer steps {k}": v for k, v in stats.get("layer steps", {}).items()})
     if device.type == "cuda":
         # Each retry frees the allocator's cached blocks and synchronises the device: a model at the
         # edge of GPU memory that retries every iteration runs much slower than its kernels.

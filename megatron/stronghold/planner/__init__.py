@@ -5,7 +5,7 @@ available host memory, and picks
 - R resident layers, kept on the GPU with the GPU optimizer, as in megatron-lm: the last R with
   several micro-batches per step (the step runs layer-major through the streamed layers, then
   micro-batch by micro-batch through the resident ones), the first R with one (the streamed layers'
-  CPU steps then overlap the resident layers' work; training.streamed_span);
+  CPU steps then overlap the resident layers' work; methods/streaming.py streamed_span);
 - W window slots through which the other S = L - R layers stream from host memory;
 - whether the streamed layers keep their activations from forward to backward or only their
   inputs (one boundary per layer and micro-batch) and run again in backward;

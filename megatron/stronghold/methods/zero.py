@@ -37,7 +37,19 @@ import torch
 from ..arguments import ZERO_METHODS, ArgumentError
 from ..model import lm_loss
 from ..optim import no_weight_decay
+from .megatron_lm import to_device
+from .protocol import StepResult
 from .zero_configs import deepspeed_config
+
+
+def placement(args, device, dtype):
+    return None  # DeepSpeed takes the whole fp32 model from the host
+
+
+def build(args, model, device, dtype, seeds, log) -> "ZeroMethod":
+    method = build_zero_method(args, model, device, dtype)
+    method.seeds, method.device = seeds, device
+    return method
 
 
 
@@ -97,10 +109,11 @@ def register_tied_output_weight(deepspeed, model) -> None:
 
 
 class ZeroMethod:
-    """The trainer's Method interface over a DeepSpeed engine."""
+    """The method protocol (methods/protocol.py) over a DeepSpeed engine."""
 
-    executor = None  # no StrongHold executor: the trainer's host-store log line is skipped
-    seeds = None  # the trainer's DropoutSeeds (set after build)
+    checkpoint_format = "deepspeed"
+    seeds = None  # the trainer's DropoutSeeds (set by build)
+    device = None
 
     def __init__(self, name: str, engine, args):
         self.name = name
@@ -117,16 +130,21 @@ class ZeroMethod:
     def learning_rate(self) -> float:
         return self.engine.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, args, model, scaler, batches, device):
-        """One optimizer step over the micro-batches; returns (loss, pre-clip grad norm, skipped)."""
+    def setup_line(self):
+        return None
+
+    def watch(self, observer) -> None:
+        pass
+
+    def train_step(self, batches, scaler) -> StepResult:
+        """One optimizer step over the micro-batches, with DeepSpeed's pre-clip grad norm."""
         engine = self.engine
         if self.fp16:
             engine.optimizer.override_loss_scale(scaler.scale)
         losses = []
         for index, batch in enumerate(batches):
             self.seeds.microbatch = index
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = lm_loss(engine, batch)
+            loss = lm_loss(engine, to_device(batch, self.device))
             engine.backward(loss)  # (loss / micro-batches) x loss scale
             engine.step()  # reduces and offloads gradients; the CPU Adam steps on the last one
             losses.append(loss.detach())
@@ -138,12 +156,26 @@ class ZeroMethod:
         if not math.isfinite(grad_norm):
             grad_norm = float("nan")
         scaler.update(skipped)
-        return float(torch.stack(losses).mean()), grad_norm, skipped
+        return StepResult(float(torch.stack(losses).mean()), grad_norm, skipped)
 
-    def pinned_bytes(self) -> int:
-        if self._pinned_at_shutdown is not None:
-            return self._pinned_at_shutdown
-        return pinned_host_bytes()
+    def eval_losses(self, batches) -> list:
+        return [float(lm_loss(self.engine, to_device(b, self.device))) for b in batches]
+
+    def stats(self) -> dict:
+        pinned = self._pinned_at_shutdown if self._pinned_at_shutdown is not None else pinned_host_bytes()
+        return {"pinned bytes": pinned}
+
+    # ----- checkpoints: DeepSpeed's own files in the iteration directory -----
+
+    def save_engine(self, root: str, tag: str) -> None:
+        # every rank writes its partitions; DeepSpeed's own 'latest' file is not written
+        self.engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
+
+    def load_engine(self, root: str, tag: str) -> None:
+        loaded, _ = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError("DeepSpeed found no checkpoint there")
 
     def shutdown(self) -> None:
         if self._pinned_at_shutdown is None:
