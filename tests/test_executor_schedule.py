@@ -49,7 +49,7 @@ def test_no_guessing_in_the_iteration_after_clipping(executor):
 
     def finish(coeff):
         executor.finish_step(coeff, skip=True)  # skipped: no CPU work queued, only the decision
-        return executor.guessing
+        return executor.speculation.guessing
 
     assert finish(0.5) is False
     assert finish(1.0) is True
@@ -143,7 +143,7 @@ def test_global_norm_does_not_wait_for_cpu_steps():
     assert result[0][0] == pytest.approx(expected, rel=1e-5) and result[0][1]
     ex.finish_step(1.0, skip=False)
     ex.shutdown()
-    assert ex.counts["deferred"] == 3  # stepped by their own CPU work with the published coefficient
+    assert ex.speculation.counts["deferred"] == 3  # stepped by their own CPU work with the published coefficient
 
 
 def test_guesses_follow_arrival_order_not_the_worker_order(executor):
@@ -152,10 +152,10 @@ def test_guesses_follow_arrival_order_not_the_worker_order(executor):
     # would depend on thread timing.
     for group in executor.param_groups:
         group.update(lr=1e-3, weight_decay=0.0)
-    assert executor.clip_grad == 1.0
+    assert executor.speculation.clip_grad == 1.0
     executor.sumsq_host.copy_(torch.tensor([0.01, 0.01, 4.0]))
     executor._update(0, 1.0, executor._hyperparameters(), executor.iteration, True)
-    assert executor.decided[0] == "wait"
+    assert executor.speculation.decided[0] == "wait"
     executor.sumsq_host.copy_(torch.tensor([0.01, 0.01, 0.01]))
     executor._update(1, 1.0, executor._hyperparameters(), executor.iteration, True)
-    assert executor.decided[1] == "guess"
+    assert executor.speculation.decided[1] == "guess"

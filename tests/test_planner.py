@@ -48,6 +48,26 @@ def test_streamed_layers_keep_their_activations_only_where_they_fit():
     assert plan.streamed_recompute and plan.gpu_bytes <= 140 * GiB
 
 
+def test_boundaries_go_to_host_memory_only_where_no_placement_holds_them():
+    """200 layers (10 B parameters), global batch 1024 at micro-batch 4: 256 micro-batches, so each
+    streamed layer's inputs take 4 GiB and no placement holds them on a 140 GiB GPU; in pinned host
+    memory they leave 5 micro-batch sets on the GPU."""
+    big = costs(200, "--global-batch-size", "1024", "--recompute-granularity", "full")
+    with pytest.raises(DoesNotFit):  # too little host memory for them as well
+        make_plan(big, gpu_free=140 * GiB, host_free=60 * GiB)
+    plan = make_plan(big, gpu_free=140 * GiB, host_free=400 * GiB)
+    k, a = big.microbatches, big.hidden_state
+    streamed = 200 - plan.resident
+    assert streamed > 0
+    assert plan.boundaries_on_host and plan.boundary_bytes == streamed * k * a
+    assert "boundaries in pinned host memory" in plan.describe(big)
+    assert plan.gpu_bytes <= 140 * GiB and plan.host_bytes >= streamed * k * a
+    assert big.streamed_activations(streamed, True, on_host=True) == 5 * k * a + 17 * a
+    small = costs(200, "--global-batch-size", "64", "--recompute-granularity", "full")
+    assert not make_plan(small, gpu_free=140 * GiB, host_free=400 * GiB).boundaries_on_host
+    assert not make_plan(big, gpu_free=None, host_free=2000 * GiB).boundaries_on_host  # no GPU
+
+
 def test_the_prediction_counts_every_micro_batch():
     """At a real batch the step is compute-bound (the link and CPU work do not grow with the
     micro-batches): twice the micro-batches, about twice the iteration."""

@@ -82,6 +82,7 @@ def preflight(args, vocab_size, device):
         args.window_size = max(plan.window, 1)
     args.cpu_optimizer_threads = plan.threads
     args.streamed_recompute = plan.streamed_recompute
+    args.boundaries_on_host = plan.boundaries_on_host
     return plan.describe(costs)
 
 

@@ -7,8 +7,8 @@ streamed ones (nothing before them but the embedding keeps a graph per micro-bat
 come first, so that the CPU steps of the streamed layers overlap their forward and backward.
 1. Embeddings (and the resident layers before the streamed ones) of every micro-batch, graphs kept.
 2. Forward, layer by layer: streamed layer l, once in its slot, runs all k micro-batches; only each
-   micro-batch's input to the next layer (a boundary, s x b x h) is kept, unless the plan keeps the
-   layer's whole graph (no recompute).
+   micro-batch's input to the layer (a boundary, s x b x h) is kept, on the GPU or in pinned host
+   memory (boundaries.py), unless the plan keeps the layer's whole graph (no recompute).
 3. The resident layers and the head run micro-batch by micro-batch, forward and backward, exactly as
    megatron-lm runs them; each gives the gradient at its boundary.
 4. Backward, last streamed layer first: layer l, once in its slot, recomputes (or reuses) its forward
@@ -29,9 +29,10 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_()
 
 
-def _forward(model, executor, head, batches, seeds, keep_graph: bool):
-    """Phases 1 and 2: (embedded outputs with their graphs, boundaries[l][m] = input of layer l,
-    graphs[l][m] = layer l's output with its graph when kept, rotary embedding)."""
+def _forward(model, executor, head, batches, seeds, keep_graph: bool, boundaries=None):
+    """Phases 1 and 2: (embedded outputs with their graphs, the last streamed layer's outputs,
+    graphs[l][m] = layer l's output with its graph when kept, rotary embedding). Each streamed
+    layer's inputs go to `boundaries` (executor/boundaries.py) for backward; evaluation keeps none."""
     embedded, rotary = [], None
     for m, batch in enumerate(batches):
         seeds.microbatch = m
@@ -39,21 +40,23 @@ def _forward(model, executor, head, batches, seeds, keep_graph: bool):
         for layer in head:
             hidden = run_layer(layer, hidden, rotary)
         embedded.append(hidden)
-    boundaries = [[_leaf(h) if keep_graph else h.detach() for h in embedded]]
+    inputs = [_leaf(h) if keep_graph else h.detach() for h in embedded]
     graphs = []
     for l, layer in enumerate(executor.layers):
+        if boundaries is not None:
+            boundaries.put(l, inputs)
         executor.acquire(l)
         outputs = []
         with torch.set_grad_enabled(keep_graph):
-            for m, x in enumerate(boundaries[l]):
+            for m, x in enumerate(inputs):
                 seeds.microbatch = m
                 outputs.append(run_layer(layer, x, rotary))
         executor.release(l)
         graphs.append(outputs if keep_graph else None)
         # detach even without grad: megatron-core runs bias-dropout-add under enable_grad, so each
         # output would keep its two dropout masks (s b h bytes each) alive through the step
-        boundaries.append([_leaf(y) if keep_graph else y.detach() for y in outputs])
-    return embedded, boundaries, graphs, rotary
+        inputs = [_leaf(y) if keep_graph else y.detach() for y in outputs]
+    return embedded, inputs, graphs, rotary
 
 
 def train_step(model, executor, head, tail, batches, loss_scale: float, seeds) -> list:
@@ -63,36 +66,39 @@ def train_step(model, executor, head, tail, batches, loss_scale: float, seeds) -
     CPU steps queued."""
     k = len(batches)
     keep_graph = not executor.recompute
-    embedded, boundaries, graphs, rotary = _forward(model, executor, head, batches, seeds, keep_graph)
+    boundaries = executor.boundaries
+    embedded, last, graphs, rotary = _forward(model, executor, head, batches, seeds, keep_graph, boundaries)
 
     losses, grads = [], []
     for m, batch in enumerate(batches):  # phase 3: megatron-lm's order for the resident part
         seeds.microbatch = m
-        x = boundaries[-1][m] if keep_graph else _leaf(boundaries[-1][m])
+        x = last[m] if keep_graph else _leaf(last[m])
         loss = head_loss(model, tail, x, batch, rotary)
         (loss * (loss_scale / k)).backward()
         losses.append(loss.detach())
         grads.append(x.grad)
-        boundaries[-1][m] = None
+        last[m] = x = None
 
     for l in reversed(range(executor.num_layers)):  # phase 4
         layer, params = executor.layers[l], executor.params[l]
         executor.acquire(l)
+        boundaries.prefetch(l)
+        boundaries.prefetch(l - 1)  # spilled: the next layer's inputs come back while this one runs
         summed = executor.new_gradient()
         views = executor.gradient_views(summed)
         for m in range(k):
             seeds.microbatch = m
+            x = boundaries.take(l, m)
             if keep_graph:
-                x, y = boundaries[l][m], graphs[l][m]
+                y = graphs[l][m]
+                graphs[l][m] = None
             else:
-                x = _leaf(boundaries[l][m])
+                x = _leaf(x)
                 y = run_layer(layer, x, rotary)
             grad_input, *grad_params = torch.autograd.grad(y, [x, *params], grads[m])
             torch._foreach_add_(views, grad_params)
             grads[m] = grad_input
-            boundaries[l][m] = None
-            if keep_graph:
-                graphs[l][m] = None
+            x = y = None
         executor.offload(l, summed)
         del summed, views  # before the next layer's sum is allocated: one fp32 sum on the device at a time
 
@@ -104,5 +110,5 @@ def train_step(model, executor, head, tail, batches, loss_scale: float, seeds) -
 
 def evaluate_losses(model, executor, head, tail, batches, seeds) -> list:
     """Forward only (the caller holds no_grad): the micro-batches' losses, layer-major."""
-    _, boundaries, _, rotary = _forward(model, executor, head, batches, seeds, keep_graph=False)
-    return [float(head_loss(model, tail, x, batch, rotary)) for x, batch in zip(boundaries[-1], batches)]
+    _, last, _, rotary = _forward(model, executor, head, batches, seeds, keep_graph=False)
+    return [float(head_loss(model, tail, x, batch, rotary)) for x, batch in zip(last, batches)]

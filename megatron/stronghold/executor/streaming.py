@@ -10,12 +10,11 @@ their copies, and the CPU work a finished gradient starts:
   after its forward kernels are queued, queues the load of i + W into the same slot behind the
   event "slot free". offload(i, grad), after its backward, sends the step's gradient to the pinned
   host buffer on the D2H stream, queues the layer's CPU step and loads i - W into the slot.
-- the CPU step is speculative: the global gradient norm is known only once every layer is done, so
-  a layer steps as soon as its gradient arrives while the running norm stays under the clip
-  threshold; if clipping fires after all, or an overflow skips the iteration, those steps are
-  undone exactly and redone from the kept gradients (HostLayer.undo_step). Once the running norm
-  passes the threshold the remaining layers step right after backward, in forward order, and the
-  next iteration does not guess at all (clipping tends to fire on runs of iterations).
+- the CPU step is speculative (speculative.py decides when each layer steps): a layer steps as soon
+  as its gradient arrives while the running norm stays under the clip threshold; if clipping fires
+  after all, or an overflow skips the iteration, those steps are undone exactly and redone from the
+  kept gradients (HostLayer.undo_step).
+- data parallel, each streamed layer has one owner rank (ownership.py).
 - the next iteration's load of a layer waits for that layer's CPU work (a host wait on a future,
   the one true dependency); everything on the GPU is ordered by events only.
 
@@ -24,39 +23,29 @@ Without CUDA the same code runs with host-to-host copies and no streams, which i
 
 import contextlib
 import math
-import threading
 import time
 
 import torch
 
 from stronghold_ext import fused_adamw
 
-from megatron.core import parallel_state
-
 from ..logs import Progress
 from ..optim import counts_in_norm
+from .boundaries import Boundaries
 from .cpu_worker import CpuWorker, default_threads
 from .host_store import HostLayer, LayerLayout, _numel, gradient_dtype
-
-
-def streamed_layer_owners(num_streamed: int) -> list:
-    """The data-parallel rank that owns each streamed layer: layer i belongs to rank i mod N."""
-    ranks = parallel_state.get_data_parallel_world_size()
-    return [i % ranks for i in range(num_streamed)]
-
-
-def owned_by_this_rank(num_streamed: int) -> list:
-    rank = parallel_state.get_data_parallel_rank() if parallel_state.get_data_parallel_world_size() > 1 else 0
-    return [owner == rank for owner in streamed_layer_owners(num_streamed)]
+from .ownership import Ownership
+from .speculative import SpeculativeStep
 
 
 class StreamingExecutor:
     def __init__(self, layers, window: int, dtype: torch.dtype, device: torch.device, args, log=print,
-                 overlap: bool = True, recompute: bool = True):
+                 overlap: bool = True, recompute: bool = True, spill_boundaries: bool = False):
         """overlap=False gives L2L's schedule on the same store: each layer is copied in when it is
         needed (no prefetch) and every CPU step runs after backward, before the next iteration.
         recompute: keep only each layer's input between forward and backward and run the layer
-        again in backward (the plan decides; see planner.streamed_recompute)."""
+        again in backward (the plan decides; see planner.streamed_recompute); spill_boundaries: those
+        inputs wait in pinned host memory (boundaries.py; the plan's fallback when they do not fit)."""
         self.recompute = recompute
         self.overlap = overlap
         self.layers = list(layers)
@@ -66,17 +55,8 @@ class StreamingExecutor:
         self.window = min(window, self.num_layers)
         self.device = device
         self.cuda = device.type == "cuda"
-        # Data parallel: streamed layer i belongs to data-parallel rank i mod N, whose host store alone
-        # holds it and whose CPU steps it (host memory and CPU work per rank fall as 1/N). Its gradient is
-        # summed onto the owner on the device (NCCL between GPUs; through host memory over gloo it was
-        # 3.8x slower than one rank at 26 streamed layers on 2 H200s), and its weights are broadcast from
-        # the owner's slot when it is loaded. Loads and gradients go in one fixed order (forward, then
-        # backward), the same on every rank, so every rank issues the same collectives.
-        self.data_parallel = parallel_state.get_data_parallel_world_size()
-        self.dp_group = parallel_state.get_data_parallel_group() if self.data_parallel > 1 else None
-        self.owned = owned_by_this_rank(len(self.layers))
-        self.owner = [torch.distributed.get_global_rank(self.dp_group, owner) if self.dp_group is not None else 0
-                      for owner in streamed_layer_owners(len(self.layers))]
+        self.ownership = Ownership(self.num_layers, asynchronous=self.cuda)
+        self.owned, self.owner = self.ownership.owned, self.ownership.owner
         self.layout = LayerLayout.of(self.layers[0])
 
         self.slots = [torch.empty(self.layout.numel, dtype=dtype, device=device) for _ in range(self.window)]
@@ -111,6 +91,7 @@ class StreamingExecutor:
         self.grad_dtype = gradient_dtype(dtype)
         # Bytes the executor moved between host and device (on CPU: between host tensors), for the log.
         self.link = {"host-to-device": 0, "device-to-host": 0}
+        self.boundaries = Boundaries(self.num_layers, spill_boundaries, device, self.h2d, self.d2h, self.link)
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
         threads = args.cpu_optimizer_threads or default_threads()
@@ -119,24 +100,15 @@ class StreamingExecutor:
         self.worker = CpuWorker(threads)
         # Seconds, for the log: CPU work (its own thread) and the main thread's waits for it.
         self.timers = {"cpu work": 0.0, "waits for cpu": 0.0, "copy waits": 0.0}
-        # Layer steps: guessed during backward and kept, guessed and redone, deferred to finish_step.
-        self.counts = {"kept": 0, "redone": 0, "deferred": 0}
         self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
-        self.clip_grad = args.clip_grad
-        self.guessing = True  # see _update
+        self.speculation = SpeculativeStep(args.clip_grad, may_guess=overlap)
         # Each layer's gradient norm (after the data-parallel average) is taken on the compute device
         # as the gradient leaves it: the global norm is then known as soon as backward ends, without
         # waiting for the CPU work (see gradient_stats).
         self.sumsq_device = torch.zeros(self.num_layers, dtype=torch.float32, device=device)
         self.sumsq_host = torch.zeros(self.num_layers, dtype=torch.float32, pin_memory=self.cuda)
-        # How each layer's step of this iteration was decided, guarded by decision_lock: "guess" (stepped
-        # before the norm was known), "wait" (left to finish_step); a layer whose CPU work has not
-        # decided when finish_step publishes the iteration's coefficient (final) steps with it directly.
-        self.decision_lock = threading.Lock()
-        self.decided = {}
         self.iteration = 0
         self.norm_taken = [-1] * self.num_layers  # iteration whose gradient norm sumsq_host[i] holds
-        self.final = None  # (iteration, clip coefficient, skip) once finish_step knows them
         # observer(event, **details) if set (training.train's observer): "begin step" and
         # "offload" (layer=i), on the main thread, as the schedule reaches them.
         self.observer = None
@@ -168,6 +140,7 @@ class StreamingExecutor:
         for h in filter(None, self.host):
             for k, v in h.nbytes().items():
                 total[k] += v
+        total["pinned" if self.cuda else "pageable"] += self.boundaries.host_bytes()
         return total
 
     def gpu_bytes(self) -> int:
@@ -190,23 +163,15 @@ class StreamingExecutor:
             with torch.cuda.stream(self.h2d):
                 if self.owned[i]:
                     dst.copy_(self.host[i].weights, non_blocking=True)
-                self._broadcast(i, dst)
+                self.ownership.broadcast(i, dst)
                 self.loaded[i] = self.h2d.record_event()
         else:
             if self.owned[i]:
                 dst.copy_(self.host[i].weights)
-            self._broadcast(i, dst)
+            self.ownership.broadcast(i, dst)
         if self.owned[i]:
             self.link["host-to-device"] += dst.numel() * dst.element_size()
         self.slot_owner[slot] = i
-
-    def _broadcast(self, i: int, slot: torch.Tensor) -> None:
-        """Data parallel: layer i's weights from its owner's slot to every rank's (on the current stream)."""
-        if self.dp_group is None:
-            return
-        work = torch.distributed.broadcast(slot, src=self.owner[i], group=self.dp_group, async_op=self.cuda)
-        if work is not None:
-            work.wait()  # orders the copy stream after the collective; does not block the host
 
     def acquire(self, i: int) -> None:
         """Layer i's weights in its slot before the compute stream's next kernels."""
@@ -275,7 +240,7 @@ class StreamingExecutor:
 
     def _offload(self, i: int, grad: torch.Tensor) -> None:
         self._wait(self.grad_pending, i)  # CPU work still reading the buffer (done by now: the load waited for it)
-        reduce = self._start_reduce(i, grad) if self.dp_group is not None else None
+        reduce = self.ownership.start_reduce(i, grad) if self.ownership.parallel else None
         if reduce is None:
             grad = self._to_gradient_dtype(grad)
             self._take_norm(i, grad)
@@ -311,7 +276,7 @@ class StreamingExecutor:
             self.sumsq_host[i] = self.sumsq_device[i]
         self.link["device-to-host"] += host_grad.numel() * host_grad.element_size()
         future = self.worker.submit(i, self._cpu_work, i, copied, self.inv_scale, self._hyperparameters(),
-                                    self.iteration, self.guessing,
+                                    self.iteration, self.speculation.guessing,
                                     ready=copied.query if copied is not None else None)
         self.grad_pending[i] = self.weight_pending[i] = future
 
@@ -326,19 +291,12 @@ class StreamingExecutor:
         self.sumsq_device[i] = torch.stack(norms).square().sum()
         self.norm_taken[i] = self.iteration
 
-    def _start_reduce(self, i, flat):
-        """Start summing layer i's fp32 gradient over the data-parallel ranks onto its owner, as
-        Megatron reduces its main grads."""
-        work = torch.distributed.reduce(flat, dst=self.owner[i], group=self.dp_group, async_op=self.cuda)
-        return flat, work
-
     def _finish_reduce(self, i, flat, work):
         """On the owner: the mean gradient in the compute dtype, on the current stream."""
-        if work is not None:
-            work.wait()  # orders the current stream after the collective; does not block the host
+        mean = self.ownership.finish_reduce(flat, work)
         if self.cuda:
             flat.record_stream(torch.cuda.current_stream())  # allocated on the compute stream
-        mean = self._to_gradient_dtype(flat.div_(self.data_parallel))
+        mean = self._to_gradient_dtype(mean)
         self._take_norm(i, mean)
         return mean
 
@@ -358,30 +316,15 @@ class StreamingExecutor:
             self._update(i, inv_scale, hyper, iteration, may_guess)
 
     def _update(self, i, inv_scale, hyper, iteration, may_guess):
-        """Step layer i if the coefficient is known or it is safe to guess.
-
-        A step taken before the global norm is known is a guess that clipping will not fire. The sum
-        over the layers that arrived up to this one (backward order) is a lower bound of the global
-        norm: a layer guesses only while it is under the clip threshold and the previous iteration
-        did not clip. The rule depends on arrival order alone, so a run makes the same guesses (and
-        the same inexact undo/redo) whatever the thread timing; where the coefficient is already
-        published, a layer that the rule says guesses repeats exactly what finish_step would do.
-        """
+        """Step layer i now if speculative.py says it may, or with the published coefficient."""
         host = self.host[i]
         # Layers i..L-1 arrived up to now; their norms landed before i's (one copy stream, in order).
         arrived = float(self.sumsq_host[i:].sum()) * inv_scale * inv_scale  # the scale is a power of two
-        guess = (may_guess and self.overlap and math.isfinite(arrived)
-                 and not (self.clip_grad > 0 and math.sqrt(arrived) + 1.0e-6 > self.clip_grad))
-        with self.decision_lock:
-            final = self.final if self.final is not None and self.final[0] == iteration else None
-            if final is None:
-                self.decided[i] = "guess" if guess else "wait"
-            else:
-                self._count(guess, *final[1:])
+        guess, final = self.speculation.decide(i, arrived, iteration, may_guess)
         if guess:
             host.step(hyper, inv_scale, self.scratch)
-        if final is not None and self._needs_final_step(guess, *final[1:]):
-            self._make_final(i, guess, *final[1:], hyper, inv_scale)
+        if final is not None and self.speculation.needs_final_step(guess, *final):
+            self._make_final(i, guess, *final, hyper, inv_scale)
 
     # ----- the step -----
 
@@ -398,28 +341,17 @@ class StreamingExecutor:
         sumsq = [float(self.sumsq_host[i]) * self.inv_scale * self.inv_scale for i in range(self.num_layers)]
         if missing:
             raise RuntimeError(f"no gradients reached the host for layers {missing}")
-        total = sum(sumsq)
-        if self.dp_group is not None:  # each rank measured the layers it owns
-            summed = torch.tensor([total], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(summed, group=self.dp_group)
-            total = float(summed)
+        total = self.ownership.sum(sum(sumsq), self.device)  # each rank measured the layers it owns
         return total, math.isfinite(total)
 
     def finish_step(self, clip_coeff: float, skip: bool) -> None:
         """Make the step final: redo guessed steps that were wrong, take the deferred ones. Layers
         whose CPU work has not decided yet step with the published coefficient when it runs."""
         hyper, inv_scale = self._hyperparameters(), self.inv_scale
-        with self.decision_lock:
-            self.final = (self.iteration, clip_coeff, skip)
-            decided, self.decided = self.decided, {}
-            # Guess next iteration only if this one needed no clipping: norms change slowly, and a wrong
-            # guess costs an undo and a redo (three times a step) where deferring costs nothing extra.
-            self.guessing = clip_coeff == 1.0
-            for d in decided.values():  # the others count themselves when they run (_update)
-                self._count(d == "guess", clip_coeff, skip)
+        decided = self.speculation.publish(self.iteration, clip_coeff, skip)
         for i in range(self.num_layers):  # forward order: layer 0 is needed first
             guessed = decided.get(i) == "guess"
-            if i in decided and self._needs_final_step(guessed, clip_coeff, skip):
+            if i in decided and self.speculation.needs_final_step(guessed, clip_coeff, skip):
                 # The one worker thread runs it after the layer's own CPU work, which has started.
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
                     i, self._finish_layer, i, guessed, clip_coeff, skip, hyper, inv_scale)
@@ -428,14 +360,6 @@ class StreamingExecutor:
             self._wait_all()
         # The new weights must be reloaded before the next forward pass.
         self.slot_owner = [-1] * self.window
-
-    def _count(self, guessed: bool, clip_coeff: float, skip: bool) -> None:
-        self.counts[("redone" if skip or clip_coeff != 1.0 else "kept") if guessed else "deferred"] += 1
-
-    @staticmethod
-    def _needs_final_step(guessed: bool, clip_coeff: float, skip: bool) -> bool:
-        """A wrong guess is undone and redone; a layer that waited steps unless the iteration is skipped."""
-        return skip or clip_coeff != 1.0 if guessed else not skip
 
     def _finish_layer(self, *args):
         with self._timed("cpu work"):

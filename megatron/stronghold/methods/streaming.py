@@ -69,10 +69,11 @@ def build(args, model, device, dtype, seeds, log):
         return MegatronLM(args, model, device, seeds, list(model.named_parameters()))
     _move_all_but(model, layers, device, dtype)  # frees host memory for the store
     if args.offload_method == "l2l":
-        executor = StreamingExecutor(layers, 1, dtype, device, args, log=log, overlap=False)
+        executor = StreamingExecutor(layers, 1, dtype, device, args, log=log, overlap=False,
+                                     spill_boundaries=args.boundaries_on_host)
     else:
         executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log,
-                                     recompute=args.streamed_recompute)
+                                     recompute=args.streamed_recompute, spill_boundaries=args.boundaries_on_host)
     model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
     streamed = {id(p) for layer in layers for p in layer.parameters()}
     resident = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]
@@ -145,11 +146,11 @@ class StreamingMethod(MegatronLM):
 
     def extra_state(self) -> dict:
         # whether the next iteration may step layers before the global norm is known (streaming.py)
-        return {"stronghold_guess_next_step": bool(self.executor.guessing)}
+        return {"stronghold_guess_next_step": bool(self.executor.speculation.guessing)}
 
     def load_extra_state(self, state: dict) -> None:
         if "stronghold_guess_next_step" in state:
-            self.executor.guessing = bool(state["stronghold_guess_next_step"])
+            self.executor.speculation.guessing = bool(state["stronghold_guess_next_step"])
 
     # ----- the rest -----
 
@@ -159,7 +160,7 @@ class StreamingMethod(MegatronLM):
     def stats(self) -> dict:
         ex = self.executor
         return {"pinned bytes": ex.host_bytes()["pinned"], "timers": dict(ex.timers), "link": dict(ex.link),
-                "layer steps": dict(ex.counts)}
+                "layer steps": dict(ex.speculation.counts)}
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -8,7 +8,8 @@ available host memory, and picks
   CPU steps then overlap the resident layers' work; methods/streaming.py streamed_span);
 - W window slots through which the other S = L - R layers stream from host memory;
 - whether the streamed layers keep their activations from forward to backward or only their
-  inputs (one boundary per layer and micro-batch) and run again in backward;
+  inputs (one boundary per layer and micro-batch) and run again in backward, and, where no
+  placement holds those boundaries on the GPU, that they wait in pinned host memory;
 - the CPU optimizer's threads: all the cores it may have only where its steps bound the iteration.
 It keeps as many layers resident as fit, so a model that fits on the GPU runs like megatron-lm and a
 larger one streams only what does not fit. A model that fits nowhere is refused with the numbers.
@@ -23,7 +24,9 @@ a = c s b h, one micro-batch's hidden state):
   window slot, the fp32 sum of the layer in backward (4 P) and at most 2W layers' gradients in flight
   to the host (c P each);
 - activations: streamed layers keep (S + 3) k a (their inputs, and the gradients at two boundaries)
-  plus one layer's activations of one micro-batch while it runs again, or, without recompute,
+  plus one layer's activations of one micro-batch while it runs again (with the inputs in pinned
+  host memory, S k a there and 5 k a on the GPU: two layers' inputs, two gradients, the last
+  output), or, without recompute,
   S k x 17 a (Korthikanti et al. 2022, flash attention); resident layers run one micro-batch at a
   time: a per layer with full recompute, else 17 a; plus the fp32 logits and their gradient,
   3 x 4 s b V.
@@ -99,12 +102,13 @@ class ModelCosts:
     def host_bytes_per_param(self) -> int:
         return 12 + (0 if self.compute_bytes == 4 else self.compute_bytes) + self.gradient_bytes
 
-    def streamed_activations(self, streamed: int, recompute: bool) -> int:
+    def streamed_activations(self, streamed: int, recompute: bool, on_host: bool = False) -> int:
+        """GPU bytes of the streamed layers' activations (on_host: the boundaries wait on the host)."""
         if not streamed:
             return 0
         k, a = self.microbatches, self.hidden_state
         if recompute:
-            return (streamed + 3) * k * a + 17 * a
+            return ((5 if on_host else streamed + 3) * k * a) + 17 * a
         return streamed * k * 17 * a + 2 * k * a
 
 
@@ -120,10 +124,13 @@ class Plan:
     streamed_recompute: bool = True  # streamed layers keep only their inputs and run again in backward
     predicted_deferred_s: float = 0.0  # the iteration when clipping fires and the CPU steps wait for the norm
     boundary_bytes: int = 0
+    boundaries_on_host: bool = False  # the boundaries wait in pinned host memory (boundary_bytes there)
 
     def describe(self, costs: ModelCosts) -> str:
         streamed = costs.layers - self.resident
         keeps = ("boundaries" if self.streamed_recompute else "activations") if streamed else "none"
+        if self.boundaries_on_host:
+            keeps = "boundaries in pinned host memory"
         return (f"plan | resident layers: {self.resident} | streamed layers: {streamed} | "
                 f"window: {self.window} | micro batches per step: {costs.microbatches} | "
                 f"streamed layers keep: {keeps} ({self.boundary_bytes / GiB:.2f} GiB) | "
@@ -133,7 +140,7 @@ class Plan:
                 f"predicted iteration when clipping defers the CPU steps (ms): {self.predicted_deferred_s * 1e3:.0f} |")
 
 
-def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = True) -> int:
+def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = True, on_host: bool = False) -> int:
     streamed = costs.layers - resident
     c, P = costs.compute_bytes, costs.layer_params
     # W slots of weights, the fp32 sum of the layer in backward, up to 2W gradients on their way to the
@@ -141,11 +148,16 @@ def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = T
     slots = (window * (c + 2 * costs.gradient_bytes) + 4) * P if streamed else 0
     return (costs.other_params * costs.resident_bytes_per_param
             + resident * P * costs.resident_bytes_per_param
-            + slots + resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute)
+            + slots + resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute, on_host)
             + costs.act_fixed + GPU_RESERVE)
 
 
-def host_bytes(costs: ModelCosts, resident: int) -> int:
+def boundary_host_bytes(costs: ModelCosts, resident: int) -> int:
+    """Pinned host bytes of the streamed layers' inputs when they wait on the host."""
+    return (costs.layers - resident) * costs.microbatches * costs.hidden_state
+
+
+def host_bytes(costs: ModelCosts, resident: int, on_host: bool = False) -> int:
     """Peak host bytes: the larger of the fp32 weights on the host once the model is built and the
     store of the streamed layers. Each layer is placed as soon as it is initialised (resident ones go
     to the GPU, another rank's are dropped), so the build leaves the embeddings and this rank's
@@ -154,7 +166,7 @@ def host_bytes(costs: ModelCosts, resident: int) -> int:
     owned = -(-(costs.layers - resident) // costs.data_parallel)  # this rank's share of the streamed layers
     built = 4 * ((owned + 1) * costs.layer_params + costs.other_params)  # + 1: the layer being built
     store = owned * costs.layer_params * costs.host_bytes_per_param + 4 * costs.layer_params
-    return max(built, store) + HOST_RESERVE
+    return max(built, store + (boundary_host_bytes(costs, resident) if on_host else 0)) + HOST_RESERVE
 
 
 def layer_forward_seconds(costs: ModelCosts) -> float:
@@ -195,7 +207,7 @@ def overlapped_forward_seconds(costs: ModelCosts, resident: int) -> float:
 
 
 def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_recompute: bool = True,
-                      deferred: bool = False) -> float:
+                      deferred: bool = False, on_host: bool = False) -> float:
     """A model, not a measurement. The CPU steps and copies overlap the GPU work: the step takes the
     largest of compute, link and CPU time, plus what cannot overlap (layer 0 steps last and is loaded
     first). When clipping fires, no step starts before the global norm is known: the CPU work then
@@ -206,10 +218,13 @@ def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_re
         return compute
     cpu = cpu_step_seconds(costs, resident)
     one_layer = costs.layer_params * (1 / CPU_ADAM_RATE + costs.compute_bytes / PCIE_RATE)
+    link = link_seconds(costs, resident, window)
+    if on_host:  # the boundaries cross the link once each way too
+        link += boundary_host_bytes(costs, resident) / PCIE_RATE
     if deferred:
         forward = overlapped_forward_seconds(costs, resident)
-        return max(compute + max(0.0, cpu - forward), link_seconds(costs, resident, window)) + one_layer
-    return max(compute, link_seconds(costs, resident, window), cpu) + one_layer
+        return max(compute + max(0.0, cpu - forward), link) + one_layer
+    return max(compute, link, cpu) + one_layer
 
 
 def optimizer_threads(costs: ModelCosts, resident: int, cores: int) -> int:
@@ -251,18 +266,23 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
     L = costs.layers
     candidates = [min(resident, L)] if resident is not None else range(L, -1, -1)
     # Streamed layers keep their activations only where the user did not ask for recompute and they
-    # fit; running a layer again costs a third more of its compute, not another copy.
-    keep_options = (True,) if costs.recompute else (False, True)
-    for r in candidates:
-        w = _window(costs, r, window)
-        h = host_bytes(costs, r)
-        for recompute in keep_options:
-            g = gpu_bytes(costs, r, w, recompute)
-            if (g + h <= host_free) if shared else (g <= gpu_budget and h <= host_free):
-                return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h,
-                            predicted_seconds(costs, r, w, recompute), gpu_free, recompute,
-                            predicted_seconds(costs, r, w, recompute, deferred=True),
-                            costs.streamed_activations(L - r, recompute))
+    # fit; running a layer again costs a third more of its compute, not another copy. Their inputs
+    # go to pinned host memory only where no placement holds them on the GPU (a large global batch):
+    # then they cross the link twice per step.
+    keep_options = ((True, False),) if costs.recompute else ((False, False), (True, False))
+    for options in (keep_options, ((True, True),)):
+        for r in candidates:
+            w = _window(costs, r, window)
+            for recompute, on_host in options:
+                if on_host and (shared or r == L):
+                    continue  # without a GPU there is no other memory to go to
+                g, h = gpu_bytes(costs, r, w, recompute, on_host), host_bytes(costs, r, on_host)
+                if (g + h <= host_free) if shared else (g <= gpu_budget and h <= host_free):
+                    kept = boundary_host_bytes(costs, r) if on_host else costs.streamed_activations(L - r, recompute)
+                    return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h,
+                                predicted_seconds(costs, r, w, recompute, on_host=on_host), gpu_free, recompute,
+                                predicted_seconds(costs, r, w, recompute, deferred=True, on_host=on_host),
+                                kept, on_host)
     r = min(resident, L) if resident is not None else 0
     w = _window(costs, r, window)
     g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
