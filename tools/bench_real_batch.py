@@ -5,7 +5,7 @@ Each row is one pretrain_gpt.py run; a case compares its rows by the median iter
 iterations after the first two (and by model TFLOP/s where the sizes differ), and prints the plan's
 predicted iteration beside each stronghold run.
 
-    python tools/bench_real_batch.py --out results/h200/real-batch [--cases 1 2 3 4] [--iters 8]
+    python tools/bench_real_batch.py --out results/h200/real-batch [--cases 1 2 3 4 5] [--iters 8]
     [--baseline-tree DIR]   (case 4: the code before the layer-major schedule, e.g. a `git archive` of it)
     [--override FLAGS]      (appended to every run, e.g. smaller sizes for a smoke test on a CPU)
 
@@ -151,7 +151,7 @@ def verdicts(case, rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--cases", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--cases", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--baseline-tree", default=None)
     parser.add_argument("--override", default="", help="pretrain_gpt.py flags appended to every run (a smoke "

@@ -17,7 +17,7 @@
 #   threads   tools/thread_cpu.py: each thread's CPU use during megatron-lm's and stronghold's steady
 #             iterations at CASE_LAYERS (default 88, megatron-lm's largest on an H100) with CASE_EXTRA
 #   realbatch tools/bench_real_batch.py: global batch 64 beside megatron-lm and zero-offload (REALBATCH_CASES,
-#             default "1 2 3 4"; case 4 runs the code before the layer-major step from BASELINE_TREE)
+#             default "1 2 3 4 5"; case 4 runs the code before the layer-major step from BASELINE_TREE)
 #   dp        2 GPUs: DP=1 and DP=2 at a size megatron-lm cannot hold (micro-batch per rank fixed);
 #             the tests stage on such a machine also runs the 2-GPU data-parallel tests
 set -uo pipefail
@@ -36,7 +36,7 @@ for s in "$@"; do
         tests)
             "$PY" -m pytest -q -x tests/gpu tests/test_fused_adamw.py 2>&1 | tail -20 | tee "$OUT/tests_gpu.txt" ;;
         realbatch)
-            "$PY" tools/bench_real_batch.py --out "$OUT/realbatch" --cases ${REALBATCH_CASES:-1 2 3 4} \
+            "$PY" tools/bench_real_batch.py --out "$OUT/realbatch" --cases ${REALBATCH_CASES:-1 2 3 4 5} \
                 --iters "${BENCH_ITERS:-8}" --baseline-tree "${BASELINE_TREE:-.baseline}" 2>&1 | tee "$OUT/realbatch.txt" ;;
         bench*)  # bench32, bench64, bench64-noclip (stronghold only)
             layers="${s#bench}"; layers="${layers%-noclip}"; windows="${BENCH_WINDOWS:-1 2 4 8 auto}"; extra=()
