@@ -69,7 +69,7 @@ def test_the_answer_can_be_rebuilt_from_the_trial_logs_of_a_search_cut_short(tmp
     """The H200's l2l search was cut off by its call's limit after 155 trained (158 was refused):
     from its logs, 155 is a lower bound; with a refusal at 156 beside them, it is the answer."""
     logs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "results", "h200", "2026-11-27", "call-u-case1-l2l", "case1")
+                        "results", "h200", "2026-11-27", "case1-l2l", "case1")
     for name in os.listdir(logs):
         with open(os.path.join(logs, name)) as src, open(tmp_path / name, "w") as dst:
             dst.write(src.read())
