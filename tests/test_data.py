@@ -311,7 +311,7 @@ def test_tiny_valid_split_disables_eval(dist, tmp_path):
     with pytest.warns(UserWarning, match="valid split"):
         train_iter, valid_iter = sdata.build_data_iterators(args, build_tokenizer(args))
     assert valid_iter is None
-    _check_batch(next(train_iter), args, 512)
+    _check_batch(next(train_iter), args, 257)
     with pytest.raises(ValueError, match="train split"):
         bad = _args(data_path=[str(tmp_path / "t_text_document")], split="0.1,99.9,0")
         sdata.build_data_iterators(bad, build_tokenizer(bad))

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import preprocess_data  # noqa: E402
 
 EOD = "<|endoftext|>"
-VOCAB = 400  # not a multiple of 128, and unlike the byte-level tokenizer's 512: the log shows which one trained
+VOCAB = 400  # unlike the byte-level tokenizer's 257: the log shows which one trained
 MODULES = ("textwrap", "json", "collections", "itertools", "functools", "os", "re", "string", "argparse", "logging",
            "subprocess", "pathlib", "difflib", "shutil", "tarfile", "zipfile", "csv", "datetime", "decimal",
            "fractions", "statistics", "random", "heapq", "bisect", "threading", "socket", "inspect", "pickle",
@@ -175,14 +175,15 @@ def test_gpt2_bpe_from_local_files(corpus, tmp_path):
 
 
 def test_byte_level_and_null_tokenizers():
-    byte = stok.build_tokenizer(_args())
-    assert (byte.vocab_size, byte.eod) == (512, 0)  # megatron-core's ByteLevelTokenizer
-    assert byte.tokenize("h\u00e9") == [104, 195, 169]
+    byte = stok.build_tokenizer(_args())  # megatron-core's ByteLevelTokenizer, eod after the 256 bytes
+    assert (byte.vocab_size, byte.eod, byte.pad) == (257, 256, -1)
+    assert byte.tokenize("h\u00e9\x00\x01") == [104, 195, 169, 0, 1]
+    assert byte.detokenize([104, 195, 169, 256]) == "h\u00e9"
     null = stok.build_tokenizer(_args(tokenizer_type="NullTokenizer", vocab_size=100))
     assert (null.vocab_size, null.eod) == (101, 100)
     assert null.tokenize("1 2 3") == [1, 2, 3]
     assert stok.padded_vocab_size(50257) == 50304 and stok.padded_vocab_size(50257, 128, 2) == 50432
-    assert stok.padded_vocab_size(512) == 512 and stok.padded_vocab_size(VOCAB) == 512
+    assert stok.padded_vocab_size(257) == 384 and stok.padded_vocab_size(VOCAB) == 512
 
 
 def test_missing_tokenizer_files_exit_2_with_one_line(corpus, tmp_path, capsys):

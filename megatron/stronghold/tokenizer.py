@@ -2,7 +2,7 @@
 
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH   a tokenizer directory or its tokenizer.json
     --tokenizer-type GPT2BPETokenizer --vocab-file V --merge-file M
-    --tokenizer-type ByteLevelTokenizer                            UTF-8 bytes, no files
+    --tokenizer-type ByteLevelTokenizer                            UTF-8 bytes 0..255, eod 256, no files
     --tokenizer-type NullTokenizer --vocab-size N                  text is space separated ids 0..N-1
 
 ``build_tokenizer(args)`` returns megatron-core's tokenizer object (``tokenize``, ``detokenize``,
@@ -60,7 +60,10 @@ def build_tokenizer(args):
     elif kind == "GPT2BPETokenizer":
         tokenizer = _gpt2_bpe(args.vocab_file, args.merge_file)
     elif kind == "ByteLevelTokenizer":
-        tokenizer = _megatron_tokenizer(None, "byte-level")
+        # The 256 bytes, then eod (256), and no pad id: megatron-core's defaults (eod 0, pad 1) would make NUL an
+        # end of document and mask the loss on byte 1.
+        tokenizer = _megatron_tokenizer(None, "byte-level", special_tokens=["<eod>"], vocab_size=256, _eos_id=256,
+                                        _pad_id=-1)
     else:
         tokenizer = _megatron_tokenizer(None, "null", vocab_size=int(args.vocab_size))
     return tokenizer
