@@ -7,6 +7,8 @@ clear message and exit code 2 before anything large is allocated.
 import argparse
 import os
 
+from .tokenizer import TOKENIZER_TYPES, default_tokenizer_type
+
 # The one list of methods (examples/run.sh, the case scripts and the result tables read it), in the
 # order the launcher's `-m all` runs them and the tables show them.
 METHODS = ("megatron-lm", "l2l", "zero-offload", "zero-infinity", "stronghold")
@@ -122,12 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Megatron .bin/.idx prefixes, optionally weighted: '0.7 a 0.3 b'.")
     g.add_argument("--mock-data", action="store_true", help="Synthetic data (also used without --data-path).")
     g.add_argument("--split", default="969,30,1", help="Train/valid/test split of the data, in parts.")
-    g.add_argument("--tokenizer-type", default=None,
-                   choices=["GPT2BPETokenizer", "ByteTokenizer", "NullTokenizer"],
-                   help="Tokenizer (default: GPT2BPETokenizer with --vocab-file, else ByteTokenizer).")
-    g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json.")
-    g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt.")
-    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: vocabulary size.")
+    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
+                   help="megatron-core's tokenizer (default: GPT2BPETokenizer with --vocab-file, HuggingFaceTokenizer "
+                   "with --tokenizer-model, else ByteLevelTokenizer). Nothing is downloaded.")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="HuggingFaceTokenizer: a local tokenizer directory (tokenizer.json, tokenizer_config.json) "
+                   "or its tokenizer.json.")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json.")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt.")
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: token ids 0..N-1 (eod is N).")
     g.add_argument("--data-cache-path", default=None, help="Where dataset index caches are written.")
 
     g = p.add_argument_group("parallelism (launch several processes with torchrun)")
@@ -243,7 +248,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if not args.data_path:
         args.mock_data = True
     if args.tokenizer_type is None:
-        args.tokenizer_type = "GPT2BPETokenizer" if args.vocab_file else "ByteTokenizer"
+        args.tokenizer_type = default_tokenizer_type(args)
     args.params_dtype_name = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     _validate_checkpointing(args)
 
