@@ -132,6 +132,7 @@ def train(args, observer=None) -> History:
     tokenizer = build_tokenizer(args)
     vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                    args.tensor_model_parallel_size)
+    args.unpadded_vocab_size, args.eod_token_id = tokenizer.vocab_size, tokenizer.eod  # saved in model_args
     resume = checkpointing.open_checkpoint(args, vocab_size, log)  # read and checked, tensors not loaded
     plan = preflight(args, vocab_size, device)  # before any large allocation
     torch.manual_seed(args.seed)
@@ -140,6 +141,8 @@ def train(args, observer=None) -> History:
     start = time.perf_counter()
     place = with_progress(methods.placement(args, device, dtype), args.num_layers)
     model = build_model(args, vocab_size, place, methods.streamed_layers(args))
+    if resume is not None and resume["finetune"] and args.offload_method in arguments.ZERO_METHODS:
+        checkpointing.load_weights_into_model(resume, model)  # before DeepSpeed partitions it
     built = time.perf_counter() - start
     total = num_parameters(model)
     log(f"total parameters: {total} ({total / 1e9:.3f} B)")
