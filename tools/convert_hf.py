@@ -63,7 +63,7 @@ def export(ns) -> None:
     state = checkpointing.read_checkpoint(path, iteration)
     spec, notes = ModelSpec.from_checkpoint(state)
     arch = hf_architecture(spec)
-    tokenizer = tokenizer_files(ns.tokenizer_model, state.get("model_args") or {})
+    tokenizer = tokenizer_files(ns.tokenizer_model, state.get("args", {}))
     weights = checkpointing.checkpoint_weights(state)
     for note in notes:
         log(f"note: {note}")
@@ -133,8 +133,7 @@ def import_(ns) -> None:
     if rows != vocab:
         raise Unsupported(f"the embedding has {rows} rows, config.json's vocab_size is {vocab}")
     state = {"method": f"tools/convert_hf.py import of {IMPORTABLE[kind]}", "source": hf_dir,
-             "args": {k: args[k] for k in checkpointing.SHAPE_ARGS},
-             "model_args": {k: args.get(k) for k in checkpointing.MODEL_ARGS}, "model": model}
+             "args": {k: args.get(k) for k in checkpointing.MODEL_ARGS}, "model": model}
     path = checkpointing.save_release(ns.output, state)
     total = sum(t.numel() for t in model.values())
     log(f"imported {IMPORTABLE[kind]} from {ns.hf} ({total} parameters) into {path}")

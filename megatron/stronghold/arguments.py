@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=16, help="Number of transformer layers.")
     g.add_argument("--hidden-size", type=int, default=2048, help="Transformer hidden size.")
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP hidden size (default 4 x hidden).")
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP hidden size (default 4 x hidden; with --swiglu 4 x hidden x 2/3, a multiple of 64).")
     g.add_argument("--num-attention-heads", type=int, default=16, help="Number of attention heads.")
     g.add_argument("--seq-length", type=int, default=1024, help="Tokens per sample.")
     g.add_argument("--max-position-embeddings", type=int, default=None,

@@ -65,18 +65,21 @@ RELEASE = "release"
 VERSION = 1
 # The model's shape: a checkpoint loads only into a model with the same values.
 SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-              "max_position_embeddings", "padded_vocab_size", "untie_embeddings_and_output_weights")
-# Everything that defines the model, saved as "model_args" so that a checkpoint can be turned into
-# another framework's model (tools/convert_hf.py) without the command line that trained it; the
-# tokenizer's files are named by absolute path.
-MODEL_ARGS = SHAPE_ARGS + (
-    "num_query_groups", "kv_channels", "seq_length", "normalization", "norm_epsilon", "swiglu", "openai_gelu",
-    "disable_bias_linear", "add_qkv_bias", "qk_layernorm", "position_embedding_type", "rotary_base",
-    "rotary_percent", "hidden_dropout", "attention_dropout", "make_vocab_size_divisible_by", "tokenizer_type",
+              "max_position_embeddings", "padded_vocab_size", "untie_embeddings_and_output_weights",
+              "num_query_groups", "kv_channels", "normalization", "swiglu", "openai_gelu", "disable_bias_linear",
+              "add_qkv_bias", "qk_layernorm", "position_embedding_type")
+# Recorded beside the shape, for tools that read a checkpoint (a converter), and free to change
+# when training continues (a longer context with another rotary base, say).
+RECORDED_ARGS = ("norm_epsilon", "rotary_base", "rotary_percent")
+# What a checkpoint written before the layer flags existed holds: a GPT-2 layer.
+_GPT2_LAYER = {"normalization": "LayerNorm", "swiglu": False, "openai_gelu": False, "disable_bias_linear": False,
+               "add_qkv_bias": False, "qk_layernorm": False, "position_embedding_type": "learned_absolute"}
+# Everything else that defines the model, saved with them as "args" so that a checkpoint
+# can be turned into another framework's model (tools/convert_hf.py) without the command line that
+# trained it: the tokenizer (its files by absolute path) and its vocabulary size before padding.
+MODEL_ARGS = SHAPE_ARGS + RECORDED_ARGS + (
+    "seq_length", "hidden_dropout", "attention_dropout", "make_vocab_size_divisible_by", "tokenizer_type",
     "tokenizer_model", "vocab_file", "merge_file", "vocab_size", "unpadded_vocab_size", "eod_token_id")
-# Of those, what a checkpoint must share with the run that loads it, beyond the tensor shapes.
-STRUCTURE_ARGS = ("normalization", "swiglu", "openai_gelu", "position_embedding_type", "disable_bias_linear",
-                  "add_qkv_bias", "qk_layernorm", "num_query_groups", "kv_channels")
 EXIT_NONFINITE = 3  # exit status of a run stopped by non-finite losses
 # Tests only: when set to an iteration, the save of that iteration sleeps after writing its files
 # and before publishing them, so a test can kill the process in the middle of a save.
@@ -177,8 +180,18 @@ def set_rng_state(state: dict, log) -> None:
 
 
 def shape_args(args, vocab_size: int) -> dict:
-    values = {k: getattr(args, k) for k in SHAPE_ARGS if k != "padded_vocab_size"}
+    values = {k: getattr(args, k) for k in SHAPE_ARGS + RECORDED_ARGS if k != "padded_vocab_size"}
     values["padded_vocab_size"] = int(vocab_size)
+    return values
+
+
+def saved_shape(saved: dict) -> dict:
+    """The shape a checkpoint's "args" describe, with the GPT-2 layer's values where it predates a flag."""
+    values = {**_GPT2_LAYER, **saved}
+    if "num_attention_heads" in saved:
+        values.setdefault("num_query_groups", saved["num_attention_heads"])
+        if "hidden_size" in saved:
+            values.setdefault("kv_channels", saved["hidden_size"] // saved["num_attention_heads"])
     return values
 
 
@@ -265,8 +278,7 @@ def _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, fmt
         "iteration": int(iteration),
         "consumed_train_samples": int(progress.get("train", 0)),
         "consumed_valid_samples": int(progress.get("valid", 0)),
-        "args": shape_args(args, vocab_size),
-        "model_args": model_args(args, vocab_size),
+        "args": model_args(args, vocab_size),
         "opt_param_scheduler": scheduler.state_dict(),
         "loss_scaler": scaler.state_dict(),
         "rng_state": rng_state(),
@@ -394,15 +406,11 @@ def checkpoint_weights(state: dict) -> dict:
 
 
 def _check_fits(state, args, vocab_size) -> None:
-    path = state["path"]
-    saved, here = state.get("args", {}), shape_args(args, vocab_size)
+    saved, here = saved_shape(state.get("args", {})), shape_args(args, vocab_size)
     diffs = [f"{_flag(k)} {saved.get(k)} in the checkpoint, {here[k]} here" for k in SHAPE_ARGS
              if saved.get(k) != here[k]]
-    saved = state.get("model_args", {})  # checkpoints before model_args: the shapes say it all
-    diffs += [f"{_flag(k)} {saved[k]} in the checkpoint, {getattr(args, k)} here" for k in STRUCTURE_ARGS
-              if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
     if diffs:
-        raise ArgumentError(f"checkpoint {path} does not fit this model: " + "; ".join(diffs))
+        raise ArgumentError(f"checkpoint {state['path']} does not fit this model: " + "; ".join(diffs))
 
 
 def open_checkpoint(args, vocab_size: int, log):

@@ -1,7 +1,7 @@
 """This trainer's checkpoints as Hugging Face transformers models, and back (tools/convert_hf.py).
 
-Which transformers class a model becomes follows from the flags it was trained with (the
-checkpoint's "model_args"):
+Which transformers class a model becomes follows from the flags it was trained with (recorded in
+the checkpoint's "args"):
 
     GPT2LMHeadModel   the default layer: LayerNorm, GELU (exact erf form, or tanh with
                       --openai-gelu), learned positions, biases, one key/value head per query head
@@ -75,19 +75,19 @@ class ModelSpec:
 
     @classmethod
     def from_checkpoint(cls, state: dict) -> tuple["ModelSpec", list]:
-        """The spec of a checkpoint and notes for the user on what it had to assume."""
+        """The spec of a checkpoint ("args", checkpointing.MODEL_ARGS) and notes for the user on
+        what it had to assume for a checkpoint written before those were all recorded."""
+        from .checkpointing import saved_shape
+
         notes = []
-        saved = dict(state.get("args", {}))
-        recorded = state.get("model_args")
-        if recorded is None:
-            notes.append("the checkpoint records only the model's shape (written before model_args): assuming "
-                         "Megatron-LM's default GPT layer (LayerNorm, GELU, learned positions, biases) and "
-                         f"exporting all {saved.get('padded_vocab_size')} rows of the padded vocabulary")
-        else:
-            saved.update({k: v for k, v in recorded.items() if v is not None})
-        heads, hidden = saved["num_attention_heads"], saved["hidden_size"]
-        saved.setdefault("num_query_groups", heads)
-        saved.setdefault("kv_channels", hidden // heads)
+        recorded = {k: v for k, v in state.get("args", {}).items() if v is not None}
+        if "normalization" not in recorded:
+            notes.append("the checkpoint predates the layer flags: it holds Megatron-LM's default GPT layer "
+                         "(LayerNorm, GELU, learned positions, biases)")
+        saved = saved_shape(recorded)
+        if "unpadded_vocab_size" not in saved:
+            notes.append("the checkpoint does not record its tokenizer's vocabulary size: exporting all "
+                         f"{saved['padded_vocab_size']} rows of the padded vocabulary")
         saved["vocab_rows"] = saved.get("unpadded_vocab_size") or saved["padded_vocab_size"]
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names}), notes
@@ -311,15 +311,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja")
 
 
-def tokenizer_files(path: str | None, model_args: dict) -> dict:
+def tokenizer_files(path: str | None, recorded: dict) -> dict:
     """{file name in the Hugging Face directory: source path} of the tokenizer: --tokenizer-model
     PATH (a tokenizer directory or a tokenizer.json) when given, else the files the checkpoint's
     tokenizer flags name (HuggingFaceTokenizer's directory, GPT2BPETokenizer's vocab and merges)."""
     if path is None:
-        if model_args.get("tokenizer_type") == "GPT2BPETokenizer" and model_args.get("vocab_file"):
-            found = {"vocab.json": model_args["vocab_file"], "merges.txt": model_args.get("merge_file")}
+        if recorded.get("tokenizer_type") == "GPT2BPETokenizer" and recorded.get("vocab_file"):
+            found = {"vocab.json": recorded["vocab_file"], "merges.txt": recorded.get("merge_file")}
             return {k: v for k, v in found.items() if v and os.path.isfile(v)}
-        path = model_args.get("tokenizer_model")
+        path = recorded.get("tokenizer_model")
         if not path or not os.path.exists(path):
             return {}
     if os.path.isfile(path):
@@ -357,7 +357,7 @@ def _rope_theta(config) -> float:
 
 
 def model_args_of(config) -> dict:
-    """Our flags' values ("model_args" of a checkpoint) for a transformers config, or Unsupported."""
+    """Our flags' values (a checkpoint's "args") for a transformers config, or Unsupported."""
     kind = config.model_type
     if kind not in IMPORTABLE:
         raise Unsupported(f"model_type {kind!r}: importable are {', '.join(IMPORTABLE.values())}")
@@ -502,7 +502,7 @@ def vocab_divisor(vocab_size: int, tokenizer_size: int | None) -> int:
 
 
 def training_flags(args: dict, divisor: int, seq_length: int) -> list:
-    """The pretrain_gpt.py flags that build the model of model_args `args`."""
+    """The pretrain_gpt.py flags that build the model `args` (a checkpoint's "args") describe."""
     flags = ["--num-layers", args["num_layers"], "--hidden-size", args["hidden_size"],
              "--ffn-hidden-size", args["ffn_hidden_size"], "--num-attention-heads", args["num_attention_heads"]]
     if args["num_query_groups"] != args["num_attention_heads"]:

@@ -132,7 +132,7 @@ def train(args, observer=None) -> History:
     tokenizer = build_tokenizer(args)
     vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                    args.tensor_model_parallel_size)
-    args.unpadded_vocab_size, args.eod_token_id = tokenizer.vocab_size, tokenizer.eod  # saved in model_args
+    args.unpadded_vocab_size, args.eod_token_id = tokenizer.vocab_size, tokenizer.eod  # recorded in checkpoints
     resume = checkpointing.open_checkpoint(args, vocab_size, log)  # read and checked, tensors not loaded
     plan = preflight(args, vocab_size, device)  # before any large allocation
     torch.manual_seed(args.seed)
