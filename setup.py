@@ -24,5 +24,9 @@ setup(
         "matplotlib",
         # No apex: PyPI's "apex" is an unrelated project.
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        # tools/convert_hf.py (transformers 5: rope_parameters and dtype in its configs)
+        "hf": ["transformers>=5.0", "safetensors", "tokenizers"],
+        "test": ["pytest", "transformers>=5.0", "safetensors", "tokenizers"],
+    },
 )

@@ -168,6 +168,38 @@ def test_export_copies_the_tokenizer_and_picks_a_step(tmp_path):
     assert_same_logits(ours, hf_logits(hf, tokens, "GPT2LMHeadModel"), rows=257)
 
 
+def test_gpt2_bpe_tokenizer_travels_both_ways(tmp_path, capsys):
+    """A model trained with GPT2BPETokenizer exports with its vocab.json/merges.txt (transformers'
+    GPT-2 tokenizer then gives the same ids); importing that directory prints GPT2BPETokenizer flags
+    whose padded vocabulary is the exported one, and fine-tuning with them loads the weights."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from megatron.stronghold.data import GPT2BPETokenizer
+
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300,
+                            special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(tmp_path))
+    vocab, merges = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    ckpt, hf, back = str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(tmp_path / "back")
+    tokenizer = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges]
+    train(*tokenizer, "--save", ckpt)
+    export("--load", ckpt, "--output", hf)
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(hf))
+    ours = GPT2BPETokenizer(vocab, merges)
+    text = "the lazy brown dog"
+    assert transformers.AutoTokenizer.from_pretrained(hf)(text)["input_ids"] == ours.tokenize(text)
+    rows = transformers.AutoConfig.from_pretrained(hf).vocab_size
+    assert rows == ours.vocab_size
+
+    capsys.readouterr()
+    assert convert_hf.main(["import", "--hf", hf, "--output", back]) == 0
+    flags = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert flags[-6:] == ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", os.path.join(hf, "vocab.json"),
+                          "--merge-file", os.path.join(hf, "merges.txt")]
+    history = train(*flags, "--seq-length", "16", "--train-iters", "1")
+    assert len(history.losses) == 1
+
+
 # ----- import -----
 
 def tiny_hf_model(kind, out):

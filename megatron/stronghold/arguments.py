@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, metavar="DIR",
                    help="Resume from the newest checkpoint in DIR: weights, optimizer, schedule, loss "
                    "scale, RNG and data position. Any method's checkpoint loads into any method except "
-                   "ZeRO's (those load only into the same ZeRO method). DIR must hold a checkpoint, "
+                   "ZeRO's (those load only into the same ZeRO method; with --finetune into any). DIR must hold a checkpoint, "
                    "unless it is also --save (then an empty DIR starts from scratch).")
     g.add_argument("--finetune", action="store_true",
                    help="With --load: take the weights only and start at iteration 0 with a fresh optimizer, "

@@ -18,7 +18,9 @@ What a checkpoint holds does not depend on the method that wrote it (format "per
 - "optimizer": per parameter name, AdamW's `exp_avg`, `exp_avg_sq` (fp32) and `step` (int);
 - "opt_param_scheduler" (megatron-core OptimizerParamScheduler.state_dict()), "loss_scaler",
   "iteration", "consumed_train_samples", "consumed_valid_samples", "rng_state" (python, numpy,
-  torch CPU, CUDA when present) and "args" (the model's shape, to refuse a mismatch up front);
+  torch CPU, CUDA when present) and "args": the model's flags (MODEL_ARGS: its shape, to refuse a
+  mismatch up front, and everything tools/convert_hf.py needs to rebuild it elsewhere, the
+  tokenizer and its vocabulary size before padding included);
 - "stronghold_guess_next_step" (stronghold and l2l only): whether the executor's next iteration may
   step layers before the global norm is known, so a resumed run guesses (and rounds) as the
   uninterrupted one would; other methods ignore it.
@@ -32,6 +34,11 @@ same DIR/iter_XXXXXXX/ (DeepSpeed's partitioned files), beside a model_optim_rng
 trainer's part only (format "deepspeed"). Such a checkpoint loads only into a run of the same ZeRO
 method, through engine.load_checkpoint; the other methods refuse it, and ZeRO runs refuse
 per-parameter checkpoints.
+
+--finetune (Megatron-LM's flag) takes only the weights of any of these checkpoints, into any method,
+and the run starts at iteration 0 with a fresh optimizer, schedule, loss scale and data position.
+A checkpoint converted from elsewhere (tools/convert_hf.py import) holds weights only and sits in
+DIR/release with the tracker saying "release", Megatron-LM's names; it always loads that way.
 
 Safety:
 - a checkpoint is data: it is read with torch.load(weights_only=True), which cannot run code.

@@ -275,9 +275,13 @@ def write_safetensors(tensors, out_dir: str, dtype: torch.dtype, max_shard_bytes
 
     shards, weight_map, shard, size, total = [], {}, {}, 0, 0
 
+    umask = os.umask(0)
+    os.umask(umask)
+
     def flush():
         name = f"shard-{len(shards):05d}.tmp"
         save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        os.chmod(os.path.join(out_dir, name), 0o666 & ~umask)  # safetensors creates its files 0600
         shards.append((name, list(shard)))
         shard.clear()
 
