@@ -30,7 +30,7 @@ from megatron.stronghold import checkpointing  # noqa: E402
 from megatron.stronghold.arguments import ArgumentError  # noqa: E402
 from megatron.stronghold.hf_convert import (  # noqa: E402
     ModelSpec, SafetensorsReader, Unsupported, copy_tokenizer, export_tensors, hf_architecture, hf_config,
-    import_tensors, model_args_of, tokenizer_files, training_flags, vocab_divisor, IMPORTABLE)
+    import_tensors, model_args_of, tokenizer_files, training_flags, vocab_divisor, write_safetensors, IMPORTABLE)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,8 +73,6 @@ def export(ns) -> None:
     os.makedirs(tmp)
     try:
         hf_config(spec, arch, dtype).save_pretrained(tmp)
-        from megatron.stronghold.hf_convert import write_safetensors
-
         files = write_safetensors(export_tensors(spec, arch, weights), tmp, dtype, int(ns.max_shard_size * 1e9))
         copy_tokenizer(tokenizer, tmp)
         _publish_dir(tmp, ns.output)
@@ -125,10 +123,7 @@ def import_(ns) -> None:
     if tokenizer_flags:
         args.update({k.lstrip("-").replace("-", "_"): v for k, v in zip(tokenizer_flags[::2], tokenizer_flags[1::2])})
     spec = ModelSpec(vocab_rows=vocab, **{k: v for k, v in args.items() if k in ModelSpec.__dataclass_fields__})
-    reader = SafetensorsReader(ns.hf)
-    model = {}
-    for name, tensor in import_tensors(spec, kind, reader):
-        model[name] = tensor
+    model = dict(import_tensors(spec, kind, SafetensorsReader(ns.hf)))  # one copy of the model, in fp32
     rows = model["embedding.word_embeddings.weight"].shape[0]
     if rows != vocab:
         raise Unsupported(f"the embedding has {rows} rows, config.json's vocab_size is {vocab}")

@@ -401,15 +401,14 @@ def model_args_of(config) -> dict:
         if kind == "qwen3" and config.attention_bias:
             raise Unsupported("Qwen3 with attention_bias=True (biases on the output projection too) has no "
                               "equivalent here")
-    rows = int(theta)
-    if rows != theta:
+    if theta != int(theta):
         raise Unsupported(f"rope_theta {theta} is not an integer (--rotary-base takes integers)")
     return dict(num_layers=config.num_hidden_layers, hidden_size=h, ffn_hidden_size=config.intermediate_size,
                 num_attention_heads=heads, num_query_groups=config.num_key_value_heads, kv_channels=head_dim,
                 max_position_embeddings=config.max_position_embeddings,
                 untie_embeddings_and_output_weights=not config.tie_word_embeddings, normalization="RMSNorm",
                 norm_epsilon=config.rms_norm_eps, swiglu=True, openai_gelu=False, disable_bias_linear=not bias,
-                add_qkv_bias=qkv_bias, qk_layernorm=qk_norm, position_embedding_type="rope", rotary_base=rows,
+                add_qkv_bias=qkv_bias, qk_layernorm=qk_norm, position_embedding_type="rope", rotary_base=int(theta),
                 rotary_percent=1.0, hidden_dropout=0.0, attention_dropout=float(config.attention_dropout),
                 padded_vocab_size=config.vocab_size)
 
