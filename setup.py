@@ -28,7 +28,7 @@ setup(
         # No apex: PyPI's "apex" is an unrelated project.
     ],
     extras_require={
-        # Hugging Face tokenizers, and the checkpoint format models are exchanged in.
+        # Hugging Face tokenizers and tools/convert_hf.py (transformers 5: rope_parameters and dtype in its configs)
         "hf": ["transformers>=5", "tokenizers", "safetensors"],
         "test": ["pytest", "transformers>=5", "tokenizers", "safetensors"],
     },

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rotary-base", type=int, default=10000, help="rope: base of the rotary frequencies.")
     g.add_argument("--rotary-percent", type=float, default=1.0,
                    help="rope: fraction of each head's channels that are rotated, in (0, 1].")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="GELU's tanh approximation (OpenAI's GPT-2, transformers' gelu_new) instead of the exact "
+                   "erf form.")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="Pad the vocabulary to a multiple of this (as Megatron-LM).")
     g.add_argument("--use-cpu-initialization", action="store_true",
@@ -165,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, metavar="DIR",
                    help="Resume from the newest checkpoint in DIR: weights, optimizer, schedule, loss "
                    "scale, RNG and data position. Any method's checkpoint loads into any method except "
-                   "ZeRO's (those load only into the same ZeRO method). DIR must hold a checkpoint, "
+                   "ZeRO's (those load only into the same ZeRO method; with --finetune into any). DIR must hold a checkpoint, "
                    "unless it is also --save (then an empty DIR starts from scratch).")
+    g.add_argument("--finetune", action="store_true",
+                   help="With --load: take the weights only and start at iteration 0 with a fresh optimizer, "
+                   "learning-rate schedule, loss scale and data position (any method's checkpoint, into any "
+                   "method). Assumed for a checkpoint whose tracker file says 'release' (tools/convert_hf.py "
+                   "import writes those).")
     g.add_argument("--exit-interval", type=int, default=None, metavar="N",
                    help="Stop after an iteration divisible by N (saving first with --save).")
     g.add_argument("--exit-on-nonfinite-iters", type=int, default=None, metavar="K",
@@ -277,6 +285,8 @@ def _validate_layer(args) -> None:
             raise ArgumentError(f"--swiglu with --hidden-size {args.hidden_size} gives an MLP of "
                                 f"{args.ffn_hidden_size} channels: give --ffn-hidden-size")
     _positive(args, "ffn_hidden_size")
+    if args.openai_gelu and args.swiglu:
+        raise ArgumentError("--openai-gelu sets GELU's form, --swiglu uses SiLU: choose one")
     if not args.norm_epsilon > 0:
         raise ArgumentError(f"--norm-epsilon must be > 0, got {args.norm_epsilon}")
     if args.position_embedding_type == "rope":
@@ -313,6 +323,8 @@ def _validate_checkpointing(args) -> None:
         _positive(args, "save_interval")
         if not args.save:
             raise ArgumentError("--save-interval needs --save DIR")
+    if args.finetune and not args.load:
+        raise ArgumentError("--finetune needs --load DIR (the checkpoint whose weights it starts from)")
     if args.exit_interval is not None:
         _positive(args, "exit_interval")
     if args.exit_on_nonfinite_iters is None:

@@ -18,7 +18,9 @@ What a checkpoint holds does not depend on the method that wrote it (format "per
 - "optimizer": per parameter name, AdamW's `exp_avg`, `exp_avg_sq` (fp32) and `step` (int);
 - "opt_param_scheduler" (megatron-core OptimizerParamScheduler.state_dict()), "loss_scaler",
   "iteration", "consumed_train_samples", "consumed_valid_samples", "rng_state" (python, numpy,
-  torch CPU, CUDA when present) and "args" (the model's shape, to refuse a mismatch up front);
+  torch CPU, CUDA when present) and "args": the model's flags (MODEL_ARGS: its shape, to refuse a
+  mismatch up front, and everything tools/convert_hf.py needs to rebuild it elsewhere, the
+  tokenizer and its vocabulary size before padding included);
 - "stronghold_guess_next_step" (stronghold and l2l only): whether the executor's next iteration may
   step layers before the global norm is known, so a resumed run guesses (and rounds) as the
   uninterrupted one would; other methods ignore it.
@@ -32,6 +34,11 @@ same DIR/iter_XXXXXXX/ (DeepSpeed's partitioned files), beside a model_optim_rng
 trainer's part only (format "deepspeed"). Such a checkpoint loads only into a run of the same ZeRO
 method, through engine.load_checkpoint; the other methods refuse it, and ZeRO runs refuse
 per-parameter checkpoints.
+
+--finetune (Megatron-LM's flag) takes only the weights of any of these checkpoints, into any method,
+and the run starts at iteration 0 with a fresh optimizer, schedule, loss scale and data position.
+A checkpoint converted from elsewhere (tools/convert_hf.py import) holds weights only and sits in
+DIR/release with the tracker saying "release", Megatron-LM's names; it always loads that way.
 
 Safety:
 - a checkpoint is data: it is read with torch.load(weights_only=True), which cannot run code.
@@ -55,21 +62,31 @@ import numpy as np
 import torch
 
 from .arguments import ZERO_METHODS, ArgumentError
+from .checkpoint_weights import read_deepspeed_file, zero_weights
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
+# Megatron-LM's tracker word and directory for a converted checkpoint (tools/convert_hf.py import):
+# weights only, loaded as --finetune loads any checkpoint.
+RELEASE = "release"
 VERSION = 1
 # The model's shape: a checkpoint loads only into a model with the same values.
 SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
               "max_position_embeddings", "padded_vocab_size", "untie_embeddings_and_output_weights",
-              "num_query_groups", "kv_channels", "normalization", "swiglu", "disable_bias_linear",
+              "num_query_groups", "kv_channels", "normalization", "swiglu", "openai_gelu", "disable_bias_linear",
               "add_qkv_bias", "qk_layernorm", "position_embedding_type")
 # Recorded beside the shape, for tools that read a checkpoint (a converter), and free to change
 # when training continues (a longer context with another rotary base, say).
 RECORDED_ARGS = ("norm_epsilon", "rotary_base", "rotary_percent")
 # What a checkpoint written before the layer flags existed holds: a GPT-2 layer.
-_GPT2_LAYER = {"normalization": "LayerNorm", "swiglu": False, "disable_bias_linear": False,
+_GPT2_LAYER = {"normalization": "LayerNorm", "swiglu": False, "openai_gelu": False, "disable_bias_linear": False,
                "add_qkv_bias": False, "qk_layernorm": False, "position_embedding_type": "learned_absolute"}
+# Everything else that defines the model, saved with them as "args" so that a checkpoint
+# can be turned into another framework's model (tools/convert_hf.py) without the command line that
+# trained it: the tokenizer (its files by absolute path) and its vocabulary size before padding.
+MODEL_ARGS = SHAPE_ARGS + RECORDED_ARGS + (
+    "seq_length", "hidden_dropout", "attention_dropout", "make_vocab_size_divisible_by", "tokenizer_type",
+    "tokenizer_model", "vocab_file", "merge_file", "vocab_size", "unpadded_vocab_size", "eod_token_id")
 EXIT_NONFINITE = 3  # exit status of a run stopped by non-finite losses
 # Tests only: when set to an iteration, the save of that iteration sleeps after writing its files
 # and before publishing them, so a test can kill the process in the middle of a save.
@@ -82,21 +99,28 @@ def iteration_dir(root: str, iteration: int) -> str:
 
 # ----- finding a checkpoint (also used by argument validation) -----
 
-def find_checkpoint(root: str):
-    """(iteration, directory) of the checkpoint named by DIR's tracker file; None when DIR or the
-    tracker does not exist; ValueError when the tracker is unreadable or names nothing complete."""
+def find_checkpoint(root: str, step: int | None = None):
+    """(iteration, directory) of the checkpoint named by DIR's tracker file (iteration 0 for a
+    release checkpoint), or of iteration `step` when given; None when DIR or the tracker does not
+    exist; ValueError when the tracker is unreadable or names nothing complete."""
     tracker = os.path.join(root, TRACKER)
+    if step is not None:
+        iteration, path = step, iteration_dir(root, step)
+        if not os.path.isfile(os.path.join(path, FILE)):
+            raise ValueError(f"there is no checkpoint of iteration {step} ({os.path.join(path, FILE)} is missing)")
+        return iteration, path
     if not os.path.isfile(tracker):
         return None
     try:
         with open(tracker) as f:
             text = f.read().strip()
-        iteration = int(text)
+        iteration = 0 if text == RELEASE else int(text)
     except (OSError, UnicodeDecodeError, ValueError):
         raise ValueError(f"{tracker} does not hold an iteration number (corrupt checkpoint directory)") from None
-    path = iteration_dir(root, iteration)
+    path = os.path.join(root, RELEASE) if text == RELEASE else iteration_dir(root, iteration)
     if not os.path.isfile(os.path.join(path, FILE)):
-        raise ValueError(f"{tracker} names iteration {iteration}, but {os.path.join(path, FILE)} is missing")
+        raise ValueError(f"{tracker} names {'the release checkpoint' if text == RELEASE else f'iteration {iteration}'}, "
+                         f"but {os.path.join(path, FILE)} is missing")
     return iteration, path
 
 
@@ -178,6 +202,15 @@ def saved_shape(saved: dict) -> dict:
     return values
 
 
+def model_args(args, vocab_size: int) -> dict:
+    values = {k: getattr(args, k, None) for k in MODEL_ARGS}
+    values["padded_vocab_size"] = int(vocab_size)
+    for k in ("tokenizer_model", "vocab_file", "merge_file"):
+        if values[k]:
+            values[k] = os.path.abspath(values[k])
+    return values
+
+
 def _flag(name: str) -> str:
     return "padded vocabulary size" if name == "padded_vocab_size" else "--" + name.replace("_", "-")
 
@@ -208,8 +241,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _publish(root: str, tmp: str, final: str, iteration: int) -> None:
-    """Rename the finished directory into place, then point the tracker at it (both atomic)."""
+def _publish(root: str, tmp: str, final: str, iteration) -> None:
+    """Rename the finished directory into place, then point the tracker at it (both atomic);
+    `iteration` is what the tracker says (a number, or RELEASE)."""
     _fsync_dir(tmp)
     if os.path.exists(final):  # the same iteration saved again: keep the old one until the new is in
         old = final + ".old"
@@ -229,6 +263,20 @@ def _publish(root: str, tmp: str, final: str, iteration: int) -> None:
     _fsync_dir(root)
 
 
+def save_release(root: str, state: dict) -> str:
+    """Write a weights-only checkpoint (tools/convert_hf.py import) as DIR/release, Megatron-LM's
+    name for it, with the tracker saying "release"; returns its directory."""
+    final = os.path.join(root, RELEASE)
+    tmp = final + ".tmp"
+    os.makedirs(root, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    _write({"checkpoint_version": VERSION, "format": "per-parameter", "iteration": 0, "optimizer": {}, **state},
+           os.path.join(tmp, FILE))
+    _publish(root, tmp, final, RELEASE)
+    return final
+
+
 def _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, fmt) -> dict:
     return {
         "checkpoint_version": VERSION,
@@ -237,7 +285,7 @@ def _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, fmt
         "iteration": int(iteration),
         "consumed_train_samples": int(progress.get("train", 0)),
         "consumed_valid_samples": int(progress.get("valid", 0)),
-        "args": shape_args(args, vocab_size),
+        "args": model_args(args, vocab_size),
         "opt_param_scheduler": scheduler.state_dict(),
         "loss_scaler": scaler.state_dict(),
         "rng_state": rng_state(),
@@ -337,33 +385,13 @@ def _read(path: str) -> dict:
     return state
 
 
-def open_checkpoint(args, vocab_size: int, log):
-    """Read the checkpoint --load names (tensors memory-mapped, not read yet) and check that it fits
-    this run; set args.iteration and the consumed samples so the data resumes where it stopped.
-    Returns the state, or None without --load. Call before the model is built."""
-    args.iteration = 0
-    found = getattr(args, "load_checkpoint", None)
-    if found is None:
-        if args.load:
-            log(f"no checkpoint in {args.load} yet: training from scratch")
-        return None
-    iteration, path = found
+def read_checkpoint(path: str, iteration: int) -> dict:
+    """The checkpoint in directory `path` (tensors memory-mapped, not read yet), data-parallel part
+    files merged into its "model" and "optimizer" entries; ArgumentError when it is not a whole
+    checkpoint of `iteration`."""
     state = _read(os.path.join(path, FILE))
-    fmt, method = state["format"], state.get("method")
-    zero = args.offload_method in ZERO_METHODS
-    if fmt == "deepspeed" and not (zero and method == args.offload_method):
-        raise ArgumentError(f"{path} is a DeepSpeed checkpoint written by --offload-method {method}: it "
-                            f"loads only into {method} runs (this run: {args.offload_method})")
-    if fmt == "per-parameter" and zero:
-        raise ArgumentError(f"{path} was written by --offload-method {method}; ZeRO runs load only "
-                            "checkpoints written by the same ZeRO method")
-    if fmt not in ("deepspeed", "per-parameter"):
-        raise ArgumentError(f"{path}: unknown checkpoint format {fmt!r}")
-    saved, here = saved_shape(state.get("args", {})), shape_args(args, vocab_size)
-    diffs = [f"{_flag(k)} {saved.get(k)} in the checkpoint, {here[k]} here" for k in SHAPE_ARGS
-             if saved.get(k) != here[k]]
-    if diffs:
-        raise ArgumentError(f"checkpoint {path} does not fit this model: " + "; ".join(diffs))
+    if state["format"] not in ("deepspeed", "per-parameter"):
+        raise ArgumentError(f"{path}: unknown checkpoint format {state['format']!r}")
     if state["iteration"] != iteration:
         raise ArgumentError(f"{path} holds iteration {state['iteration']}, its directory says {iteration}")
     for name in state.get("parts", []):  # streamed layers saved by other data-parallel ranks
@@ -372,15 +400,70 @@ def open_checkpoint(args, vocab_size: int, log):
             raise ArgumentError(f"{os.path.join(path, name)} is not a part of the iteration-{iteration} checkpoint")
         state["model"].update(part["model"])
         state["optimizer"].update(part["optimizer"])
-    args.iteration = iteration
-    args.consumed_train_samples = state["consumed_train_samples"]
-    args.consumed_valid_samples = state["consumed_valid_samples"]
     state["path"] = path
     return state
 
 
-def _load_per_parameter(state, model, method) -> None:
-    sd, optimizer = state["model"], state["optimizer"]
+def checkpoint_weights(state: dict) -> dict:
+    """{GPTModel state_dict name: fp32 tensor} of a checkpoint read by read_checkpoint, whichever
+    method wrote it (memory-mapped views; megatron-core's `_extra_state` entries left out)."""
+    if state["format"] == "deepspeed":
+        return zero_weights(state["path"])
+    return {k: v for k, v in state["model"].items() if torch.is_tensor(v)}
+
+
+def _check_fits(state, args, vocab_size) -> None:
+    saved, here = saved_shape(state.get("args", {})), shape_args(args, vocab_size)
+    diffs = [f"{_flag(k)} {saved.get(k)} in the checkpoint, {here[k]} here" for k in SHAPE_ARGS
+             if saved.get(k) != here[k]]
+    if diffs:
+        raise ArgumentError(f"checkpoint {state['path']} does not fit this model: " + "; ".join(diffs))
+
+
+def open_checkpoint(args, vocab_size: int, log):
+    """Read the checkpoint --load names (tensors memory-mapped, not read yet) and check that it fits
+    this run; set args.iteration and the consumed samples so the data resumes where it stopped.
+    With --finetune, or for a release checkpoint, only the weights will be loaded (state
+    "finetune"), and the run starts at iteration 0 with fresh optimizer, schedule and data.
+    Returns the state, or None without --load. Call before the model is built."""
+    args.iteration = 0
+    found = getattr(args, "load_checkpoint", None)
+    if found is None:
+        if args.load:
+            log(f"no checkpoint in {args.load} yet: training from scratch")
+        return None
+    iteration, path = found
+    state = read_checkpoint(path, iteration)
+    fmt, method = state["format"], state.get("method")
+    release = os.path.basename(path) == RELEASE
+    state["finetune"] = bool(args.finetune) or release
+    zero = args.offload_method in ZERO_METHODS
+    if not state["finetune"]:
+        if fmt == "deepspeed" and not (zero and method == args.offload_method):
+            raise ArgumentError(f"{path} is a DeepSpeed checkpoint written by --offload-method {method}: it "
+                                f"loads only into {method} runs (this run: {args.offload_method}; --finetune "
+                                "takes its weights into any method)")
+        if fmt == "per-parameter" and zero:
+            raise ArgumentError(f"{path} was written by --offload-method {method}; ZeRO runs load only "
+                                "checkpoints written by the same ZeRO method (--finetune takes its weights "
+                                "into any method)")
+    _check_fits(state, args, vocab_size)
+    if state["finetune"]:
+        if release and not args.finetune:
+            log(f"{path} is a release checkpoint (weights only): fine-tuning from it as --finetune does")
+        if fmt == "deepspeed":
+            _check_deepspeed_files(path)
+        state["weights"] = checkpoint_weights(state)
+        args.consumed_train_samples = args.consumed_valid_samples = 0
+        return state
+    args.iteration = iteration
+    args.consumed_train_samples = state["consumed_train_samples"]
+    args.consumed_valid_samples = state["consumed_valid_samples"]
+    return state
+
+
+def _load_per_parameter(sd, optimizer, model, method) -> None:
+    """sd: {state_dict name: tensor}; optimizer: {name: Adam state}, or {} for fresh moments."""
     own = model.state_dict(keep_vars=True)
     names = {n for n, _ in model.named_parameters()}
     missing = sorted(k for k, v in own.items() if (k in names or torch.is_tensor(v)) and k not in sd)
@@ -406,39 +489,45 @@ def _check_deepspeed_files(path: str) -> None:
     """DeepSpeed unpickles its files with weights_only=False; read them as data first."""
     for name in sorted(os.listdir(path)):
         if name.endswith(".pt") and name != FILE:
-            _read_data(os.path.join(path, name))
+            read_deepspeed_file(os.path.join(path, name))
 
 
-def _deepspeed_data_classes():
-    """The plain-data classes DeepSpeed 0.19 pickles into its ZeRO files (its fp16 loss-scaler
-    settings, the ZeRO stage enum, a (start, numel) tuple): allowed, nothing else is."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def _read_data(path: str) -> None:
+def load_weights_into_model(state, model) -> None:
+    """--finetune into a ZeRO method: the weights go into the fp32 model before DeepSpeed takes it
+    (DeepSpeed derives its partitions and master weights from the module)."""
     try:
-        with torch.serialization.safe_globals(_deepspeed_data_classes()):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        missing, unexpected = model.load_state_dict(state["weights"], strict=False)
     except Exception as exc:
-        raise ArgumentError(f"refusing DeepSpeed checkpoint file {path}: it does not load as plain "
-                            f"data ({_first_line(exc)})") from None
+        raise ArgumentError(f"cannot load the weights of checkpoint {state['path']}: {_first_line(exc)}") from None
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ArgumentError(f"cannot load the weights of checkpoint {state['path']}: {len(missing)} tensors of "
+                            f"this model missing {missing[:3]}, {len(unexpected)} not in this model {unexpected[:3]}")
+    state["weights_loaded"] = True
 
 
 def load_checkpoint(state, args, model, method, scheduler, scaler, log) -> None:
     """Put a checkpoint opened by open_checkpoint into the built method; restore schedule, loss
-    scale and RNG last, so that the next iteration draws what it would have drawn."""
+    scale and RNG last, so that the next iteration draws what it would have drawn. A --finetune
+    state brings its weights only: optimizer, schedule, loss scale and RNG stay the new run's."""
     start = time.perf_counter()
     path = state["path"]
+    if state["finetune"]:
+        try:
+            if not state.get("weights_loaded"):
+                _load_per_parameter(state["weights"], {}, model, method)
+        except Exception as exc:
+            raise ArgumentError(f"cannot load the weights of checkpoint {path}: {exc}") from None
+        log(f" loaded the weights of {path} for fine-tuning [ written by {state['method']} at iteration "
+            f"{state['iteration']}; starting at iteration 0 with a fresh optimizer and schedule, "
+            f"{time.perf_counter() - start:.1f} s ]")
+        return
     try:
         if state["format"] == "deepspeed":
             _check_deepspeed_files(path)
             method.load_engine(*os.path.split(path))
         else:
-            _load_per_parameter(state, model, method)
+            _load_per_parameter(state["model"], state["optimizer"], model, method)
             method.load_extra_state(state)
         scheduler.load_state_dict(state["opt_param_scheduler"])
         scaler.load_state_dict(state["loss_scaler"])

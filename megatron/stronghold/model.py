@@ -65,6 +65,13 @@ class RotaryEmbedding(rotary_pos_embedding.RotaryEmbedding):
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
+def activation(args):
+    """The MLP's activation: SiLU for SwiGLU, GELU otherwise (exact, or tanh with --openai-gelu)."""
+    if args.swiglu:
+        return F.silu
+    return functools.partial(F.gelu, approximate="tanh") if args.openai_gelu else F.gelu
+
+
 def transformer_config(args) -> TransformerConfig:
     return TransformerConfig(
         num_layers=args.num_layers,
@@ -77,7 +84,7 @@ def transformer_config(args) -> TransformerConfig:
         layernorm_epsilon=args.norm_epsilon,
         qk_layernorm=args.qk_layernorm,
         gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
+        activation_func=activation(args),
         add_bias_linear=not args.disable_bias_linear,
         add_qkv_bias=args.add_qkv_bias,
         hidden_dropout=args.hidden_dropout,

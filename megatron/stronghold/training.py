@@ -136,6 +136,7 @@ def train(args, observer=None) -> History:
     if device.type == "cpu" and args.cpu_optimizer_threads:
         torch.set_num_threads(args.cpu_optimizer_threads)
 
+    args.unpadded_vocab_size, args.eod_token_id = tokenizer.vocab_size, tokenizer.eod  # recorded in checkpoints
     resume = checkpointing.open_checkpoint(args, vocab_size, log)  # read and checked, tensors not loaded
     plan = preflight(args, vocab_size, device)  # before any large allocation
     torch.manual_seed(args.seed)
@@ -144,6 +145,8 @@ def train(args, observer=None) -> History:
     start = time.perf_counter()
     place = with_progress(methods.placement(args, device, dtype), args.num_layers)
     model = build_model(args, vocab_size, place, methods.streamed_layers(args))
+    if resume is not None and resume["finetune"] and args.offload_method in arguments.ZERO_METHODS:
+        checkpointing.load_weights_into_model(resume, model)  # before DeepSpeed partitions it
     built = time.perf_counter() - start
     total = num_parameters(model)
     log(f"total parameters: {total} ({total / 1e9:.3f} B)")
