@@ -17,7 +17,10 @@ setup(
         "torch>=2.4",
         "megatron-core==0.16.1",
         "deepspeed==0.19.8",
-        "regex",
+        # megatron-core's HuggingFaceTokenizer, also behind GPT2BPETokenizer (tokenizer.py); tokenizers
+        # reads GPT-2's vocab.json/merges.txt.
+        "transformers>=5",
+        "tokenizers",
         "pybind11",
         "psutil",
         "numpy",
@@ -25,5 +28,9 @@ setup(
         "tensorboard",  # --tensorboard-dir: torch.utils.tensorboard writes through it
         # No apex: PyPI's "apex" is an unrelated project.
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        # Hugging Face tokenizers, and the checkpoint format models are exchanged in.
+        "hf": ["transformers>=5", "tokenizers", "safetensors"],
+        "test": ["pytest", "transformers>=5", "tokenizers", "safetensors"],
+    },
 )

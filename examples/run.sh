@@ -187,7 +187,8 @@ resolve_sizes() {
     LAYERS=$((10#$LAYERS)) HIDDEN=$((10#$HIDDEN)) HEADS=$((10#$HEADS)) SEQ=$((10#$SEQ))
     BATCH=$((10#$BATCH)) WINDOW=$((10#$WINDOW)) NPROC=$((10#$NPROC))
 
-    (( HIDDEN % HEADS == 0 )) ||
+    # With --kv-channels the heads' width is the user's (Megatron-LM's rule): pretrain_gpt.py checks it.
+    [[ -n "$(extra_value --kv-channels)" ]] || (( HIDDEN % HEADS == 0 )) ||
         die "hidden size $HIDDEN is not divisible by the number of attention heads $HEADS"
 }
 

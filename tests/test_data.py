@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import types
-from collections import Counter
 
 import numpy
 import pytest
@@ -18,6 +17,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from megatron.stronghold import data as sdata  # noqa: E402
+from megatron.stronghold.tokenizer import build_tokenizer  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import preprocess_data  # noqa: E402
@@ -85,51 +85,6 @@ def _write_jsonl(path, texts, key="text"):
             f.write(json.dumps({key: t}) + "\n")
 
 
-def _train_tiny_bpe(texts, num_merges, out_dir):
-    """A tiny GPT-2 style vocab.json/merges.txt: the 256 byte symbols + learned merges + eod."""
-    import regex
-
-    b2u = sdata.bytes_to_unicode()
-    pattern = regex.compile(sdata.GPT2_PRETOKENIZE_PATTERN)
-    words = Counter()
-    for t in texts:
-        for piece in pattern.findall(t):
-            words[tuple(b2u[b] for b in piece.encode("utf-8"))] += 1
-    vocab = [b2u[b] for b in range(256)]
-    merges = []
-    for _ in range(num_merges):
-        pairs = Counter()
-        for w, c in words.items():
-            for a, b in zip(w, w[1:]):
-                pairs[(a, b)] += c
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        merges.append(best)
-        if best[0] + best[1] not in vocab:
-            vocab.append(best[0] + best[1])
-        new_words = Counter()
-        for w, c in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i < len(w) - 1 and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new_words[tuple(out)] += c
-        words = new_words
-    vocab.append("<|endoftext|>")
-    vocab_file = os.path.join(out_dir, "vocab.json")
-    merge_file = os.path.join(out_dir, "merges.txt")
-    with open(vocab_file, "w", encoding="utf-8") as f:
-        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
-    with open(merge_file, "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return vocab_file, merge_file
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
@@ -143,107 +98,20 @@ def corpus(tmp_path_factory):
 def byte_prefix(corpus):
     out = corpus.dir / "byte"
     rc = preprocess_data.main(["--input", corpus.jsonl, "--json-keys", "text",
-                               "--output-prefix", str(out), "--tokenizer-type", "ByteTokenizer",
+                               "--output-prefix", str(out), "--tokenizer-type", "ByteLevelTokenizer",
                                "--append-eod", "--workers", "2"])
     assert rc == 0
     return str(out) + "_text_document"
 
 
-@pytest.fixture(scope="module")
-def bpe_files(corpus):
-    d = corpus.dir / "bpe"
-    d.mkdir()
-    return _train_tiny_bpe(corpus.texts[:4], 40, str(d))
-
-
 def _args(**kw):
-    base = dict(data_path=None, mock_data=False, tokenizer_type="ByteTokenizer", vocab_file=None,
-                merge_file=None, seq_length=32, seed=1234, micro_batch_size=2,
+    base = dict(data_path=None, mock_data=False, tokenizer_type="ByteLevelTokenizer", tokenizer_model=None,
+                vocab_file=None, merge_file=None, seq_length=32, seed=1234, micro_batch_size=2,
                 global_batch_size=4, train_iters=6, eval_iters=1, eval_interval=3,
                 split="80,20,0", vocab_size=None, data_cache_path=None,
                 make_vocab_size_divisible_by=128)
     base.update(kw)
     return types.SimpleNamespace(**base)
-
-
-# --------------------------------------------------------------------------------------------
-# tokenizers
-# --------------------------------------------------------------------------------------------
-
-
-def test_padded_vocab_size_and_simple_tokenizers():
-    assert sdata.padded_vocab_size(50257) == 50304
-    assert sdata.padded_vocab_size(50257, 128, 2) == 50432
-    assert sdata.padded_vocab_size(257, 128, 1) == 384
-    assert sdata.padded_vocab_size(256, 128, 1) == 256
-    assert sdata.padded_vocab_size(257, 1, 1) == 257
-
-    args = _args(tokenizer_type="ByteTokenizer", make_vocab_size_divisible_by=64)
-    tok = sdata.build_tokenizer(args)
-    assert (tok.vocab_size, tok.eod) == (257, 256)
-    assert args.padded_vocab_size == 320
-    assert tok.tokenize("h\u00e9") == [104, 195, 169]
-    assert tok.detokenize(tok.tokenize(EXTRA_DOC) + [tok.eod]) == EXTRA_DOC
-    assert sdata.build_tokenizer(_args(tokenizer_type=None)).vocab_size == 257
-
-    null = sdata.build_tokenizer(_args(tokenizer_type="NullTokenizer", vocab_size=100))
-    assert (null.vocab_size, null.eod) == (101, 100)
-    assert null.tokenize("1 2  3\n4") == [1, 2, 3, 4]
-    assert null.detokenize([5, 6]) == "5 6"
-    with pytest.raises(ValueError, match="vocab-size"):
-        sdata.build_tokenizer(_args(tokenizer_type="NullTokenizer"))
-    with pytest.raises(ValueError, match="unsupported"):
-        sdata.build_tokenizer(_args(tokenizer_type="SentencePieceTokenizer"))
-
-
-def test_gpt2_bpe_merge_order(tmp_path):
-    """Hand-made vocab: merges apply in rank order, 'Ġ' marks a leading space."""
-    b2u = sdata.bytes_to_unicode()
-    vocab = {b2u[b]: b for b in range(256)}
-    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("\u0120", "w")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (tmp_path / "v.json").write_text(json.dumps(vocab))
-    (tmp_path / "m.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = sdata.build_tokenizer(_args(tokenizer_type="GPT2BPETokenizer",
-                                      vocab_file=str(tmp_path / "v.json"),
-                                      merge_file=str(tmp_path / "m.txt")))
-    assert tok.vocab_size == 256 + len(merges) + 1
-    assert tok.eod == vocab["<|endoftext|>"]
-    ids = tok.tokenize("hello world")
-    assert ids == [vocab["hello"], vocab["\u0120w"], vocab["o"], vocab["r"], vocab["l"],
-                   vocab["d"]]
-    assert tok.detokenize(ids) == "hello world"
-    assert tok.tokenize("hel") == [vocab["he"], vocab["l"]]
-
-
-def test_gpt2_bpe_roundtrip_and_preprocess(corpus, bpe_files):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    vocab_file, merge_file = bpe_files
-    args = _args(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab_file, merge_file=merge_file)
-    tok = sdata.build_tokenizer(args)
-    assert tok.vocab_size == len(json.load(open(vocab_file)))
-    n_bytes = n_ids = 0
-    for text in corpus.texts:
-        ids = tok.tokenize(text)
-        assert tok.detokenize(ids) == text
-        n_bytes += len(text.encode("utf-8"))
-        n_ids += len(ids)
-    assert n_ids < 0.9 * n_bytes  # the merges are actually used
-
-    out = corpus.dir / "bpe_out"
-    rc = preprocess_data.main(["--input", corpus.jsonl, "--output-prefix", str(out),
-                               "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab_file,
-                               "--merge-file", merge_file, "--append-eod"])
-    assert rc == 0
-    ds = IndexedDataset(str(out) + "_text_document")
-    assert len(ds) == len(corpus.texts)
-    for i, text in enumerate(corpus.texts):
-        stored = ds[i].tolist()
-        assert stored == tok.tokenize(text) + [tok.eod]
-        assert tok.detokenize(stored[:-1]) == text
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,20 +125,11 @@ def test_byte_preprocess_roundtrip(corpus, byte_prefix):
     ds = IndexedDataset(byte_prefix)
     assert len(ds) == len(corpus.texts)
     assert ds.index.dtype == numpy.uint16
-    tok = sdata.ByteTokenizer()
+    eod = build_tokenizer(_args()).eod
     for i, text in enumerate(corpus.texts):
-        ids = ds[i]
-        assert ids[-1] == tok.eod and tok.eod not in ids[:-1]
-        assert tok.detokenize(ids.tolist()) == text
-
-    # one worker gives byte-identical files
-    out1 = corpus.dir / "byte_w1"
-    assert preprocess_data.main(["--input", corpus.jsonl, "--output-prefix", str(out1),
-                                 "--tokenizer-type", "ByteTokenizer", "--append-eod",
-                                 "--workers", "1"]) == 0
-    for ext in (".bin", ".idx"):
-        with open(byte_prefix + ext, "rb") as a, open(f"{out1}_text_document{ext}", "rb") as b:
-            assert a.read() == b.read()
+        ids = ds[i].tolist()
+        assert ids[-1] == eod and eod not in ids[:-1]
+        assert bytes(ids[:-1]).decode("utf-8") == text  # byte-level: the ids are the UTF-8 bytes
 
 
 def test_null_tokenizer_preprocess(tmp_path):
@@ -292,10 +151,10 @@ def test_null_tokenizer_preprocess(tmp_path):
 def test_preprocess_missing_input_clean_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "nope.jsonl"),
-         "--output-prefix", str(tmp_path / "x"), "--tokenizer-type", "ByteTokenizer"],
+         "--output-prefix", str(tmp_path / "x"), "--tokenizer-type", "ByteLevelTokenizer"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "nope.jsonl" in proc.stderr and "not found" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())
@@ -305,8 +164,8 @@ def test_preprocess_bad_line_clean_error(tmp_path):
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"text": "ok"}\n{"other": "no text key"}\n')
     rc = preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(tmp_path / "b"),
-                               "--tokenizer-type", "ByteTokenizer"])
-    assert rc != 0
+                               "--tokenizer-type", "ByteLevelTokenizer"])
+    assert rc == 2
     assert not (tmp_path / "b_text_document.bin").exists()
 
 
@@ -315,7 +174,7 @@ def test_preprocess_bad_line_clean_error(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_check_data_paths(tmp_path, byte_prefix, bpe_files):
+def test_check_data_paths(tmp_path, byte_prefix):
     sdata.check_data_paths(_args(data_path=[byte_prefix]))
     sdata.check_data_paths(_args(data_path=["0.3", byte_prefix, "0.7", byte_prefix]))
     sdata.check_data_paths(_args(mock_data=True))
@@ -328,18 +187,22 @@ def test_check_data_paths(tmp_path, byte_prefix, bpe_files):
     with pytest.raises(ValueError, match=r"half\.idx"):
         sdata.check_data_paths(_args(data_path=[half]))
 
-    vocab_file, merge_file = bpe_files
-    sdata.check_data_paths(_args(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab_file,
-                                 merge_file=merge_file, mock_data=True))
+    vocab_file, merge_file = tmp_path / "vocab.json", tmp_path / "merges.txt"
+    vocab_file.write_text("{}")
+    merge_file.write_text("")
+    sdata.check_data_paths(_args(tokenizer_type="GPT2BPETokenizer", vocab_file=str(vocab_file),
+                                 merge_file=str(merge_file), mock_data=True))
     with pytest.raises(ValueError, match="nowhere.txt"):
-        sdata.check_data_paths(_args(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab_file,
+        sdata.check_data_paths(_args(tokenizer_type="GPT2BPETokenizer", vocab_file=str(vocab_file),
                                      merge_file=str(tmp_path / "nowhere.txt"), mock_data=True))
     with pytest.raises(ValueError, match="vocab-file"):
-        sdata.check_data_paths(_args(tokenizer_type="GPT2BPETokenizer", merge_file=merge_file))
+        sdata.check_data_paths(_args(tokenizer_type="GPT2BPETokenizer", merge_file=str(merge_file)))
+    with pytest.raises(ValueError, match="tokenizer-model"):
+        sdata.check_data_paths(_args(tokenizer_type="HuggingFaceTokenizer", mock_data=True))
 
 
 def _first_batches(args, n=1, which=0):
-    tok = sdata.build_tokenizer(args)
+    tok = build_tokenizer(args)
     its = sdata.build_data_iterators(args, tok)
     return [next(its[which]) for _ in range(n)]
 
@@ -359,7 +222,7 @@ def _check_batch(batch, args, vocab_size):
 
 def test_iterators_real_data(dist, corpus, byte_prefix, tmp_path):
     args = _args(data_path=[byte_prefix], data_cache_path=str(tmp_path / "cache"))
-    tok = sdata.build_tokenizer(args)
+    tok = build_tokenizer(args)
     train_iter, valid_iter = sdata.build_data_iterators(args, tok)
     assert valid_iter is not None
     assert len(train_iter.dataset) >= args.train_iters * args.global_batch_size
@@ -428,7 +291,7 @@ def test_weighted_blend(dist, byte_prefix, corpus, tmp_path):
     for ext in (".bin", ".idx"):
         shutil.copy(byte_prefix + ext, other + ext)
     args = _args(data_path=["0.3", byte_prefix, "0.7", other], data_cache_path=str(tmp_path / "c"))
-    tok = sdata.build_tokenizer(args)
+    tok = build_tokenizer(args)
     train_iter, valid_iter = sdata.build_data_iterators(args, tok)
     from megatron.core.datasets.blended_dataset import BlendedDataset
 
@@ -443,28 +306,28 @@ def test_tiny_valid_split_disables_eval(dist, tmp_path):
     jsonl = tmp_path / "t.jsonl"
     _write_jsonl(jsonl, ["abcdefghij" * 20] * 5)
     assert preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(tmp_path / "t"),
-                                 "--tokenizer-type", "ByteTokenizer", "--append-eod"]) == 0
+                                 "--tokenizer-type", "ByteLevelTokenizer", "--append-eod"]) == 0
     args = _args(data_path=[str(tmp_path / "t_text_document")], split="969,30,1")
     with pytest.warns(UserWarning, match="valid split"):
-        train_iter, valid_iter = sdata.build_data_iterators(args, sdata.build_tokenizer(args))
+        train_iter, valid_iter = sdata.build_data_iterators(args, build_tokenizer(args))
     assert valid_iter is None
     _check_batch(next(train_iter), args, 257)
     with pytest.raises(ValueError, match="train split"):
         bad = _args(data_path=[str(tmp_path / "t_text_document")], split="0.1,99.9,0")
-        sdata.build_data_iterators(bad, sdata.build_tokenizer(bad))
+        sdata.build_data_iterators(bad, build_tokenizer(bad))
 
 
 def test_mock_data(dist, tmp_path):
     for kw in (dict(mock_data=True), dict(data_path=None), dict(data_path=[]),
                dict(mock_data=True, data_path=[str(tmp_path / "does_not_exist")])):
         args = _args(**kw)
-        tok = sdata.build_tokenizer(args)
+        tok = build_tokenizer(args)
         train_iter, valid_iter = sdata.build_data_iterators(args, tok)
         for it in (train_iter, valid_iter):
             batch = next(it)
             _check_batch(batch, args, tok.vocab_size)
     null_args = _args(mock_data=True, tokenizer_type="NullTokenizer", vocab_size=1000,
                       micro_batch_size=3, seq_length=16)
-    tok = sdata.build_tokenizer(null_args)
+    tok = build_tokenizer(null_args)
     batch = _first_batches(null_args)[0]
     _check_batch(batch, null_args, tok.vocab_size)

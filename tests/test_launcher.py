@@ -160,10 +160,10 @@ def test_the_launcher_trains_on_the_users_data(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join('{"text": "%s"}' % ("the quick brown fox %d " % i * 20) for i in range(50)))
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"), "--input", str(corpus),
-                    "--output-prefix", str(tmp_path / "corpus"), "--tokenizer-type", "ByteTokenizer",
+                    "--output-prefix", str(tmp_path / "corpus"), "--tokenizer-type", "ByteLevelTokenizer",
                     "--append-eod"], check=True, capture_output=True)
     prefix = str(tmp_path / "corpus_text_document")
-    result = run_launcher([*TINY_RUN, "--data-path", prefix, "--tokenizer-type", "ByteTokenizer",
+    result = run_launcher([*TINY_RUN, "--data-path", prefix, "--tokenizer-type", "ByteLevelTokenizer",
                            "--split", "100,0,0"], tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"data: {prefix} |" in result.stdout

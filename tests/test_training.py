@@ -55,12 +55,12 @@ def real_text(tmp_path_factory):
                 f.write(json.dumps({"text": src.read()}) + "\n")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",
                     str(tmp / "corpus.jsonl"), "--output-prefix", str(tmp / "corpus"), "--tokenizer-type",
-                    "ByteTokenizer", "--append-eod"], check=True, capture_output=True)
+                    "ByteLevelTokenizer", "--append-eod"], check=True, capture_output=True)
     return str(tmp / "corpus_text_document")
 
 
 def test_loss_falls_on_real_text_and_validation_runs(real_text, capsys):
-    h = train("--train-iters", "40", "--data-path", real_text, "--tokenizer-type", "ByteTokenizer",
+    h = train("--train-iters", "40", "--data-path", real_text, "--tokenizer-type", "ByteLevelTokenizer",
               "--split", "90,10,0", "--eval-interval", "20", "--eval-iters", "2")
     assert sum(h.losses[-5:]) / 5 < h.losses[0] - 1.0  # bytes of Python source are very learnable
     assert [it for it, _ in h.valid_losses] == [20, 40]

@@ -1,6 +1,6 @@
 """Turn the logs of one artifact-evaluation case into a CSV table.
 
-    python tools/extract_results.py caseN [--results DIR]
+    python tools/extract_results.py caseN [--results DIR]     (or llama: tools/gpu_campaign.sh llama's runs)
 
 Case N's runs (examples/caseN.sh) leave their logs in DIR/caseN/ (DIR: --results, else $RESULTS_DIR,
 else results/); this writes DIR/caseN.csv, one row per configuration, read through
@@ -52,7 +52,7 @@ if ROOT not in sys.path:
 from megatron.stronghold.arguments import METHODS  # noqa: E402
 from megatron.stronghold.logs import read_log  # noqa: E402
 
-CASES = ("case1", "case2", "case3", "case4", "case5")
+CASES = ("case1", "case2", "case3", "case4", "case5", "llama")  # llama: tools/gpu_campaign.sh's stage
 METHOD_ORDER = METHODS
 COLUMNS = ("method", "layers", "hidden", "batch", "window", "params (B)", "samples/s", "TFLOP/s",
            "iteration (ms)", "peak GPU (GiB)", "peak host (GiB)", "card", "log")

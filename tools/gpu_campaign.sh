@@ -20,6 +20,10 @@
 #             default "1 2 3 4 5"; case 4 runs the code before the layer-major step from BASELINE_TREE)
 #   dp        2 GPUs: DP=1 and DP=2 at a size megatron-lm cannot hold (micro-batch per rank fixed);
 #             the tests stage on such a machine also runs the 2-GPU data-parallel tests
+#   llama     a Llama-style model (RMSNorm, SwiGLU, rope, grouped-query attention, no biases, untied,
+#             Llama 3's vocabulary; hidden 4096, 32 heads, 8 query groups, ffn 14336, seq 4096) with
+#             stronghold at LLAMA_LAYERS (48: more than the card holds, so layers stream) beside
+#             megatron-lm at LLAMA_MEGATRON_LAYERS (16); llama.csv: samples/s and TFLOP/s of both
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-results/gpu}"
@@ -94,6 +98,21 @@ for s in "$@"; do
                     --log-interval 1 --recompute-granularity full 2>&1 | grep -E "iteration +8/|summary|plan|host store" |
                     sed "s/^/DP=$n /" | tee -a "$OUT/dp.txt"
             done ;;
+        llama)  # about 5 minutes on an H200; LLAMA_* shrink it (a CPU check of the stage runs it tiny)
+            llama=(--num-attention-heads "${LLAMA_HEADS:-32}" --group-query-attention
+                   --num-query-groups "${LLAMA_GROUPS:-8}" --ffn-hidden-size "${LLAMA_FFN:-14336}"
+                   --normalization RMSNorm --swiglu --position-embedding-type rope --rotary-base 500000
+                   --disable-bias-linear --untie-embeddings-and-output-weights --hidden-dropout 0
+                   --attention-dropout 0 --tokenizer-type NullTokenizer --vocab-size "${LLAMA_VOCAB:-128255}"
+                   --seq-length "${LLAMA_SEQ:-4096}" --global-batch-size "${LLAMA_GLOBAL_BATCH:-8}"
+                   --recompute-granularity full --train-iters "${LLAMA_ITERS:-6}" --log-interval 1)
+            for run in "stronghold ${LLAMA_LAYERS:-48}" "megatron-lm ${LLAMA_MEGATRON_LAYERS:-16}"; do
+                set -- $run
+                RESULTS_DIR="$OUT/llama" bash examples/run.sh -m "$1" -l "$2" -h "${LLAMA_HIDDEN:-4096}" -b 1 -- \
+                    "${llama[@]}" 2>&1 | grep -E "total parameters|^plan|host store|start-up|iteration +[0-9]+/|summary|exited" |
+                    sed "s/^/$1 L=$2 /" | tee -a "$OUT/llama.txt"
+            done
+            "$PY" tools/extract_results.py llama --results "$OUT" && tee -a "$OUT/llama.txt" < "$OUT/llama.csv" ;;
         *) echo "unknown stage $s" >&2; exit 2 ;;
     esac
 done

@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""Tokenize a JSONL corpus into Megatron .bin/.idx files (Megatron-LM compatible CLI).
+"""Tokenize a JSONL corpus into Megatron .bin/.idx files (Megatron-LM's tool and flags).
 
-    python tools/preprocess_data.py --input corpus.jsonl --json-keys text \
-        --output-prefix out/corpus --tokenizer-type ByteTokenizer --append-eod --workers 2
+    python tools/preprocess_data.py --input corpus.jsonl --json-keys text --output-prefix out/corpus \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model TOKENIZER_DIR --append-eod --workers 8
 
-writes ``out/corpus_text_document.bin`` / ``.idx`` (megatron-core IndexedDatasetBuilder), which
-``--data-path out/corpus_text_document`` reads through megatron-core's GPTDataset.
+writes ``out/corpus_text_document.bin`` / ``.idx`` with megatron-core's IndexedDatasetBuilder, which
+``--data-path out/corpus_text_document`` reads through megatron-core's GPTDataset. Each line of the input is one
+document (a JSON object); each of ``--json-keys`` gives one output. ``--workers N`` tokenizes in N processes;
+the output is the same for any N.
 """
 
 import argparse
+import collections
+import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -19,11 +24,15 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from megatron.stronghold.data import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from megatron.stronghold.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+
+PROGRESS_SECONDS = 5.0  # a progress line at most this often
+LINES_PER_TASK = 64     # documents a worker tokenizes per task
+TASKS_PER_WORKER = 4    # tasks in flight per worker: input is read only that far ahead of the output
 
 
 class Encoder:
-    """Per-process tokenizer holder (tokenizers are built once per worker)."""
+    """Tokenizes documents; each worker process builds its own tokenizer once."""
 
     tokenizer = None
 
@@ -33,67 +42,109 @@ class Encoder:
     def initializer(self):
         Encoder.tokenizer = build_tokenizer(self.args)
 
+    def encode_lines(self, lines):
+        return [self.encode(line) for line in lines]
+
     def encode(self, line):
-        """JSON line -> ({key: ids}, {key: [doc length]}, n_bytes); None ids for blank lines."""
+        """JSON line -> ({key: ids}, n_bytes); (None, n) for a blank line, ("error", message) for a bad one."""
+        n_bytes = len(line.encode("utf-8"))
         if not line.strip():
-            return None, None, len(line)
+            return None, n_bytes
         try:
             data = json.loads(line)
         except json.JSONDecodeError as err:
-            return ("error", f"invalid JSON: {err}"), None, len(line)
+            return ("error", f"invalid JSON: {err}"), n_bytes
         if not isinstance(data, dict):
-            return ("error", "a JSONL line must be a JSON object"), None, len(line)
-        ids, lens = {}, {}
+            return ("error", "a JSONL line must be a JSON object"), n_bytes
+        ids = {}
         for key in self.args.json_keys:
             if key not in data:
-                return ("error", f"missing JSON key {key!r}"), None, len(line)
-            text = data[key]
-            if not isinstance(text, str):
-                text = str(text)
-            doc_ids = list(Encoder.tokenizer.tokenize(text))
-            if len(doc_ids) > 0 and self.args.append_eod:
+                return ("error", f"missing JSON key {key!r}"), n_bytes
+            text = data[key] if isinstance(data[key], str) else str(data[key])
+            try:
+                doc_ids = list(Encoder.tokenizer.tokenize(text)) if text else []
+            except ValueError as err:  # e.g. NullTokenizer's input is not a list of ids
+                return ("error", f"cannot tokenize {key!r}: {err}"), n_bytes
+            if doc_ids and self.args.append_eod:
                 doc_ids.append(Encoder.tokenizer.eod)
             ids[key] = doc_ids
-            lens[key] = [len(doc_ids)] if doc_ids else []
-        return ids, lens, len(line)
+        return ids, n_bytes
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_argument_group(title="input data")
-    group.add_argument("--input", type=str, required=True, help="Path to input JSONL")
-    group.add_argument(
-        "--json-keys", nargs="+", default=["text"], help="space separate listed of keys to extract"
-    )
+    group.add_argument("--input", type=str, required=True, help="Path to input JSONL (one JSON object per line)")
+    group.add_argument("--json-keys", nargs="+", default=["text"],
+                       help="Space separated keys to extract; each gives its own .bin/.idx")
     group.add_argument("--keep-newlines", action="store_true",
-                       help="Accepted for compatibility (no sentence splitting is done)")
+                       help="Accepted for compatibility (no sentence splitting is done, newlines are kept)")
     group = parser.add_argument_group(title="tokenizer")
-    group.add_argument("--tokenizer-type", type=str, required=True, choices=list(TOKENIZER_TYPES))
-    group.add_argument("--vocab-file", type=str, default=None, help="GPT-2 vocab.json")
-    group.add_argument("--merge-file", type=str, default=None, help="GPT-2 merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocab size")
-    group.add_argument("--append-eod", action="store_true",
-                       help="Append an <eod> token to the end of a document.")
+    group.add_argument("--tokenizer-type", type=str, default=None, choices=list(TOKENIZER_TYPES),
+                       help="megatron-core's tokenizer (default: GPT2BPETokenizer with --vocab-file, "
+                       "HuggingFaceTokenizer with --tokenizer-model, else ByteLevelTokenizer)")
+    group.add_argument("--tokenizer-model", type=str, default=None,
+                       help="HuggingFaceTokenizer: a local tokenizer directory or its tokenizer.json")
+    group.add_argument("--vocab-file", type=str, default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    group.add_argument("--merge-file", type=str, default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
+    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: token ids 0..N-1")
+    group.add_argument("--append-eod", action="store_true", help="Append an <eod> token to the end of a document.")
     group = parser.add_argument_group(title="output data")
-    group.add_argument("--output-prefix", type=str, required=True,
-                       help="Path to binary output file without suffix")
+    group.add_argument("--output-prefix", type=str, required=True, help="Path to binary output file without suffix")
     group = parser.add_argument_group(title="runtime")
-    group.add_argument("--workers", type=int, default=1,
-                       help="Number of worker processes to launch")
-    group.add_argument("--log-interval", type=int, default=10000,
-                       help="Interval between progress updates (documents)")
+    group.add_argument("--workers", type=int, default=1, help="Number of worker processes to launch")
+    group.add_argument("--log-interval", type=int, default=0,
+                       help=f"A progress line every N documents as well (default: every {PROGRESS_SECONDS:g} s)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    # fields build_tokenizer reads
-    args.make_vocab_size_divisible_by = 128
-    args.tensor_model_parallel_size = 1
     return args
 
 
 def _fail(message: str) -> int:
-    print(f"preprocess_data.py: error: {message}", file=sys.stderr)
+    print(f"preprocess_data.py: error: {message}", file=sys.stderr, flush=True)
     return 2
+
+
+def _encoded_documents(encoder, lines, workers):
+    """(encoded, n_bytes) per input line, in input order. Several workers get batches of lines, a bounded
+    number in flight, so memory stays flat however large the corpus is."""
+    if workers == 1:
+        encoder.initializer()
+        yield from map(encoder.encode, lines)
+        return
+    with multiprocessing.Pool(workers, initializer=encoder.initializer) as pool:
+        pending = collections.deque()
+        while True:
+            batch = list(itertools.islice(lines, LINES_PER_TASK))
+            if batch:
+                pending.append(pool.apply_async(encoder.encode_lines, (batch,)))
+            if pending and (not batch or len(pending) >= TASKS_PER_WORKER * workers):
+                yield from pending.popleft().get()
+            elif not batch:
+                return
+
+
+class _Progress:
+    def __init__(self, log_interval: int):
+        self.start = self.last = time.monotonic()
+        self.log_interval = log_interval
+        self.documents = self.bytes = self.tokens = 0
+
+    def add(self, n_bytes: int, n_tokens: int, document: bool) -> None:
+        self.bytes += n_bytes
+        self.tokens += n_tokens
+        self.documents += document
+        now = time.monotonic()
+        by_count = document and self.log_interval > 0 and self.documents % self.log_interval == 0
+        if by_count or now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            print(self.line("Processed"), file=sys.stderr, flush=True)
+
+    def line(self, verb: str) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        return (f"{verb} {self.documents} documents ({self.documents / elapsed:.1f} docs/s, "
+                f"{self.bytes / elapsed / 1e6:.2f} MB/s, {self.tokens} tokens) in {elapsed:.1f} s.")
 
 
 def main(argv=None) -> int:
@@ -103,69 +154,49 @@ def main(argv=None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     if not os.path.isdir(out_dir):
         return _fail(f"output directory does not exist: {out_dir}")
-
+    # Each worker is a process of its own: the Rust tokenizers need no thread pool of their own in it.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         tokenizer = build_tokenizer(args)
-    except (ValueError, OSError) as err:
+    except ValueError as err:
         return _fail(str(err))
 
-    # import megatron-core lazily: keeps `--help` and argument errors fast
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     import numpy
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    encoder = Encoder(args)
-    level = "document"
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    prefixes = {key: f"{args.output_prefix}_{key}_{level}" for key in args.json_keys}
-    builders = {
-        key: IndexedDatasetBuilder(prefix + ".bin", dtype=dtype) for key, prefix in prefixes.items()
-    }
-
-    start = time.time()
-    total_bytes = 0
-    n_docs = 0
-    pool = None
-    with open(args.input, "r", encoding="utf-8") as fin:
-        if args.workers > 1:
-            pool = multiprocessing.Pool(args.workers, initializer=encoder.initializer)
-            encoded = pool.imap(encoder.encode, fin, 32)
-        else:
-            encoder.initializer()
-            encoded = map(encoder.encode, fin)
-        try:
-            for line_no, (doc, lens, n_bytes) in enumerate(encoded, start=1):
-                total_bytes += n_bytes
+    prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
+    # Written under temporary names and renamed at the end: a failed run leaves earlier outputs as they were.
+    partial = {key: (prefix + ".bin.partial", prefix + ".idx.partial") for key, prefix in prefixes.items()}
+    builders = {key: IndexedDatasetBuilder(partial[key][0], dtype=dtype) for key in args.json_keys}
+    progress = _Progress(args.log_interval)
+    try:
+        with open(args.input, "r", encoding="utf-8") as lines, \
+                contextlib.closing(_encoded_documents(Encoder(args), lines, args.workers)) as encoded:
+            for line_no, (doc, n_bytes) in enumerate(encoded, start=1):
                 if doc is None:
+                    progress.add(n_bytes, 0, False)
                     continue
                 if isinstance(doc, tuple):
                     raise ValueError(f"{args.input}:{line_no}: {doc[1]}")
                 for key in args.json_keys:
-                    builders[key].add_document(numpy.asarray(doc[key], dtype=dtype), lens[key])
-                n_docs += 1
-                if args.log_interval > 0 and n_docs % args.log_interval == 0:
-                    elapsed = max(time.time() - start, 1e-9)
-                    print(f"Processed {n_docs} documents ({n_docs / elapsed:.1f} docs/s, "
-                          f"{total_bytes / elapsed / 1024 / 1024:.2f} MB/s).", file=sys.stderr)
-        except (ValueError, UnicodeDecodeError) as err:
-            if pool is not None:
-                pool.terminate()
-            for key, builder in builders.items():
-                builder.data_file.close()
-                for ext in (".bin", ".idx"):
-                    if os.path.exists(prefixes[key] + ext):
-                        os.remove(prefixes[key] + ext)
-            return _fail(str(err))
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
-
-    for key, builder in builders.items():
-        builder.finalize(prefixes[key] + ".idx")
-        print(f"Wrote {prefixes[key]}.bin/.idx ({n_docs} documents)", file=sys.stderr)
+                    ids = doc[key]
+                    builders[key].add_document(numpy.asarray(ids, dtype=dtype), [len(ids)] if ids else [])
+                progress.add(n_bytes, sum(len(ids) for ids in doc.values()), True)
+        for key, builder in builders.items():
+            builder.finalize(partial[key][1])
+    except (ValueError, UnicodeDecodeError) as err:
+        for key, builder in builders.items():
+            builder.data_file.close()
+            for path in partial[key]:
+                if os.path.exists(path):
+                    os.remove(path)
+        return _fail(str(err))
+    for key, prefix in prefixes.items():
+        os.replace(partial[key][0], prefix + ".bin")
+        os.replace(partial[key][1], prefix + ".idx")
+        print(f"Wrote {prefix}.bin/.idx", file=sys.stderr)
+    print(progress.line("Done:"), file=sys.stderr, flush=True)
     return 0
 
 

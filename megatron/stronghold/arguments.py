@@ -7,6 +7,8 @@ clear message and exit code 2 before anything large is allocated.
 import argparse
 import os
 
+from .tokenizer import TOKENIZER_TYPES, default_tokenizer_type
+
 # The one list of methods (examples/run.sh, the case scripts and the result tables read it), in the
 # order the launcher's `-m all` runs them and the tables show them.
 METHODS = ("megatron-lm", "l2l", "zero-offload", "zero-infinity", "stronghold")
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=16, help="Number of transformer layers.")
     g.add_argument("--hidden-size", type=int, default=2048, help="Transformer hidden size.")
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP hidden size (default 4 x hidden).")
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP hidden size (default 4 x hidden; with --swiglu 4 x hidden x 2/3, a multiple of 64).")
     g.add_argument("--num-attention-heads", type=int, default=16, help="Number of attention heads.")
     g.add_argument("--seq-length", type=int, default=1024, help="Tokens per sample.")
     g.add_argument("--max-position-embeddings", type=int, default=None,
@@ -36,6 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.1, help="Dropout on attention probabilities.")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="Give the output layer its own weights instead of sharing the input embedding.")
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="Width of each attention head (default: --hidden-size / --num-attention-heads).")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="Grouped-query attention: --num-query-groups key/value heads shared by the query heads.")
+    g.add_argument("--num-query-groups", type=int, default=1,
+                   help="With --group-query-attention: number of key/value heads.")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="Normalise each head's queries and keys (with --normalization) before attention.")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
+                   help="Normalisation of the layers and the final norm (torch's LayerNorm / RMSNorm).")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="Epsilon of every norm.")
+    g.add_argument("--swiglu", action="store_true",
+                   help="SwiGLU MLP: a gated first projection (2 x --ffn-hidden-size wide) and SiLU; the "
+                   "default --ffn-hidden-size becomes 4 x hidden x 2/3, rounded down to a multiple of 64.")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="No biases in the linear layers (attention and MLP).")
+    g.add_argument("--add-qkv-bias", action="store_true",
+                   help="A bias on the query/key/value projection even with --disable-bias-linear (Qwen2).")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute",
+                   help="learned_absolute: a table of --max-position-embeddings positions. rope: rotary "
+                   "embeddings of the queries and keys.")
+    g.add_argument("--rotary-base", type=int, default=10000, help="rope: base of the rotary frequencies.")
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="rope: fraction of each head's channels that are rotated, in (0, 1].")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="Pad the vocabulary to a multiple of this (as Megatron-LM).")
     g.add_argument("--use-cpu-initialization", action="store_true",
@@ -111,12 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Megatron .bin/.idx prefixes, optionally weighted: '0.7 a 0.3 b'.")
     g.add_argument("--mock-data", action="store_true", help="Synthetic data (also used without --data-path).")
     g.add_argument("--split", default="969,30,1", help="Train/valid/test split of the data, in parts.")
-    g.add_argument("--tokenizer-type", default=None,
-                   choices=["GPT2BPETokenizer", "ByteTokenizer", "NullTokenizer"],
-                   help="Tokenizer (default: GPT2BPETokenizer with --vocab-file, else ByteTokenizer).")
-    g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json.")
-    g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt.")
-    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: vocabulary size.")
+    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
+                   help="megatron-core's tokenizer (default: GPT2BPETokenizer with --vocab-file, HuggingFaceTokenizer "
+                   "with --tokenizer-model, else ByteLevelTokenizer). Nothing is downloaded.")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="HuggingFaceTokenizer: a local tokenizer directory (tokenizer.json, tokenizer_config.json) "
+                   "or its tokenizer.json.")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json.")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt.")
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: token ids 0..N-1 (eod is N).")
     g.add_argument("--data-cache-path", default=None, help="Where dataset index caches are written.")
 
     g = p.add_argument_group("parallelism (launch several processes with torchrun)")
@@ -180,9 +209,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                  "train_iters", "log_interval", "eval_interval"):
         _positive(args, name)
-    if args.hidden_size % args.num_attention_heads:
-        raise ArgumentError(f"--hidden-size {args.hidden_size} is not divisible by "
-                            f"--num-attention-heads {args.num_attention_heads}")
+    _validate_layer(args)
     if args.fp16 and args.bf16:
         raise ArgumentError("choose one of --fp16 and --bf16")
     if args.manual_gc_interval < 0:
@@ -192,8 +219,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.seq_length > args.max_position_embeddings:
         raise ArgumentError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                             f"{args.max_position_embeddings}")
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = 4 * args.hidden_size
 
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tp = args.tensor_model_parallel_size
@@ -202,6 +227,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.num_attention_heads % tp or args.ffn_hidden_size % tp:
         raise ArgumentError(f"--num-attention-heads {args.num_attention_heads} and the MLP size "
                             f"{args.ffn_hidden_size} must be divisible by --tensor-model-parallel-size {tp}")
+    if args.num_query_groups % tp:
+        raise ArgumentError(f"--num-query-groups {args.num_query_groups} must be divisible by "
+                            f"--tensor-model-parallel-size {tp}")
     if args.world_size > 1 and args.offload_method not in ("megatron-lm", "stronghold", "l2l"):
         raise ArgumentError(f"{args.world_size} processes: data and tensor parallelism are implemented for "
                             f"megatron-lm, stronghold and l2l, not yet for {args.offload_method}; run one process")
@@ -235,12 +263,48 @@ def validate_args(args: argparse.Namespace) -> None:
     if not args.data_path:
         args.mock_data = True
     if args.tokenizer_type is None:
-        args.tokenizer_type = "GPT2BPETokenizer" if args.vocab_file else "ByteTokenizer"
+        args.tokenizer_type = default_tokenizer_type(args)
     args.params_dtype_name = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     from .tensorboard_log import check_args as check_tensorboard_args
 
     check_tensorboard_args(args)
     _validate_checkpointing(args)
+
+
+def _validate_layer(args) -> None:
+    """The transformer layer's shape (Megatron-LM's defaults and the combinations megatron-core
+    would assert on); fills --kv-channels, --num-query-groups and --ffn-hidden-size."""
+    heads = args.num_attention_heads
+    if args.kv_channels is None:
+        if args.hidden_size % heads:
+            raise ArgumentError(f"--hidden-size {args.hidden_size} is not divisible by "
+                                f"--num-attention-heads {heads} (or give the head width with --kv-channels)")
+        args.kv_channels = args.hidden_size // heads
+    _positive(args, "kv_channels")
+    if not args.group_query_attention:
+        args.num_query_groups = heads
+    _positive(args, "num_query_groups")
+    if heads % args.num_query_groups:
+        raise ArgumentError(f"--num-attention-heads {heads} is not divisible by --num-query-groups "
+                            f"{args.num_query_groups}")
+    if args.ffn_hidden_size is None:
+        # Megatron-LM's SwiGLU default: the two first-layer matrices hold about as many parameters as
+        # GELU's one of 4 x hidden, in a multiple of 64.
+        args.ffn_hidden_size = int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu else 4 * args.hidden_size
+        if args.ffn_hidden_size < 1:
+            raise ArgumentError(f"--swiglu with --hidden-size {args.hidden_size} gives an MLP of "
+                                f"{args.ffn_hidden_size} channels: give --ffn-hidden-size")
+    _positive(args, "ffn_hidden_size")
+    if not args.norm_epsilon > 0:
+        raise ArgumentError(f"--norm-epsilon must be > 0, got {args.norm_epsilon}")
+    if args.position_embedding_type == "rope":
+        if not 0 < args.rotary_percent <= 1:
+            raise ArgumentError(f"--rotary-percent must be in (0, 1], got {args.rotary_percent}")
+        rotary = int(args.kv_channels * args.rotary_percent)
+        if rotary < 2 or rotary % 2:
+            raise ArgumentError(f"--rotary-percent {args.rotary_percent} of --kv-channels {args.kv_channels} "
+                                f"rotates {rotary} channels per head: it must be an even number, at least 2")
+        _positive(args, "rotary_base")
 
 
 def _validate_schedule(args) -> None:

@@ -71,7 +71,15 @@ FILE = "model_optim_rng.pt"
 VERSION = 1
 # The model's shape: a checkpoint loads only into a model with the same values.
 SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-              "max_position_embeddings", "padded_vocab_size", "untie_embeddings_and_output_weights")
+              "max_position_embeddings", "padded_vocab_size", "untie_embeddings_and_output_weights",
+              "num_query_groups", "kv_channels", "normalization", "swiglu", "disable_bias_linear",
+              "add_qkv_bias", "qk_layernorm", "position_embedding_type")
+# Recorded beside the shape, for tools that read a checkpoint (a converter), and free to change
+# when training continues (a longer context with another rotary base, say).
+RECORDED_ARGS = ("norm_epsilon", "rotary_base", "rotary_percent")
+# What a checkpoint written before the layer flags existed holds: a GPT-2 layer.
+_GPT2_LAYER = {"normalization": "LayerNorm", "swiglu": False, "disable_bias_linear": False,
+               "add_qkv_bias": False, "qk_layernorm": False, "position_embedding_type": "learned_absolute"}
 EXIT_NONFINITE = 3  # exit status of a run stopped by non-finite losses
 EXIT_SAVE_FAILED = 1  # exit status of a run whose checkpoint could not be written
 # Tests only: when set to an iteration, the save of that iteration sleeps after writing its files
@@ -202,8 +210,18 @@ def set_rng_state(state: dict, log) -> None:
 
 
 def shape_args(args, vocab_size: int) -> dict:
-    values = {k: getattr(args, k) for k in SHAPE_ARGS if k != "padded_vocab_size"}
+    values = {k: getattr(args, k) for k in SHAPE_ARGS + RECORDED_ARGS if k != "padded_vocab_size"}
     values["padded_vocab_size"] = int(vocab_size)
+    return values
+
+
+def saved_shape(saved: dict) -> dict:
+    """The shape a checkpoint's "args" describe, with the GPT-2 layer's values where it predates a flag."""
+    values = {**_GPT2_LAYER, **saved}
+    if "num_attention_heads" in saved:
+        values.setdefault("num_query_groups", saved["num_attention_heads"])
+        if "hidden_size" in saved:
+            values.setdefault("kv_channels", saved["hidden_size"] // saved["num_attention_heads"])
     return values
 
 
@@ -484,7 +502,7 @@ def open_checkpoint(args, vocab_size: int, log):
                             "checkpoints written by the same ZeRO method")
     if fmt not in ("deepspeed", "per-parameter"):
         raise ArgumentError(f"{path}: unknown checkpoint format {fmt!r}")
-    saved, here = state.get("args", {}), shape_args(args, vocab_size)
+    saved, here = saved_shape(state.get("args", {})), shape_args(args, vocab_size)
     diffs = [f"{_flag(k)} {saved.get(k)} in the checkpoint, {here[k]} here" for k in SHAPE_ARGS
              if saved.get(k) != here[k]]
     if diffs:

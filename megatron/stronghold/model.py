@@ -1,8 +1,15 @@
 """The one model every method trains: megatron-core's GPTModel with the local layer spec.
 
-Two things are plugged in through megatron-core's public surface:
+The layer is GPT-2's by default and Llama's with Megatron-LM's flags (--normalization RMSNorm
+--swiglu --position-embedding-type rope --group-query-attention --disable-bias-linear ...), all
+through megatron-core's TransformerConfig and local spec. Plugged in through its public surface:
 - core attention through torch's scaled_dot_product_attention (flash kernels on GPU, and it runs on
   the CPU, where the spec's default attention needs CUDA);
+- every norm, the final one included, torch's LayerNorm or RMSNorm (megatron-core's
+  WrappedTorchNorm): the block would otherwise take apex's FusedLayerNorm for the final norm where
+  apex is installed, which has no RMSNorm, and the same model would compute differently on machines
+  with and without apex;
+- rotary embeddings that also run without CUDA (RotaryEmbedding below);
 - full activation recompute through torch.utils.checkpoint, per layer, which saves and restores both
   CPU and CUDA RNG state, so recompute is exact with dropout on either device (megatron-core's own
   recompute path is CUDA-only).
@@ -15,11 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron.core.models.common.embeddings import rotary_pos_embedding
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from .layer_shape import LayerShape
 
 
 class SDPAttention(DotProductAttention):
@@ -40,12 +53,33 @@ class SDPAttention(DotProductAttention):
         return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
 
 
+class RotaryEmbedding(rotary_pos_embedding.RotaryEmbedding):
+    """megatron-core's rotary embedding, also on a machine without CUDA: the library's moves its
+    frequencies to the current CUDA device on first use, which such a machine does not have."""
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        if torch.cuda.is_available():  # the trainer's device (training.pick_device)
+            return super().get_emb(max_seq_len, offset)
+        assert not self.rotary_interleaved  # the flags build rotary_interleaved=False only
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)  # [s, rotated channels / 2]
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
 def transformer_config(args) -> TransformerConfig:
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        qk_layernorm=args.qk_layernorm,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not args.disable_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
         hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout,
         use_cpu_initialization=True,
@@ -74,11 +108,20 @@ class PlacedTransformerLayer(TransformerLayer):
             _place_layer(self.layer_number - 1, self)
 
 
-def layer_spec():
-    spec = get_gpt_layer_local_spec()
+def layer_spec(args) -> TransformerBlockSubmodules:
+    """megatron-core's local spec with our attention and torch's norms, for the whole block: the
+    layers' norms and the final one are the same implementation on every machine."""
+    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
     spec.module = PlacedTransformerLayer
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = WrappedTorchNorm
+    attention = layer.self_attention.submodules
+    attention.core_attention = SDPAttention
+    if args.qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = WrappedTorchNorm
+    else:
+        assert attention.q_layernorm is IdentityOp and attention.k_layernorm is IdentityOp
+    return TransformerBlockSubmodules(layer_specs=[spec] * args.num_layers, layer_norm=WrappedTorchNorm)
 
 
 @contextlib.contextmanager
@@ -100,12 +143,18 @@ def build_model(args, vocab_size: int, place_layer=None, streamed=()) -> GPTMode
     with _placing(place_layer):
         model = GPTModel(
             config=transformer_config(args),
-            transformer_layer_spec=layer_spec(),
+            transformer_layer_spec=layer_spec(args),
             vocab_size=vocab_size,
             max_sequence_length=args.max_position_embeddings,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            position_embedding_type="learned_absolute",
+            position_embedding_type=args.position_embedding_type,
+            rotary_percent=args.rotary_percent,
+            rotary_base=args.rotary_base,
         )
+    if args.position_embedding_type == "rope":  # no parameters, no random numbers: the weights stay
+        model.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=model.config.kv_channels, rotary_percent=args.rotary_percent,
+            rotary_base=args.rotary_base, use_cpu_initialization=True, cp_group=model.pg_collection.cp)
     for index in checkpointed_layers(args):
         if index not in streamed:  # the streaming executor recomputes its layers itself (or keeps their graph)
             enable_recompute(model.decoder.layers[index])
@@ -159,11 +208,13 @@ def masked_mean(losses, mask):
 
 
 def flops_per_iteration(args, vocab_size: int) -> float:
-    """Model FLOPs per iteration, Megatron-LM's formula (dense GPT, no recompute counted)."""
-    b, s, h, L = args.global_batch_size, args.seq_length, args.hidden_size, args.num_layers
-    ffn = args.ffn_hidden_size
-    per_layer = 2 * b * s * (4 * h * h + 2 * h * ffn) + 4 * b * s * s * h  # matmuls + attention scores
-    forward = L * per_layer + 2 * b * s * h * vocab_size
+    """Model FLOPs per iteration as Megatron-LM counts them: forward and backward (3 x forward) of
+    every layer's matrix products and attention as the flags shape them (grouped-query attention's
+    smaller key/value projections, SwiGLU's three MLP matrices, layer_shape.py) and of the output
+    layer; no recompute counted, norms and biases neither."""
+    tokens = args.global_batch_size * args.seq_length
+    forward = (args.num_layers * LayerShape.of(args).forward_flops(tokens, args.seq_length)
+               + 2 * tokens * args.hidden_size * vocab_size)
     return 3 * forward
 
 

@@ -122,21 +122,25 @@ def train(args, observer=None) -> History:
 
 
 def _train(args, observer, tensorboard) -> History:
-    from .data import build_data_iterators, build_tokenizer, check_data_paths, padded_vocab_size
+    from .data import build_data_iterators, check_data_paths
+    from .tokenizer import build_tokenizer, padded_vocab_size
 
     try:
         check_data_paths(args)
+        log(f"> building {args.tokenizer_type} tokenizer ...")
+        tokenizer = build_tokenizer(args)
     except ValueError as exc:
         raise arguments.ArgumentError(str(exc)) from None
+    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                   args.tensor_model_parallel_size)
+    log(f" > padded vocab (size: {tokenizer.vocab_size}) with {vocab_size - tokenizer.vocab_size} dummy tokens "
+        f"(new size: {vocab_size})")
     device = pick_device()
     dtype = DTYPES[args.params_dtype_name]
     init_distributed(device, args.tensor_model_parallel_size)
     if device.type == "cpu" and args.cpu_optimizer_threads:
         torch.set_num_threads(args.cpu_optimizer_threads)
 
-    tokenizer = build_tokenizer(args)
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                                   args.tensor_model_parallel_size)
     resume = checkpointing.open_checkpoint(args, vocab_size, log)  # read and checked, tensors not loaded
     plan = preflight(args, vocab_size, device)  # before any large allocation
     torch.manual_seed(args.seed)

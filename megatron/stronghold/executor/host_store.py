@@ -99,7 +99,11 @@ class HostLayer:
         for view, name in zip(layout.views(self.master), layout.names):
             view.copy_(params[name].detach())
         if self.weights is not self.master:
+            # The masters start from the compute-dtype weights, as megatron-lm's do (Megatron-LM builds
+            # the model in bf16/fp16 and its optimizer copies those to fp32): from the fp32 values, small
+            # updates that megatron-lm rounds away would accumulate here, and the runs would part.
             self.weights.copy_(self.master)
+            self.master.copy_(self.weights)
 
         # (flat view, start, end) per non-empty group: decay first, then no-decay.
         cut = layout.decay_numel

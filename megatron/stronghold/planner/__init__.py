@@ -14,8 +14,9 @@ available host memory, and picks
 It keeps as many layers resident as fit, so a model that fits on the GPU runs like megatron-lm and a
 larger one streams only what does not fit. A model that fits nowhere is refused with the numbers.
 
-Byte counts (P parameters per layer, c = bytes of the compute dtype, k micro-batches per step,
-a = c s b h, one micro-batch's hidden state):
+Byte counts (P parameters per layer as the flags shape it, layer_shape.py; c = bytes of the compute
+dtype, k micro-batches per step, a = c s b h, one micro-batch's hidden state; A = what one layer keeps
+of one micro-batch without recompute, 17 a for a GPT-2 layer, more for a SwiGLU one):
 - resident parameter: c weights + 4 fp32 master (not in fp32) + 8 Adam + 4 main grad (the compute-dtype
   gradient is added into the main grad and freed as it arrives; measured on an H100: 18.3 B/param);
 - streamed layer on the host: 16 P (fp32 master + Adam, pinned weights and gradient; 18 in fp16, whose
@@ -27,14 +28,15 @@ a = c s b h, one micro-batch's hidden state):
   plus one layer's activations of one micro-batch while it runs again (with the inputs in pinned
   host memory, S k a there and 5 k a on the GPU: two layers' inputs, two gradients, the last
   output), or, without recompute,
-  S k x 17 a (Korthikanti et al. 2022, flash attention); resident layers run one micro-batch at a
-  time: a per layer with full recompute, else 17 a; plus the fp32 logits and their gradient,
+  S k A (Korthikanti et al. 2022, flash attention); resident layers run one micro-batch at a
+  time: a per layer with full recompute, else A; plus the fp32 logits and their gradient,
   3 x 4 s b V.
 """
 
 from dataclasses import dataclass
 
 from ..arguments import ZERO_METHODS
+from ..layer_shape import LayerShape
 
 GiB = 1024 ** 3
 HOST_RESERVE = 6 * GiB       # interpreter, CUDA and torch libraries, data, allocator slack: peak RSS less
@@ -68,25 +70,36 @@ class ModelCosts:
     vocab: int = 50304
     data_parallel: int = 1  # ranks: each holds 1/N of the streamed layers and reduces gradients in fp32
     fp16: bool = False
+    layer_activations: int = 0  # A: bytes one layer keeps of one micro-batch without recompute (0: 17 a)
+    layer_forward_flops: int = 0  # one layer's forward over one micro-batch (0: a GPT-2 layer's)
+
+    def __post_init__(self):
+        if not self.layer_activations:
+            self.layer_activations = 17 * self.hidden_state
+        if not self.layer_forward_flops:
+            self.layer_forward_flops = 2 * self.tokens * self.layer_params + 4 * self.tokens * self.seq_length * self.hidden
 
     @classmethod
     def of(cls, args, vocab_size: int) -> "ModelCosts":
-        h, ffn, s, b = args.hidden_size, args.ffn_hidden_size, args.seq_length, args.micro_batch_size
+        h, s, b = args.hidden_size, args.seq_length, args.micro_batch_size
         c = 4 if args.params_dtype_name == "fp32" else 2
-        layer = 4 * h * h + 2 * h * ffn + 9 * h + ffn
-        other = vocab_size * h + args.max_position_embeddings * h + 2 * h
-        if args.untie_embeddings_and_output_weights:
-            other += vocab_size * h
         tp = getattr(args, "tensor_model_parallel_size", 1)  # each rank holds its shards
-        layer, other = layer // tp, other // tp
-        return cls(args.num_layers, layer, other, c, c * s * b * h // tp, 3 * 4 * s * b * vocab_size // tp,
+        shape = LayerShape.of(args)
+        # Per rank: the word embedding and an untied output layer are split over the vocabulary; the
+        # position table (learned_absolute only) and the final norm are whole on every rank.
+        other = (vocab_size * h * (2 if args.untie_embeddings_and_output_weights else 1)) // tp
+        other += h * (2 if shape.norm_bias else 1)
+        if args.position_embedding_type == "learned_absolute":
+            other += args.max_position_embeddings * h
+        return cls(args.num_layers, shape.params(), other, c, c * s * b * h // tp, 3 * 4 * s * b * vocab_size // tp,
                    s * b, args.recompute_granularity == "full", args.num_microbatches, s, h // tp,
-                   vocab_size // tp, getattr(args, "data_parallel_size", 1), bool(args.fp16))
+                   vocab_size // tp, getattr(args, "data_parallel_size", 1), bool(args.fp16),
+                   shape.activation_bytes(c, s * b), shape.forward_flops(s * b, s) // tp)
 
     @property
     def act_per_layer(self) -> int:
         """Activations one resident layer keeps for one micro-batch."""
-        return self.hidden_state * (1 if self.recompute else 17)
+        return self.hidden_state if self.recompute else self.layer_activations
 
     @property
     def resident_bytes_per_param(self) -> int:
@@ -108,8 +121,8 @@ class ModelCosts:
             return 0
         k, a = self.microbatches, self.hidden_state
         if recompute:
-            return ((5 if on_host else streamed + 3) * k * a) + 17 * a
-        return streamed * k * 17 * a + 2 * k * a
+            return ((5 if on_host else streamed + 3) * k * a) + self.layer_activations
+        return streamed * k * self.layer_activations + 2 * k * a
 
 
 @dataclass
@@ -171,8 +184,7 @@ def host_bytes(costs: ModelCosts, resident: int, on_host: bool = False) -> int:
 
 def layer_forward_seconds(costs: ModelCosts) -> float:
     """One layer's forward over one micro-batch: its matmuls and attention (Megatron's FLOPs count)."""
-    t = costs.tokens
-    return (2 * t * costs.layer_params + 4 * t * costs.seq_length * costs.hidden) / ACHIEVED_FLOPS
+    return costs.layer_forward_flops / ACHIEVED_FLOPS
 
 
 def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool = True) -> float:
