@@ -25,6 +25,7 @@ setup(
         "psutil",
         "numpy",
         "matplotlib",
+        "tensorboard",  # --tensorboard-dir: torch.utils.tensorboard writes through it
         # No apex: PyPI's "apex" is an unrelated project.
     ],
     extras_require={

@@ -58,6 +58,7 @@ $SMALL_LAYERS layers, hidden $SMALL_HIDDEN, $SMALL_HEADS heads, sequence length 
 
 Environment: PYTHON (interpreter, default python3), RESULTS_DIR (log directory, default results/).
 Logs: \$RESULTS_DIR/log_<method>_l-<layers>_hs-<hidden>_bs-<batch>_ws-<window>_<YYYYmmdd-HHMMSS>.txt
+      (-2, -3, ... before .txt when another launcher started the same second with the same sizes)
 EOF
 }
 
@@ -269,19 +270,34 @@ run_logged() {
     rm -f "$fifo"
 }
 
+# claim_log BASE: create the log BASE.txt, or BASE-2.txt, BASE-3.txt, ... where another launcher took
+# the name first (started in the same second with the same sizes); LOG is the name. With noclobber, bash
+# creates the file with O_EXCL, so two launchers never claim one name.
+claim_log() {
+    local base="$1" n=1
+    LOG="$base.txt"
+    until ( set -o noclobber; : > "$LOG" ) 2>/dev/null; do
+        [[ -e "$LOG" ]] || die "cannot create the log file $LOG" 1
+        n=$(( n + 1 ))
+        LOG="$base-$n.txt"
+    done
+}
+
 # run_method METHOD: run one training job, tee its output to a log file.
 # Returns the exit status of the training command.
 run_method() {
     local method="$1" log status
     build_command "$method"
-    log="$RESULTS_DIR/log_${method}_l-${LAYERS}_hs-${HIDDEN}_bs-${BATCH}_ws-${WINDOW}_$(date +%Y%m%d-%H%M%S).txt"
+    log="$RESULTS_DIR/log_${method}_l-${LAYERS}_hs-${HIDDEN}_bs-${BATCH}_ws-${WINDOW}_$(date +%Y%m%d-%H%M%S)"
     echo "$PROG: running: ${CMD[*]}"
     if (( DRY_RUN )); then
-        echo "$PROG: log would be: $log"
+        echo "$PROG: log would be: $log.txt"
         return 0
     fi
     [[ -f pretrain_gpt.py ]] || die "pretrain_gpt.py not found in $REPO_ROOT" 1
     mkdir -p "$RESULTS_DIR"
+    claim_log "$log"
+    log="$LOG"
     run_logged "$log"
     status=$RUN_STATUS
     # into the log too: a run killed before its summary line still says how it ended

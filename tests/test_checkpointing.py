@@ -178,6 +178,9 @@ def test_bad_load_exits_2_with_a_message(tmp_path):
     path = os.path.join(checkpointing.iteration_dir(corrupt, 2), checkpointing.FILE)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
+    unlisted = str(tmp_path / "unlisted")  # the same, without checksums: torch.load finds it
+    shutil.copytree(corrupt, unlisted)
+    os.remove(os.path.join(checkpointing.iteration_dir(unlisted, 2), "integrity.json"))
     pointer = str(tmp_path / "pointer")
     shutil.copytree(good, pointer)
     with open(os.path.join(pointer, checkpointing.TRACKER), "w") as f:
@@ -186,7 +189,8 @@ def test_bad_load_exits_2_with_a_message(tmp_path):
     cases = {
         "does not fit this model: --num-layers 3 in the checkpoint, 4 here": ["--load", good, "--num-layers", "4"],
         "--hidden-size 32 in the checkpoint, 64 here": ["--load", good, "--hidden-size", "64"],
-        "corrupt or incomplete file": ["--load", corrupt],
+        "iter_0000002 is damaged: model_optim_rng.pt has": ["--load", corrupt],
+        "corrupt or incomplete file": ["--load", unlisted],
         "names iteration 7": ["--load", pointer],
         "the directory does not exist": ["--load", str(tmp_path / "missing")],
         "ZeRO runs load only checkpoints written by the same ZeRO method":

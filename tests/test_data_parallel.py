@@ -1,6 +1,7 @@
 """Data parallelism over torch.distributed (gloo on CPU), launched by torchrun: two processes give
 the same losses and gradient norms as one process at the same global batch."""
 
+import json
 import os
 import re
 import subprocess
@@ -78,7 +79,9 @@ def test_data_parallel_checkpoint_resumes_at_any_data_parallel_size(tmp_path):
     run(2, "stronghold", *streamed, "--save", str(tmp_path), "--save-interval", "4", "--exit-interval", "4",
         iterations=4)
     parts = sorted(os.listdir(tmp_path / "iter_0000004"))
-    assert parts == ["model_optim_rng.pt", "streamed_layers_rank_001.pt"]
+    assert parts == ["integrity.json", "model_optim_rng.pt", "streamed_layers_rank_001.pt"]
+    with open(tmp_path / "iter_0000004" / "integrity.json") as f:  # rank 1's part is checksummed too
+        assert sorted(json.load(f)["files"]) == parts[1:]
     for nproc in (2, 1):
         resumed, _, _ = run(nproc, "stronghold", *streamed, "--load", str(tmp_path), iterations=4)
         assert resumed == pytest.approx(full[4:], rel=1e-5)

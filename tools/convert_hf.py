@@ -60,6 +60,10 @@ def export(ns) -> None:
     if found is None:
         raise Unsupported(f"--load {ns.load}: no checkpoint there (no {checkpointing.TRACKER})")
     iteration, path = found
+    try:  # the files against their checksums before any is read
+        checkpointing.verify_checkpoint(path, iteration, ns.load, log)
+    except checkpointing.ArgumentError as exc:
+        raise Unsupported(str(exc)) from None
     state = checkpointing.read_checkpoint(path, iteration)
     spec, notes = ModelSpec.from_checkpoint(state)
     arch = hf_architecture(spec)

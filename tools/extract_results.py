@@ -58,11 +58,11 @@ COLUMNS = ("method", "layers", "hidden", "batch", "window", "params (B)", "sampl
            "iteration (ms)", "peak GPU (GiB)", "peak host (GiB)", "card", "log")
 LARGEST_COLUMNS = ("method", "largest layers", "params (B)", "peak GPU (GiB)", "peak host (GiB)", "card")
 
-# Log names written by examples/run.sh; the window and time stamp are absent from tools/largest_model.py's trial logs,
-# which case 2 may reuse for the baselines' points
+# Log names written by examples/run.sh (-2, -3 after the stamp: launchers started in the same second); the window
+# and time stamp are absent from tools/largest_model.py's trial logs, which case 2 may reuse for the baselines' points
 LOG_NAME = re.compile(
     r"^log_(?P<method>[a-z0-9-]+)_l-(?P<layers>\d+)_hs-(?P<hidden>\d+)_bs-(?P<batch>\d+)"
-    r"(?:_ws-(?P<window>\d+)_(?P<stamp>\d{8}-\d{6}))?\.txt$")
+    r"(?:_ws-(?P<window>\d+)_(?P<stamp>\d{8}-\d{6}(?:-\d+)?))?\.txt$")
 CARD = re.compile(r"^cuda\s*\((?P<name>.*)\)\s*$")
 
 

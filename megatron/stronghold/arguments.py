@@ -122,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--manual-gc-interval", type=int, default=0,
                    help="With --manual-gc: iterations between collections (0: none between training steps).")
 
+    g = p.add_argument_group("tensorboard")
+    g.add_argument("--tensorboard-dir", default=None, metavar="DIR",
+                   help="Write TensorBoard event files to DIR: loss, learning rate, grad norm, loss scale, "
+                   "iteration time, throughput, validation loss.")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1, metavar="N",
+                   help="Iterations between TensorBoard writes.")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000, metavar="N",
+                   help="Events kept in memory before they are written to disk.")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="Also the streaming executor's timers and host-device link volume per iteration.")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="Also memory: GPU allocator counters and peak, host peak RSS and pinned bytes.")
+
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="Megatron .bin/.idx prefixes, optionally weighted: '0.7 a 0.3 b'.")
@@ -175,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "learning-rate schedule, loss scale and data position (any method's checkpoint, into any "
                    "method). Assumed for a checkpoint whose tracker file says 'release' (tools/convert_hf.py "
                    "import writes those).")
+    g.add_argument("--ckpt-step", type=int, default=None, metavar="N",
+                   help="With --load: resume from iteration N's checkpoint instead of the newest.")
     g.add_argument("--exit-interval", type=int, default=None, metavar="N",
                    help="Stop after an iteration divisible by N (saving first with --save).")
     g.add_argument("--exit-on-nonfinite-iters", type=int, default=None, metavar="K",
@@ -258,6 +273,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.tokenizer_type is None:
         args.tokenizer_type = default_tokenizer_type(args)
     args.params_dtype_name = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    from .tensorboard_log import check_args as check_tensorboard_args
+
+    check_tensorboard_args(args)
     _validate_checkpointing(args)
 
 

@@ -46,14 +46,23 @@ Safety:
   weights_only=True as well and refused if that fails;
 - a checkpoint is written into DIR/iter_XXXXXXX.tmp, flushed to disk, renamed to its final name
   (os.replace), and only then is latest_checkpointed_iteration.txt replaced the same way: a run
-  killed at any moment leaves the pointer naming the previous complete checkpoint;
-- anything wrong with --load (no checkpoint, unreadable or truncated file, other model shape or
-  method) is an ArgumentError (message, exit 2) raised before the model is built.
+  killed at any moment leaves the pointer naming the previous complete checkpoint. One run at a
+  time writes DIR (save_dir.py), so the .tmp directories found by a save are dead runs' and go;
+- every file of an iteration directory is listed with its SHA-256 in integrity.json (integrity.py)
+  and checked before it is read; a damaged checkpoint is refused with the newest intact iteration
+  named (--ckpt-step N loads that one);
+- a save that cannot be written (disk full, quota, I/O error) removes its .tmp directory and stops
+  the run with SaveError (one line, exit 1): the pointer still names the previous checkpoint;
+- anything wrong with --load (no checkpoint, unreadable, truncated or damaged file, other model
+  shape or method) is an ArgumentError (message, exit 2) raised before the model is built.
 """
 
+import contextlib
+import errno
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -61,6 +70,7 @@ import time
 import numpy as np
 import torch
 
+from . import integrity, save_dir
 from .arguments import ZERO_METHODS, ArgumentError
 from .checkpoint_weights import read_deepspeed_file, zero_weights
 
@@ -88,13 +98,47 @@ MODEL_ARGS = SHAPE_ARGS + RECORDED_ARGS + (
     "seq_length", "hidden_dropout", "attention_dropout", "make_vocab_size_divisible_by", "tokenizer_type",
     "tokenizer_model", "vocab_file", "merge_file", "vocab_size", "unpadded_vocab_size", "eod_token_id")
 EXIT_NONFINITE = 3  # exit status of a run stopped by non-finite losses
+EXIT_SAVE_FAILED = 1  # exit status of a run whose checkpoint could not be written
 # Tests only: when set to an iteration, the save of that iteration sleeps after writing its files
 # and before publishing them, so a test can kill the process in the middle of a save.
 _PAUSE_ENV = "STRONGHOLD_TEST_SAVE_PAUSE_AT"
 
 
+_ITERATION = re.compile(r"^iter_(\d{7})$")
+
+
+class SaveError(Exception):
+    """A checkpoint that could not be written; the message says why and what is left."""
+
+
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def iterations(root: str) -> list:
+    """The iterations that have a checkpoint file in root, oldest first."""
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        m = _ITERATION.match(name)
+        if m and os.path.isfile(os.path.join(root, name, FILE)):
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def newest_intact(root: str, skip=None) -> str:
+    """A sentence naming the newest checkpoint in root, other than iteration `skip`, whose files
+    match their checksums, and how to resume from it."""
+    for iteration in reversed(iterations(root)):
+        if iteration == skip:
+            continue
+        try:
+            verified = integrity.verify(iteration_dir(root, iteration))
+        except integrity.Mismatch:
+            continue
+        how = "" if verified else " (written without checksums, so unverified)"
+        return (f"The newest intact checkpoint is iteration {iteration}{how}: resume from it with "
+                f"--load {root} --ckpt-step {iteration}")
+    return f"No other checkpoint in {root} is intact"
 
 
 # ----- finding a checkpoint (also used by argument validation) -----
@@ -128,12 +172,22 @@ def check_load_dir(args) -> None:
     """--load DIR must hold a checkpoint. Only when DIR is also --save may it be empty or absent:
     Megatron-LM's `--save D --load D` habit, which starts fresh and resumes on the next launch."""
     args.load_checkpoint = None
+    step = getattr(args, "ckpt_step", None)
+    if step is not None:  # Megatron-LM's --ckpt-step: this iteration instead of the pointer's
+        if not args.load:
+            raise ArgumentError("--ckpt-step needs --load DIR")
+        path = iteration_dir(args.load, step)
+        if not os.path.isfile(os.path.join(path, FILE)):
+            have = ", ".join(map(str, iterations(args.load))) or "none"
+            raise ArgumentError(f"--ckpt-step {step}: {path} holds no checkpoint (iterations in {args.load}: {have})")
+        args.load_checkpoint = (step, path)
+        return
     if not args.load:
         return
     try:
         found = find_checkpoint(args.load)
     except ValueError as exc:
-        raise ArgumentError(f"--load {args.load}: {exc}") from None
+        raise ArgumentError(f"--load {args.load}: {exc}. {newest_intact(args.load)}") from None
     if found is None:
         same = args.save and os.path.abspath(args.save) == os.path.abspath(args.load)
         if not same:
@@ -149,13 +203,6 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -226,13 +273,6 @@ def _own_storage(t):
 
 # ----- saving -----
 
-def _write(obj, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -271,8 +311,9 @@ def save_release(root: str, state: dict) -> str:
     os.makedirs(root, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    _write({"checkpoint_version": VERSION, "format": "per-parameter", "iteration": 0, "optimizer": {}, **state},
-           os.path.join(tmp, FILE))
+    entry = integrity.torch_save({"checkpoint_version": VERSION, "format": "per-parameter", "iteration": 0,
+                                  "optimizer": {}, **state}, os.path.join(tmp, FILE))
+    integrity.write_manifest(tmp, {FILE: entry})
     _publish(root, tmp, final, RELEASE)
     return final
 
@@ -327,20 +368,90 @@ def _part_file(rank: int) -> str:
     return f"streamed_layers_rank_{rank:03d}.pt"
 
 
+class _Failed(Exception):
+    """One rank's failure to write its share of a checkpoint (the reason, in words)."""
+
+
+def _reason(exc: OSError, path: str) -> str:
+    reason = f"{exc.strerror or exc} (writing {exc.filename or path})"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            reason += f"; {shutil.disk_usage(os.path.dirname(path)).free / 2**30:.2f} GiB free there"
+        except OSError:
+            pass
+    elif exc.errno == errno.EFBIG:
+        reason += "; the file would exceed the file-size limit of this process (ulimit -f)"
+    return reason
+
+
+def _save_file(obj, path: str) -> dict:
+    try:
+        return integrity.torch_save(obj, path)
+    except OSError as exc:
+        raise _Failed(_reason(exc, path)) from None
+
+
+def _attempt(step):
+    """(None, step()) or (the reason it failed, None): a failure on any rank is every rank's."""
+    try:
+        return None, step()
+    except _Failed as exc:
+        return str(exc), None
+    except OSError as exc:
+        return _reason(exc, exc.filename or "the checkpoint"), None
+
+
+def _gather(value) -> list:
+    """Every rank's value, in rank order; a barrier too."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
+
+
+def _stop_if_failed(outcomes, root: str, tmp: str, iteration: int) -> list:
+    """The ranks' results; SaveError on every rank if any failed, once the partial save is removed."""
+    failed = [reason for reason, _ in outcomes if reason is not None]
+    if not failed:
+        return [result for _, result in outcomes]
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(root, TRACKER + ".tmp"))
+    try:
+        found = find_checkpoint(root)
+    except ValueError:
+        found = None
+    named = f"still names iteration {found[0]} ({found[1]})" if found else "names no checkpoint yet"
+    raise SaveError(f"cannot save the checkpoint of iteration {iteration} in {root}: {failed[0]}. The partial "
+                    f"{os.path.basename(tmp)} was removed; {os.path.join(root, TRACKER)} {named}")
+
+
 def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress, vocab_size, log) -> None:
-    """Write DIR/iter_XXXXXXX for --save DIR, then point the tracker at it."""
+    """Write DIR/iter_XXXXXXX for --save DIR with its checksums, then point the tracker at it.
+    SaveError when a file cannot be written (disk full, ...), with the partial directory removed."""
     start = time.perf_counter()
     root = args.save
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
-    if _rank() == 0:
+
+    def prepare():
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        save_dir.remove_partial_saves(root, log)  # this run holds DIR's writer lock: they are dead runs'
         os.makedirs(tmp)
-    _barrier()
+    _stop_if_failed(_gather(_attempt(prepare) if _rank() == 0 else (None, None)), root, tmp, iteration)
+
     state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab_size, method.checkpoint_format)
     if method.checkpoint_format == "deepspeed":
-        method.save_engine(root, os.path.basename(tmp))
+        def write_share():
+            try:
+                method.save_engine(root, os.path.basename(tmp))
+            except RuntimeError as exc:  # torch.save to a path reports a failed write as RuntimeError
+                raise _Failed(f"DeepSpeed could not write its files: {_first_line(exc)}") from None
+            return {}  # DeepSpeed's files are hashed by reading them back
     else:
         state.update(method.extra_state())
         # Data parallel: each rank writes the streamed layers it owns into a part file of its own, in
@@ -349,22 +460,29 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
         if _rank() == 0:
             state["model"], state["optimizer"] = model_and_optimizer_state(model, method)
             state["parts"] = [_part_file(r) for r in owners if r != 0]
-        elif _rank() in owners:
+
+        def write_share():
+            if _rank() == 0 or _rank() not in owners:
+                return {}
             part = {"format": "per-parameter part", "iteration": iteration}
             part["model"], part["optimizer"] = _split(method.streamed_state_dict())
-            _write(part, os.path.join(tmp, _part_file(_rank())))
-    _barrier()  # every part is written before the checkpoint is published
-    if _rank() == 0:
-        _write(state, os.path.join(tmp, FILE))
-        del state
+            return {_part_file(_rank()): _save_file(part, os.path.join(tmp, _part_file(_rank())))}
+    shares = _stop_if_failed(_gather(_attempt(write_share)), root, tmp, iteration)  # every part is written
+
+    def publish():
+        hashed = {name: entry for share in shares for name, entry in share.items()}
+        hashed[FILE] = _save_file(state, os.path.join(tmp, FILE))
+        integrity.write_manifest(tmp, hashed)
         if os.environ.get(_PAUSE_ENV) == str(iteration):
             log(f"test hook: pausing before publishing {final}")
             time.sleep(600)
         _publish(root, tmp, final, iteration)
+    _stop_if_failed(_gather(_attempt(publish) if _rank() == 0 else (None, None)), root, tmp, iteration)
+    del state
+    if _rank() == 0:
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(final) for f in files)
         log(f" successfully saved checkpoint from iteration {iteration:7d} to {root} "
             f"[ {size / 2**30:.3f} GiB, {time.perf_counter() - start:.1f} s ]")
-    _barrier()
 
 
 # ----- loading -----
@@ -383,6 +501,31 @@ def _read(path: str) -> dict:
     if not isinstance(state, dict) or "format" not in state or "iteration" not in state:
         raise ArgumentError(f"{path} is not a checkpoint of this trainer")
     return state
+
+
+def verify_checkpoint(path: str, iteration: int, root: str, log) -> None:
+    """Check the checkpoint's files against their checksums before any is read: rank 0 reads them,
+    every rank gets its verdict (ArgumentError for a damaged checkpoint, naming an intact one)."""
+    verdict = None
+    if _rank() == 0:
+        try:
+            verified = integrity.verify(path)
+        except integrity.Mismatch as exc:
+            verdict = ("damaged", f"checkpoint {path} is damaged: {exc}. {newest_intact(root, iteration)}")
+        else:
+            verdict = ("unverified", f"checkpoint {path} has no {integrity.MANIFEST} (written before checkpoints "
+                       "carried checksums): loading it unverified") if verified is None else (
+                "verified", f" verified checkpoint {path}: {verified.files} files, {verified.nbytes / 2**30:.3f} GiB, "
+                f"SHA-256 in {verified.seconds:.1f} s")
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [verdict]
+        dist.broadcast_object_list(shared, src=0)
+        verdict = shared[0]
+    if verdict[0] == "damaged":
+        raise ArgumentError(verdict[1])
+    log(verdict[1])
 
 
 def read_checkpoint(path: str, iteration: int) -> dict:
@@ -433,6 +576,7 @@ def open_checkpoint(args, vocab_size: int, log):
             log(f"no checkpoint in {args.load} yet: training from scratch")
         return None
     iteration, path = found
+    verify_checkpoint(path, iteration, args.load, log)
     state = read_checkpoint(path, iteration)
     fmt, method = state["format"], state.get("method")
     release = os.path.basename(path) == RELEASE

@@ -15,7 +15,7 @@ from dataclasses import astuple, dataclass, field
 
 import torch
 
-from . import arguments, checkpointing, methods
+from . import arguments, checkpointing, methods, save_dir, tensorboard_log
 from .dropout import DropoutSeeds
 from .logs import Progress, iteration_line, summary_line
 from .model import build_model, flops_per_iteration, num_parameters
@@ -117,6 +117,11 @@ def train(args, observer=None) -> History:
     """observer(event, **details), for tools that watch a run (tools/diag_memory.py,
     tools/trace_stronghold.py): "iteration" after every iteration (iteration=N), and the streaming
     executor's events (executor.StreamingExecutor.observer)."""
+    with save_dir.held(args), tensorboard_log.opened(args) as tensorboard:  # --save: one writer at a time
+        return _train(args, observer, tensorboard)
+
+
+def _train(args, observer, tensorboard) -> History:
     from .data import build_data_iterators, check_data_paths
     from .tokenizer import build_tokenizer, padded_vocab_size
 
@@ -192,7 +197,7 @@ def train(args, observer=None) -> History:
 
     with checkpointing.RunGuard(args, save, log) as guard, manual_gc(args):
         history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter,
-                             guard, observer)
+                             guard, observer, tensorboard)
     history.exit_code = guard.exit_code
     method.shutdown()
     history.stats = method.stats()
@@ -228,7 +233,7 @@ def manual_gc(args):
 
 
 def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter=None,
-               guard=None, observer=None) -> History:
+               guard=None, observer=None, tensorboard=None) -> History:
     history = History()
     interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
     for it in range(getattr(args, "iteration", 0) + 1, args.train_iters + 1):  # resumes after --load
@@ -257,6 +262,11 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
         interval["time"] += elapsed
         interval["iters"] += 1
         interval["skipped"] += int(skipped)
+        if tensorboard is not None:
+            tensorboard.iteration(it, it * args.global_batch_size, lm_loss=loss, learning_rate=lr, grad_norm=grad_norm,
+                                  loss_scale=scaler.scale, seconds=elapsed,
+                                  samples_per_second=args.global_batch_size / elapsed,
+                                  tflops=flops / elapsed / 1e12 / args.world_size)
         if it % args.log_interval == 0 or it == args.train_iters:
             per_iter = interval["time"] / interval["iters"]
             log(iteration_line(it, args.train_iters, {
@@ -280,6 +290,10 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
                 gc.collect()
             log(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
                 f"lm loss PPL: {math.exp(min(loss, 20)):.6E} |")
+            if tensorboard is not None:
+                tensorboard.validation(it, it * args.global_batch_size, loss)
+        if tensorboard is not None:
+            tensorboard.counters(it, method, device)
         if guard is not None and guard.after_iteration(it, history.losses[-1], skipped):
             break  # saves at --save-interval; stops on a signal or non-finite losses
     return history
@@ -321,6 +335,9 @@ def main(argv=None) -> int:
     except arguments.ArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except checkpointing.SaveError as exc:  # disk full while saving: the previous checkpoint stays
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return checkpointing.EXIT_SAVE_FAILED
     except torch.OutOfMemoryError as exc:  # a model at the edge of what the pre-flight check admits
         first = str(exc).splitlines()[0] if str(exc) else "out of memory"
         print(f"error: out of memory during training: {first}\nUse fewer layers, full activation recompute "
