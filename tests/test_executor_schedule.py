@@ -105,7 +105,8 @@ def test_cpu_optimizer_threads_under_torchrun(monkeypatch):
 def test_global_norm_does_not_wait_for_cpu_steps():
     # One micro-batch: each layer's norm is taken as its gradient leaves the compute device, so the
     # main thread has the global norm (and starts the next forward) while the CPU steps still run.
-    from megatron.stronghold.data import build_data_iterators, build_tokenizer
+    from megatron.stronghold.data import build_data_iterators
+    from megatron.stronghold.tokenizer import build_tokenizer
     from megatron.stronghold.dropout import DropoutSeeds
     from megatron.stronghold.executor import layer_major
 
