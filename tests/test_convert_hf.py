@@ -173,7 +173,7 @@ def test_gpt2_bpe_tokenizer_travels_both_ways(tmp_path, capsys):
     GPT-2 tokenizer then gives the same ids); importing that directory prints GPT2BPETokenizer flags
     whose padded vocabulary is the exported one, and fine-tuning with them loads the weights."""
     tokenizers = pytest.importorskip("tokenizers")
-    from megatron.stronghold.data import GPT2BPETokenizer
+    from megatron.stronghold.tokenizer import build_tokenizer
 
     bpe = tokenizers.ByteLevelBPETokenizer()
     bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300,
@@ -185,7 +185,7 @@ def test_gpt2_bpe_tokenizer_travels_both_ways(tmp_path, capsys):
     train(*tokenizer, "--save", ckpt)
     export("--load", ckpt, "--output", hf)
     assert {"vocab.json", "merges.txt"} <= set(os.listdir(hf))
-    ours = GPT2BPETokenizer(vocab, merges)
+    ours = build_tokenizer(arguments.parse_args([*SHAPE, *tokenizer]))
     text = "the lazy brown dog"
     assert transformers.AutoTokenizer.from_pretrained(hf)(text)["input_ids"] == ours.tokenize(text)
     rows = transformers.AutoConfig.from_pretrained(hf).vocab_size
@@ -230,7 +230,8 @@ def hf_loss(model, batch):
 
 
 def first_batch(flags):
-    from megatron.stronghold.data import build_data_iterators, build_tokenizer
+    from megatron.stronghold.data import build_data_iterators
+    from megatron.stronghold.tokenizer import build_tokenizer
 
     args = arguments.parse_args(flags)
     training.init_distributed(torch.device("cpu"))
@@ -262,6 +263,59 @@ def test_import_then_finetune_starts_at_transformers_loss(tmp_path, capsys, kind
     ours = first["lm loss"]
     reference = hf_loss(model, first_batch(flags))
     assert ours == pytest.approx(reference, rel=1e-5)
+
+
+def test_import_with_a_hugging_face_tokenizer_trains_on_its_tokens(tmp_path, capsys):
+    """A Llama with its own BPE tokenizer (301 ids: 300 trained and an added pad token) in one
+    directory: import prints HuggingFaceTokenizer flags for it, preprocess_data.py tokenizes a corpus
+    with that directory, and examples/run.sh with the printed flags pads the vocabulary to exactly
+    the model's 301 rows and logs, at iteration 1, transformers' loss on the same batch."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from test_tokenizers import EOD, _docstrings, _write_jsonl
+
+    hf, ckpt, prefix = str(tmp_path / "hf"), str(tmp_path / "ckpt"), str(tmp_path / "corpus")
+    texts = _docstrings()
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[EOD], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOD, pad_token="<pad>")
+    vocab = len(tokenizer)
+    assert vocab == 301 and tokenizer.pad_token_id == 300  # not a multiple of 128: padding would add rows
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab, max_position_embeddings=32, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        initializer_range=0.3, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+
+    assert convert_hf.main(["import", "--hf", hf, "--output", ckpt]) == 0
+    flags = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert flags[-4:] == ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", os.path.abspath(hf)]
+    assert flags[:3] == ["--load", os.path.abspath(ckpt), "--finetune"]
+
+    _write_jsonl(tmp_path / "corpus.jsonl", texts[:40])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",
+                           str(tmp_path / "corpus.jsonl"), "--json-keys", "text", "--output-prefix", prefix,
+                           *flags[-4:], "--append-eod"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    flags += ["--data-path", prefix + "_text_document", "--data-cache-path", str(tmp_path / "cache"),
+              "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--log-interval", "1"]
+    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "results"))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "run.sh"), "-m", "stronghold", "--", *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "> building HuggingFaceTokenizer tokenizer" in proc.stdout
+    assert f"> padded vocab (size: {vocab}) with 0 dummy tokens (new size: {vocab})" in proc.stdout
+    assert "for fine-tuning" in proc.stdout
+    first = parse_log(proc.stdout).iterations[0]
+    assert first["iteration"] == 1
+    batch = first_batch(flags)
+    assert int(batch["tokens"].max()) > 255  # the corpus in the BPE's ids, not mock data or bytes
+    assert first["lm loss"] == pytest.approx(hf_loss(model, batch), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["megatron-lm", "stronghold", "l2l", "zero-offload", "zero-infinity"])

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from megatron.stronghold import checkpointing  # noqa: E402
 from megatron.stronghold.arguments import ArgumentError  # noqa: E402
+from megatron.stronghold.tokenizer import build_tokenizer  # noqa: E402
 from megatron.stronghold.hf_convert import (  # noqa: E402
     ModelSpec, SafetensorsReader, Unsupported, copy_tokenizer, export_tensors, hf_architecture, hf_config,
     import_tensors, model_args_of, tokenizer_files, training_flags, vocab_divisor, write_safetensors, IMPORTABLE)
@@ -91,19 +92,21 @@ def export(ns) -> None:
 
 
 def _hf_tokenizer(hf_dir: str, kind: str):
-    """(flags, vocabulary size) of the tokenizer in a transformers directory, or ([], None)."""
+    """(flags, vocabulary size) of the tokenizer in a transformers directory, or ([], None). The size
+    is that of the tokenizer the flags build in training, so the printed divisor pads it exactly."""
     vocab, merges = os.path.join(hf_dir, "vocab.json"), os.path.join(hf_dir, "merges.txt")
     if kind == "gpt2" and os.path.isfile(vocab) and os.path.isfile(merges):
-        from megatron.stronghold.data import GPT2BPETokenizer
-
-        size = GPT2BPETokenizer(vocab, merges).vocab_size
-        return ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges], size
-    if any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
-        import transformers
-
-        size = len(transformers.AutoTokenizer.from_pretrained(hf_dir))
-        return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir], size
-    return [], None
+        flags = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges]
+    elif any(os.path.isfile(os.path.join(hf_dir, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+        flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir]
+    else:
+        return [], None
+    values = dict(tokenizer_type=None, tokenizer_model=None, vocab_file=None, merge_file=None, vocab_size=None)
+    values.update({k.lstrip("-").replace("-", "_"): v for k, v in zip(flags[::2], flags[1::2])})
+    try:
+        return flags, build_tokenizer(argparse.Namespace(**values)).vocab_size
+    except ValueError as exc:
+        raise Unsupported(f"the tokenizer in {hf_dir} does not load for training: {exc}") from None
 
 
 def import_(ns) -> None:
