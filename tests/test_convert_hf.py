@@ -271,6 +271,7 @@ def test_import_with_a_hugging_face_tokenizer_trains_on_its_tokens(tmp_path, cap
     with that directory, and examples/run.sh with the printed flags pads the vocabulary to exactly
     the model's 301 rows and logs, at iteration 1, transformers' loss on the same batch."""
     tokenizers = pytest.importorskip("tokenizers")
+    import preprocess_data
     from test_tokenizers import EOD, _docstrings, _write_jsonl
 
     hf, ckpt, prefix = str(tmp_path / "hf"), str(tmp_path / "ckpt"), str(tmp_path / "corpus")
@@ -298,10 +299,8 @@ def test_import_with_a_hugging_face_tokenizer_trains_on_its_tokens(tmp_path, cap
     assert flags[:3] == ["--load", os.path.abspath(ckpt), "--finetune"]
 
     _write_jsonl(tmp_path / "corpus.jsonl", texts[:40])
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",
-                           str(tmp_path / "corpus.jsonl"), "--json-keys", "text", "--output-prefix", prefix,
-                           *flags[-4:], "--append-eod"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert preprocess_data.main(["--input", str(tmp_path / "corpus.jsonl"), "--json-keys", "text", "--output-prefix",
+                                 prefix, *flags[-4:], "--append-eod"]) == 0
     flags += ["--data-path", prefix + "_text_document", "--data-cache-path", str(tmp_path / "cache"),
               "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--log-interval", "1"]
     env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "results"))
@@ -344,7 +343,7 @@ def test_finetune_takes_the_weights_only(tmp_path, method):
 
 # ----- refusals -----
 
-def test_unsupported_models_are_refused_with_exit_2(tmp_path):
+def test_unsupported_models_are_refused_with_exit_2(tmp_path, capsys):
     ckpt, hf = str(tmp_path / "ckpt"), str(tmp_path / "hf")
     train("--normalization", "RMSNorm", "--train-iters", "1", "--save", ckpt)  # RMSNorm, learned positions
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_hf.py"), "export", "--load", ckpt,
@@ -357,4 +356,14 @@ def test_unsupported_models_are_refused_with_exit_2(tmp_path):
     transformers.GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
                                intermediate_size=64).save_pretrained(neox)
     assert convert_hf.main(["import", "--hf", neox, "--output", str(tmp_path / "out")]) == 2
+    assert not os.path.exists(tmp_path / "out")
+
+    # a tokenizer that training would refuse (no eos_token) is refused at import, not after it
+    tokenizers = pytest.importorskip("tokenizers")
+    llama = str(tmp_path / "llama")
+    tiny_hf_model("llama", llama)
+    bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bare).save_pretrained(llama)
+    assert convert_hf.main(["import", "--hf", llama, "--output", str(tmp_path / "out")]) == 2
+    assert "names no end-of-document token" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
