@@ -110,7 +110,8 @@ def _encoded_documents(encoder, lines, workers):
     """(encoded, n_bytes) per input line, in input order. Several workers get batches of lines, a bounded
     number in flight, so memory stays flat however large the corpus is."""
     if workers == 1:
-        encoder.initializer()
+        if Encoder.tokenizer is None:  # main() hands over the one it built
+            encoder.initializer()
         yield from map(encoder.encode, lines)
         return
     with multiprocessing.Pool(workers, initializer=encoder.initializer) as pool:
@@ -160,6 +161,7 @@ def main(argv=None) -> int:
         tokenizer = build_tokenizer(args)
     except ValueError as err:
         return _fail(str(err))
+    Encoder.tokenizer = tokenizer  # one worker uses it as it is; a pool's processes build their own
 
     import numpy
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder

@@ -234,7 +234,7 @@ def set_rng_state(state: dict, log) -> None:
 
 
 def shape_args(args, vocab_size: int) -> dict:
-    values = {k: getattr(args, k) for k in SHAPE_ARGS + RECORDED_ARGS if k != "padded_vocab_size"}
+    values = {k: getattr(args, k) for k in SHAPE_ARGS if k != "padded_vocab_size"}
     values["padded_vocab_size"] = int(vocab_size)
     return values
 
@@ -487,11 +487,6 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
 
 # ----- loading -----
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -517,12 +512,7 @@ def verify_checkpoint(path: str, iteration: int, root: str, log) -> None:
                        "carried checksums): loading it unverified") if verified is None else (
                 "verified", f" verified checkpoint {path}: {verified.files} files, {verified.nbytes / 2**30:.3f} GiB, "
                 f"SHA-256 in {verified.seconds:.1f} s")
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        shared = [verdict]
-        dist.broadcast_object_list(shared, src=0)
-        verdict = shared[0]
+    verdict = _gather(verdict)[0]  # rank 0's
     if verdict[0] == "damaged":
         raise ArgumentError(verdict[1])
     log(verdict[1])
@@ -595,9 +585,7 @@ def open_checkpoint(args, vocab_size: int, log):
     if state["finetune"]:
         if release and not args.finetune:
             log(f"{path} is a release checkpoint (weights only): fine-tuning from it as --finetune does")
-        if fmt == "deepspeed":
-            _check_deepspeed_files(path)
-        state["weights"] = checkpoint_weights(state)
+        state["weights"] = checkpoint_weights(state)  # ZeRO's files read as plain data there
         args.consumed_train_samples = args.consumed_valid_samples = 0
         return state
     args.iteration = iteration
