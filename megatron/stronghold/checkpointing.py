@@ -72,7 +72,7 @@ import torch
 
 from . import integrity, save_dir
 from .arguments import ZERO_METHODS, ArgumentError
-from .checkpoint_weights import read_deepspeed_file, zero_weights
+from .checkpoint_weights import _first_line, read_deepspeed_file, zero_weights
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
