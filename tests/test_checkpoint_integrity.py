@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 if os.access(sys.prefix, os.W_OK):  # DeepSpeed's CPU Adam is built once, as in test_zero_baselines.py
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
-from megatron.stronghold import arguments, checkpointing, integrity, training  # noqa: E402
+from megatron.stronghold import arguments, checkpointing, training  # noqa: E402
+from megatron.stronghold.checkpointing import integrity  # noqa: E402
 
 TINY = ["-m", "stronghold", "-l", "2", "-h", "64", "-b", "2", "--", "--num-attention-heads", "4",
         "--seq-length", "32", "--max-position-embeddings", "32", "--log-interval", "1"]

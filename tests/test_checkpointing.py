@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 if os.access(sys.prefix, os.W_OK):  # DeepSpeed's CPU Adam is built once, as in test_zero_baselines.py
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
-from megatron.stronghold import arguments, checkpointing, training  # noqa: E402
+from megatron.stronghold import arguments, checkpointing, run_control, training  # noqa: E402
 from megatron.stronghold.model import build_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +134,7 @@ def test_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
     still names iteration 2, which resumes exactly; the next save replaces the leftovers."""
     save = str(tmp_path)
     proc = launch(*FLAGS, "--offload-method", "stronghold", *METHODS["stronghold"], "--save", save,
-                  "--save-interval", "2", env={checkpointing._PAUSE_ENV: "4"})
+                  "--save-interval", "2", env={checkpointing.save._PAUSE_ENV: "4"})
     wait_for_line(proc, "test hook: pausing")
     assert os.path.isfile(os.path.join(save, "iter_0000004.tmp", checkpointing.FILE))
     proc.kill()
@@ -216,7 +216,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     status 3 and the newest checkpoint stays iteration 1's."""
     got = run("stronghold", "--lr", "1e30", "--lr-warmup-iters", "0", "--lr-decay-style", "constant",
               "--save", str(tmp_path), "--save-interval", "1")
-    assert got.exit_code == checkpointing.EXIT_NONFINITE
+    assert got.exit_code == run_control.EXIT_NONFINITE
     assert len(got.losses) == 2 and got.losses[0] == got.losses[0] and got.losses[1] != got.losses[1]
     assert checkpointing.find_checkpoint(str(tmp_path))[0] == 1
     assert sorted(os.listdir(tmp_path)) == ["iter_0000001", checkpointing.TRACKER]

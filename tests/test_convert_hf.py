@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from megatron.stronghold import arguments, checkpointing, training  # noqa: E402
+from megatron.stronghold import arguments, checkpointing, distributed, training  # noqa: E402
 from megatron.stronghold.logs import parse_log  # noqa: E402
 from megatron.stronghold.model import build_model  # noqa: E402
 
@@ -62,7 +62,7 @@ def export(*argv):
 def our_logits(flags, weights, tokens):
     """Logits of the megatron-core GPT the trainer builds for `flags`, holding `weights`."""
     args = arguments.parse_args([*SHAPE, *flags])
-    training.init_distributed(torch.device("cpu"))
+    distributed.init_distributed(torch.device("cpu"))
     vocab = weights["embedding.word_embeddings.weight"].shape[0]
     model = build_model(args, vocab)
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -234,7 +234,7 @@ def first_batch(flags):
     from megatron.stronghold.tokenizer import build_tokenizer
 
     args = arguments.parse_args(flags)
-    training.init_distributed(torch.device("cpu"))
+    distributed.init_distributed(torch.device("cpu"))
     return next(build_data_iterators(args, build_tokenizer(args))[0])
 
 

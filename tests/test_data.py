@@ -109,7 +109,7 @@ def _args(**kw):
                 vocab_file=None, merge_file=None, seq_length=32, seed=1234, micro_batch_size=2,
                 global_batch_size=4, train_iters=6, eval_iters=1, eval_interval=3,
                 split="80,20,0", vocab_size=None, data_cache_path=None,
-                make_vocab_size_divisible_by=128)
+                make_vocab_size_divisible_by=128, data_parallel_rank=0, data_parallel_size=1)
     base.update(kw)
     return types.SimpleNamespace(**base)
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from megatron.stronghold import arguments, model as model_lib, training
+from megatron.stronghold import arguments, distributed, model as model_lib, training
 from megatron.stronghold.executor import StreamingExecutor
 from megatron.stronghold.executor.cpu_worker import CpuWorker
 
@@ -16,7 +16,7 @@ from megatron.stronghold.executor.cpu_worker import CpuWorker
 def executor():
     args = arguments.parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
                                  "--seq-length", "16", "--micro-batch-size", "2", "--mock-data"])
-    training.init_distributed(torch.device("cpu"))
+    distributed.init_distributed(torch.device("cpu"))
     model = model_lib.build_model(args, 128)
     ex = StreamingExecutor(list(model.decoder.layers)[1:], 2, torch.float32, torch.device("cpu"), args,
                            log=lambda *_: None)
@@ -114,7 +114,7 @@ def test_global_norm_does_not_wait_for_cpu_steps():
     args = arguments.parse_args(["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4",
                                  "--seq-length", "16", "--micro-batch-size", "2", "--mock-data",
                                  "--clip-grad", "1e-6"])
-    training.init_distributed(torch.device("cpu"))
+    distributed.init_distributed(torch.device("cpu"))
     torch.manual_seed(args.seed)
     model = model_lib.build_model(args, 128)
     streamed = list(model.decoder.layers)

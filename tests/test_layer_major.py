@@ -2,6 +2,8 @@
 boundary tensors (its inputs, with no autograd graph, so no dropout masks), which is what the planner
 counts; where they wait in pinned host memory, training is unchanged."""
 
+import dataclasses
+
 import pytest
 
 from megatron.stronghold import arguments, training
@@ -55,9 +57,8 @@ def train(monkeypatch, on_host, *flags):
     preflight = training.preflight
 
     def placing(args, *a):
-        line = preflight(args, *a)
-        args.boundaries_on_host = on_host
-        return line
+        plan, line = preflight(args, *a)
+        return dataclasses.replace(plan, boundaries_on_host=on_host), line
 
     monkeypatch.setattr(training, "preflight", placing)
     kept = []

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from megatron.stronghold import arguments, training
+from megatron.stronghold import arguments, distributed, training
 from megatron.stronghold.logs import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def test_the_planners_counts_are_the_built_layers_parameters(flags):
 
     args = arguments.parse_args(["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4",
                                  "--ffn-hidden-size", "80", "--seq-length", "16", *flags])
-    training.init_distributed(torch.device("cpu"))
+    distributed.init_distributed(torch.device("cpu"))
     model = build_model(args, 256)
     costs = ModelCosts.of(args, 256)
     layer = model.decoder.layers[0]
@@ -135,7 +135,7 @@ def test_the_final_norm_is_torchs_where_apex_or_transformer_engine_would_be_pick
 
     monkeypatch.setattr(transformer_block, "LayerNormImpl", InstalledNorm)
     monkeypatch.setattr(backends, "LNImpl", InstalledNorm)
-    training.init_distributed(torch.device("cpu"))
+    distributed.init_distributed(torch.device("cpu"))
     for flags, norm in ((LLAMA, torch.nn.RMSNorm), ([], torch.nn.LayerNorm)):
         args = arguments.parse_args(["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
                                      "--seq-length", "16", *flags])

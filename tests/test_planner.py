@@ -135,12 +135,12 @@ def test_user_threads_override_the_plan():
     args = arguments.parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
                                  "--seq-length", "16", "--mock-data", "--offload-method", "stronghold",
                                  "--cpu-optimizer-threads", "3"])
-    plan = training.preflight(args, 128, training.torch.device("cpu"))
-    assert args.cpu_optimizer_threads == 3 and "CPU optimizer threads: 3 |" in plan
+    plan, line = training.preflight(args, 128, training.torch.device("cpu"))
+    assert plan.threads == 3 and "CPU optimizer threads: 3 |" in line
     args = arguments.parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
                                  "--seq-length", "16", "--mock-data", "--offload-method", "stronghold"])
-    plan = training.preflight(args, 128, training.torch.device("cpu"))
-    assert args.cpu_optimizer_threads >= 1 and f"CPU optimizer threads: {args.cpu_optimizer_threads} |" in plan
+    plan, line = training.preflight(args, 128, training.torch.device("cpu"))
+    assert plan.threads >= 1 and f"CPU optimizer threads: {plan.threads} |" in line
 
 
 def test_each_data_parallel_rank_holds_its_share_of_the_streamed_layers():

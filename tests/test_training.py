@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from megatron.stronghold import arguments, methods, training
+from megatron.stronghold import arguments, distributed, methods, training
 from megatron.stronghold.logs import parse_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +74,7 @@ def test_host_store_is_16_bytes_per_parameter_in_bf16():
 
     for flags, expected in (((), 16), (("--global-batch-size", "4"), 16)):  # the sum stays on the device
         args = arguments.parse_args([*TINY, "--bf16", "--offload-method", "stronghold", *flags])
-        training.init_distributed(torch.device("cpu"))
+        distributed.init_distributed(torch.device("cpu"))
         layers = list(build_model(args, 128).decoder.layers)
         executor = StreamingExecutor(layers, 1, torch.bfloat16, torch.device("cpu"), args)
         host = executor.host_bytes()
@@ -149,7 +149,7 @@ def test_layers_are_placed_as_each_is_built_with_the_same_weights(monkeypatch):
 
     args = arguments.parse_args([*TINY, "--num-layers", "5", "--bf16", "--offload-method", "stronghold",
                                  "--resident-layers", "2"])
-    training.init_distributed(torch.device("cpu"))
+    distributed.init_distributed(torch.device("cpu"))
     torch.manual_seed(3)
     reference = {k: v.clone() for k, v in build_model(args, 128).state_dict().items() if torch.is_tensor(v)}
 
@@ -157,7 +157,8 @@ def test_layers_are_placed_as_each_is_built_with_the_same_weights(monkeypatch):
     # micro-batch per step: the resident layers come first, see methods/streaming.py.)
     monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda *a, **k: 2)
     monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda *a, **k: 1)
-    place = methods.placement(args, torch.device("cpu"), torch.bfloat16)
+    plan, _ = training.preflight(args, 128, torch.device("cpu"))
+    place = methods.placement(args, plan, torch.device("cpu"), torch.bfloat16)
     seen = []
 
     def record(index, layer):

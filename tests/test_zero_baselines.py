@@ -30,7 +30,7 @@ if os.access(sys.prefix, os.W_OK):
 
 pytest.importorskip("deepspeed")
 
-from megatron.stronghold import arguments, training  # noqa: E402
+from megatron.stronghold import arguments, distributed, training  # noqa: E402
 
 METHODS = ("zero-offload", "zero-infinity")
 RTOL = 1e-5  # fp32, relative: losses
@@ -127,8 +127,8 @@ def test_zero_infinity_moves_matrices_to_host():
     from megatron.stronghold.optim import lr_scheduler
 
     args = arguments.parse_args(TINY + ["--offload-method", "zero-infinity"])
-    device = training.pick_device()
-    training.init_distributed(device)
+    device = distributed.pick_device()
+    distributed.init_distributed(device)
     torch.manual_seed(args.seed)
     model = build_model(args, 256)
     method = build_zero_method(args, model, device, torch.float32)

@@ -63,7 +63,7 @@ def export(ns) -> None:
     iteration, path = found
     try:  # the files against their checksums before any is read
         checkpointing.verify_checkpoint(path, iteration, ns.load, log)
-    except checkpointing.ArgumentError as exc:
+    except ArgumentError as exc:
         raise Unsupported(str(exc)) from None
     state = checkpointing.read_checkpoint(path, iteration)
     spec, notes = ModelSpec.from_checkpoint(state)

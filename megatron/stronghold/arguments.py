@@ -7,6 +7,7 @@ clear message and exit code 2 before anything large is allocated.
 import argparse
 import os
 
+from .config import Config
 from .tokenizer import TOKENIZER_TYPES, default_tokenizer_type
 
 # The one list of methods (examples/run.sh, the case scripts and the result tables read it), in the
@@ -18,6 +19,12 @@ STREAMING_METHODS = ("stronghold", "l2l")          # layers stream through a GPU
 
 class ArgumentError(ValueError):
     """Bad command-line input: reported to the user without a traceback."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for one-line messages (a library's error may run to pages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,10 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> Config:
+    """The run's frozen Config; ArgumentError for flags that contradict each other. Reads the
+    launch's WORLD_SIZE and RANK, and nothing on disk: --save and --load are checked at setup
+    (checkpointing.prepare_dirs)."""
     args = build_parser().parse_args(argv)
     validate_args(args)
-    return args
+    return Config.from_namespace(args)
 
 
 def _positive(args, name):
@@ -213,7 +223,8 @@ def _positive(args, name):
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Fill derived defaults and reject inconsistent sizes (raises ArgumentError)."""
+    """Fill derived defaults into the parsed namespace and reject inconsistent flags (raises
+    ArgumentError); parse_args freezes the result."""
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                  "train_iters", "log_interval", "eval_interval"):
         _positive(args, name)
@@ -343,19 +354,11 @@ def _validate_checkpointing(args) -> None:
             raise ArgumentError("--save-interval needs --save DIR")
     if args.finetune and not args.load:
         raise ArgumentError("--finetune needs --load DIR (the checkpoint whose weights it starts from)")
+    if args.ckpt_step is not None and not args.load:
+        raise ArgumentError("--ckpt-step needs --load DIR")
     if args.exit_interval is not None:
         _positive(args, "exit_interval")
     if args.exit_on_nonfinite_iters is None:
         args.exit_on_nonfinite_iters = 3 if args.fp16 else 1
     elif args.exit_on_nonfinite_iters < 0:
         raise ArgumentError("--exit-on-nonfinite-iters must be >= 0")
-    if args.save:
-        try:
-            os.makedirs(args.save, exist_ok=True)
-        except OSError as exc:
-            raise ArgumentError(f"--save {args.save}: cannot create the directory ({exc.strerror})") from None
-        if not os.access(args.save, os.W_OK | os.X_OK):
-            raise ArgumentError(f"--save {args.save}: the directory is not writable")
-    from .checkpointing import check_load_dir  # reads DIR's tracker file: no tensor is loaded
-
-    check_load_dir(args)

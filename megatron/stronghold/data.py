@@ -71,9 +71,7 @@ def parse_data_path(data_path) -> Optional[Tuple[List[str], Optional[List[float]
 
 
 def _use_mock(args) -> bool:
-    return bool(getattr(args, "mock_data", False)) or parse_data_path(
-        getattr(args, "data_path", None)
-    ) is None
+    return args.mock_data or parse_data_path(args.data_path) is None
 
 
 def check_data_paths(args) -> None:
@@ -113,8 +111,7 @@ def _default_cache_dir(prefixes: List[str]) -> str:
 def _num_samples(args) -> Tuple[int, int]:
     gbs = int(args.global_batch_size)
     train = int(args.train_iters) * gbs
-    eval_iters = int(getattr(args, "eval_iters", 0) or 0)
-    eval_interval = getattr(args, "eval_interval", None)
+    eval_iters, eval_interval = args.eval_iters, args.eval_interval
     if eval_iters > 0:
         if not eval_interval or int(eval_interval) <= 0:
             raise ValueError("--eval-iters > 0 needs a positive --eval-interval")
@@ -205,27 +202,28 @@ def build_datasets(args, tokenizer):
     train_samples, valid_samples = _num_samples(args)
     mock = _use_mock(args)
     blend = None if mock else parse_data_path(args.data_path)
-    data_cache_path = getattr(args, "data_cache_path", None)
+    data_cache_path = args.data_cache_path
     if mock:
         path_to_cache = data_cache_path
         split = None  # megatron-core uses "1,1,1" for mock data
     else:
         path_to_cache = data_cache_path or _default_cache_dir(blend[0])
-        split = getattr(args, "split", None) or DEFAULT_SPLIT
+        split = args.split or DEFAULT_SPLIT
 
     config = GPTDatasetConfig(
-        random_seed=int(getattr(args, "seed", 1234)),
+        random_seed=int(args.seed),
         sequence_length=int(args.seq_length),
         blend=blend,
         split=split,
         path_to_cache=path_to_cache,
         tokenizer=tokenizer,
-        reset_position_ids=bool(getattr(args, "reset_position_ids", False)),
-        reset_attention_mask=bool(getattr(args, "reset_attention_mask", False)),
-        eod_mask_loss=bool(getattr(args, "eod_mask_loss", False)),
+        # Megatron-LM's defaults for the flags this trainer does not take.
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
         create_attention_mask=False,
-        mmap_bin_files=bool(getattr(args, "mmap_bin_files", True)),
-        num_dataset_builder_threads=int(getattr(args, "num_dataset_builder_threads", 1) or 1),
+        mmap_bin_files=True,
+        num_dataset_builder_threads=1,
     )
     # We never build a test iterator: drop the test split (train/valid bookends are unchanged,
     # i.e. identical to Megatron-LM's for the same --split). Drop valid when eval_iters == 0.
@@ -255,24 +253,19 @@ def build_datasets(args, tokenizer):
     return train_ds, valid_ds
 
 
-def build_data_iterators(args, tokenizer) -> Tuple[Iterator, Optional[Iterator]]:
-    """Return ``(train_iter, valid_iter)``: infinite iterators of micro-batch dicts.
+def build_data_iterators(args, tokenizer, consumed_train_samples: int = 0,
+                         consumed_valid_samples: int = 0) -> Tuple[Iterator, Optional[Iterator]]:
+    """Return ``(train_iter, valid_iter)``: infinite iterators of micro-batch dicts, starting
+    after the samples a resumed run has consumed (checkpointing.Resume).
 
     ``valid_iter`` is None when ``args.eval_iters`` is 0 or ``--split`` leaves no validation
-    data (a warning says so). Resumes at
-    ``args.consumed_train_samples`` / ``args.consumed_valid_samples`` when present.
+    data (a warning says so).
     Requires torch.distributed (any backend) to be initialised or not initialised at all.
     """
     train_ds, valid_ds = build_datasets(args, tokenizer)
-    mbs = int(args.micro_batch_size)
-    dp_rank = int(getattr(args, "data_parallel_rank", 0) or 0)
-    dp_size = int(getattr(args, "data_parallel_size", 1) or 1)
-    train_iter = SequentialBatchIterator(
-        train_ds, mbs, dp_rank, dp_size, int(getattr(args, "consumed_train_samples", 0) or 0)
-    )
+    mbs, dp_rank, dp_size = args.micro_batch_size, args.data_parallel_rank, args.data_parallel_size
+    train_iter = SequentialBatchIterator(train_ds, mbs, dp_rank, dp_size, consumed_train_samples)
     valid_iter = None
     if valid_ds is not None and len(valid_ds) > 0:
-        valid_iter = SequentialBatchIterator(
-            valid_ds, mbs, dp_rank, dp_size, int(getattr(args, "consumed_valid_samples", 0) or 0)
-        )
+        valid_iter = SequentialBatchIterator(valid_ds, mbs, dp_rank, dp_size, consumed_valid_samples)
     return train_iter, valid_iter

@@ -15,7 +15,6 @@ through megatron-core's TransformerConfig and local spec. Plugged in through its
   recompute path is CUDA-only).
 """
 
-import contextlib
 import functools
 
 import torch
@@ -102,24 +101,25 @@ def transformer_config(args) -> TransformerConfig:
     )
 
 
-_place_layer = None  # set by build_model while it builds: called with (layer index, layer)
+def placed_layer_class(place_layer):
+    """A TransformerLayer that hands itself to place_layer(index, layer) as soon as it is
+    initialised, before the next one exists, so the whole model need never be in fp32 on the host
+    at once. A class per build: the placement travels with the spec, not through a global."""
+
+    class PlacedTransformerLayer(TransformerLayer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            place_layer(self.layer_number - 1, self)
+
+    return PlacedTransformerLayer
 
 
-class PlacedTransformerLayer(TransformerLayer):
-    """A TransformerLayer handed to the build's placement (if any) as soon as it is initialised,
-    before the next one exists, so the whole model need never be in fp32 on the host at once."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if _place_layer is not None:
-            _place_layer(self.layer_number - 1, self)
-
-
-def layer_spec(args) -> TransformerBlockSubmodules:
+def layer_spec(args, place_layer=None) -> TransformerBlockSubmodules:
     """megatron-core's local spec with our attention and torch's norms, for the whole block: the
     layers' norms and the final one are the same implementation on every machine."""
     spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
-    spec.module = PlacedTransformerLayer
+    if place_layer is not None:
+        spec.module = placed_layer_class(place_layer)
     layer = spec.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = WrappedTorchNorm
     attention = layer.self_attention.submodules
@@ -131,33 +131,22 @@ def layer_spec(args) -> TransformerBlockSubmodules:
     return TransformerBlockSubmodules(layer_specs=[spec] * args.num_layers, layer_norm=WrappedTorchNorm)
 
 
-@contextlib.contextmanager
-def _placing(place_layer):
-    global _place_layer
-    _place_layer = place_layer
-    try:
-        yield
-    finally:
-        _place_layer = None
-
-
 def build_model(args, vocab_size: int, place_layer=None, streamed=()) -> GPTModel:
     """Build the GPT in fp32 on the CPU from the current RNG state (same weights for every method).
 
     place_layer(index, layer), if given, moves each transformer layer to where the method keeps it
     right after its initialisation; the RNG stream, and so every weight, is the same either way.
     """
-    with _placing(place_layer):
-        model = GPTModel(
-            config=transformer_config(args),
-            transformer_layer_spec=layer_spec(args),
-            vocab_size=vocab_size,
-            max_sequence_length=args.max_position_embeddings,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            position_embedding_type=args.position_embedding_type,
-            rotary_percent=args.rotary_percent,
-            rotary_base=args.rotary_base,
-        )
+    model = GPTModel(
+        config=transformer_config(args),
+        transformer_layer_spec=layer_spec(args, place_layer),
+        vocab_size=vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+    )
     if args.position_embedding_type == "rope":  # no parameters, no random numbers: the weights stay
         model.rotary_pos_emb = RotaryEmbedding(
             kv_channels=model.config.kv_channels, rotary_percent=args.rotary_percent,

@@ -20,16 +20,17 @@ import os
 import resource
 
 from .arguments import ArgumentError
+from .distributed import is_first_rank
 
 
 class TensorBoard:
-    def __init__(self, args):
+    def __init__(self, args, start_iteration: int):
         from torch.utils.tensorboard import SummaryWriter
 
         self.interval = args.tensorboard_log_interval
         self.timers, self.memory = args.log_timers_to_tensorboard, args.log_memory_to_tensorboard
         self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=args.tensorboard_queue_size)
-        self.last_counted = getattr(args, "iteration", 0)  # a resumed run counts from its checkpoint
+        self.last_counted = start_iteration  # a resumed run counts from its checkpoint
         self.counted = {}
 
     def _due(self, iteration: int) -> bool:
@@ -85,29 +86,36 @@ class TensorBoard:
 
 
 def check_args(args) -> None:
-    """The flags' values, and that DIR can be written (ArgumentError)."""
+    """The flags' values (ArgumentError); the directory is set up when the run opens it."""
     for name in ("tensorboard_log_interval", "tensorboard_queue_size"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.tensorboard_dir:
-        try:
-            os.makedirs(args.tensorboard_dir, exist_ok=True)
-        except OSError as exc:
-            raise ArgumentError(f"--tensorboard-dir {args.tensorboard_dir}: cannot create the directory "
-                                f"({exc.strerror})") from None
-        if not os.access(args.tensorboard_dir, os.W_OK | os.X_OK):
-            raise ArgumentError(f"--tensorboard-dir {args.tensorboard_dir}: the directory is not writable")
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             raise ArgumentError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)") from None
 
 
+def _prepare_dir(args) -> None:
+    """--tensorboard-dir DIR is created and must be writable (ArgumentError)."""
+    try:
+        os.makedirs(args.tensorboard_dir, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError(f"--tensorboard-dir {args.tensorboard_dir}: cannot create the directory "
+                            f"({exc.strerror})") from None
+    if not os.access(args.tensorboard_dir, os.W_OK | os.X_OK):
+        raise ArgumentError(f"--tensorboard-dir {args.tensorboard_dir}: the directory is not writable")
+
+
 @contextlib.contextmanager
-def opened(args):
+def opened(args, start_iteration: int = 0):
     """The run's TensorBoard writer for the body's duration, or None without --tensorboard-dir and on
-    ranks other than 0 (rank 0 logs the run)."""
-    writer = TensorBoard(args) if args.tensorboard_dir and int(os.environ.get("RANK", "0")) == 0 else None
+    ranks other than 0 (rank 0 logs the run). ArgumentError when DIR cannot be written."""
+    writer = None
+    if args.tensorboard_dir and is_first_rank():
+        _prepare_dir(args)
+        writer = TensorBoard(args, start_iteration)
     try:
         yield writer
     finally:

@@ -13,6 +13,7 @@ Every problem with the flags or the files is a ``ValueError`` with a one-line me
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 
 # Read before transformers and huggingface_hub are imported: a tokenizer is never downloaded.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -29,8 +30,23 @@ def default_tokenizer_type(args) -> str:
     return "ByteLevelTokenizer"
 
 
-def check_tokenizer_args(args) -> None:
-    """Raise ValueError naming the flag that is missing or the file that does not exist (cheap: no loading)."""
+@dataclass(frozen=True)
+class Vocabulary:
+    """The tokenizer's ids as the model sees them; checkpoints record all three."""
+
+    size: int         # the tokenizer's vocabulary
+    padded_size: int  # rows of the embedding: size padded by Megatron-LM's rule (padded_vocab_size)
+    eod: int          # the end-of-document id
+
+    @classmethod
+    def of(cls, tokenizer, args) -> "Vocabulary":
+        return cls(tokenizer.vocab_size, padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                                           args.tensor_model_parallel_size), tokenizer.eod)
+
+
+def check_tokenizer_args(args) -> str:
+    """The tokenizer type the flags name; ValueError naming the flag that is missing or the file that
+    does not exist (cheap: no loading)."""
     kind = getattr(args, "tokenizer_type", None) or default_tokenizer_type(args)
     if kind not in TOKENIZER_TYPES:
         raise ValueError(f"unsupported --tokenizer-type {kind!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
@@ -49,12 +65,12 @@ def check_tokenizer_args(args) -> None:
         vocab_size = getattr(args, "vocab_size", None)
         if vocab_size is None or vocab_size < 1:
             raise ValueError("NullTokenizer needs --vocab-size N (a positive number of token ids)")
+    return kind
 
 
 def build_tokenizer(args):
     """megatron-core's tokenizer named by ``args.tokenizer_type``; ValueError for bad flags or files."""
-    check_tokenizer_args(args)
-    kind = getattr(args, "tokenizer_type", None) or default_tokenizer_type(args)
+    kind = check_tokenizer_args(args)
     if kind == "HuggingFaceTokenizer":
         tokenizer = _from_directory(_tokenizer_directory(args.tokenizer_model), "--tokenizer-model " + args.tokenizer_model)
     elif kind == "GPT2BPETokenizer":

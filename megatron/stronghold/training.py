@@ -5,68 +5,40 @@ where the transformer layers' model states live (methods/).
 """
 
 import contextlib
+import dataclasses
 import gc
 import math
-import os
 import resource
-import sys
 import time
 from dataclasses import astuple, dataclass, field
 
 import torch
 
-from . import arguments, checkpointing, methods, save_dir, tensorboard_log
+from . import arguments, checkpointing, methods, run_control, tensorboard_log
+from .checkpointing import save_dir
+from .config import Config
+from .distributed import device_name, init_distributed, is_first_rank, pick_device
 from .dropout import DropoutSeeds
 from .logs import Progress, iteration_line, summary_line
 from .model import build_model, flops_per_iteration, num_parameters
 from .optim import LossScaler, lr_scheduler
+from .tokenizer import Vocabulary
 
 GiB = 1024 ** 3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def log(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # one log per run, from rank 0
+    if is_first_rank():  # one log per run
         print(msg, flush=True)
 
 
-def init_distributed(device: torch.device, tensor_parallel: int = 1) -> None:
-    """One process group and megatron-core's parallel state (idempotent: tests call train() often)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "WORLD_SIZE" in os.environ:  # torchrun
-            dist.init_process_group(backend)
-        else:  # one process: an in-memory store, so no port can clash with another run
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_parallel, 1)
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return "cpu (no CUDA GPU found: training on the CPU)"
-
-
 def preflight(args, vocab_size, device):
-    """Check that the model fits and settle --resident-layers / --window-size / --cpu-optimizer-threads;
-    returns the plan line (None for the methods without a plan)."""
+    """Check that the model fits, before any large allocation, and settle --resident-layers,
+    --window-size and --cpu-optimizer-threads: (the planner.Plan the method follows, the plan line
+    for the log); (None, None) for the methods without a plan. ArgumentError when it does not fit."""
     from .executor.cpu_worker import default_threads
     from .planner import DoesNotFit, ModelCosts, available_memory, check
 
-    if args.offload_method not in arguments.STREAMING_METHODS:
-        args.window_size = None  # only the streaming methods have a window: logs and tables show none
     costs = ModelCosts.of(args, vocab_size)
     gpu_free, host_free = available_memory(device)
     resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0
@@ -76,14 +48,11 @@ def preflight(args, vocab_size, device):
     except DoesNotFit as exc:
         raise arguments.ArgumentError(str(exc)) from None
     if plan is None:
-        return None
-    args.resident_layers = plan.resident
-    if args.window_size is None or args.offload_method == "l2l":  # l2l: one slot, whatever -w says
-        args.window_size = max(plan.window, 1)
-    args.cpu_optimizer_threads = plan.threads
-    args.streamed_recompute = plan.streamed_recompute
-    args.boundaries_on_host = plan.boundaries_on_host
-    return plan.describe(costs)
+        return None, None
+    line = plan.describe(costs)
+    # The user's window stands (the executor clamps it to the streamed layers); l2l has one slot.
+    window = max(plan.window, 1) if args.window_size is None or args.offload_method == "l2l" else args.window_size
+    return dataclasses.replace(plan, window=window), line
 
 
 def with_progress(place, layers: int):
@@ -110,20 +79,21 @@ class History:
     times: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # the method's totals (methods/protocol.py Method.stats)
     valid_losses: list = field(default_factory=list)  # (iteration, validation loss)
-    exit_code: int = 0  # process exit status (see checkpointing.RunGuard)
+    exit_code: int = 0  # process exit status (run_control.py)
 
 
-def train(args, observer=None) -> History:
+def train(args: Config, observer=None) -> History:
     """observer(event, **details), for tools that watch a run (tools/diag_memory.py,
     tools/trace_stronghold.py): "iteration" after every iteration (iteration=N), and the streaming
     executor's events (executor.StreamingExecutor.observer)."""
-    with save_dir.held(args), tensorboard_log.opened(args) as tensorboard:  # --save: one writer at a time
-        return _train(args, observer, tensorboard)
+    found = checkpointing.prepare_dirs(args)  # --save made, --load's checkpoint found; nothing read yet
+    with save_dir.held(args), contextlib.ExitStack() as closing:  # --save: one writer at a time
+        return _train(args, found, observer, closing)
 
 
-def _train(args, observer, tensorboard) -> History:
+def _train(args: Config, found, observer, closing: contextlib.ExitStack) -> History:
     from .data import build_data_iterators, check_data_paths
-    from .tokenizer import build_tokenizer, padded_vocab_size
+    from .tokenizer import build_tokenizer
 
     try:
         check_data_paths(args)
@@ -131,26 +101,28 @@ def _train(args, observer, tensorboard) -> History:
         tokenizer = build_tokenizer(args)
     except ValueError as exc:
         raise arguments.ArgumentError(str(exc)) from None
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                                   args.tensor_model_parallel_size)
-    log(f" > padded vocab (size: {tokenizer.vocab_size}) with {vocab_size - tokenizer.vocab_size} dummy tokens "
+    vocab = Vocabulary.of(tokenizer, args)
+    vocab_size = vocab.padded_size
+    log(f" > padded vocab (size: {vocab.size}) with {vocab_size - vocab.size} dummy tokens "
         f"(new size: {vocab_size})")
     device = pick_device()
-    dtype = DTYPES[args.params_dtype_name]
+    dtype = args.params_dtype
     init_distributed(device, args.tensor_model_parallel_size)
     if device.type == "cpu" and args.cpu_optimizer_threads:
         torch.set_num_threads(args.cpu_optimizer_threads)
 
-    args.unpadded_vocab_size, args.eod_token_id = tokenizer.vocab_size, tokenizer.eod  # recorded in checkpoints
-    resume = checkpointing.open_checkpoint(args, vocab_size, log)  # read and checked, tensors not loaded
-    plan = preflight(args, vocab_size, device)  # before any large allocation
+    resume = checkpointing.open_checkpoint(args, found, vocab_size, log)  # read and checked, tensors not loaded
+    start_iteration = resume.iteration if resume is not None else 0
+    plan, plan_line = preflight(args, vocab_size, device)  # before any large allocation
+    tensorboard = closing.enter_context(tensorboard_log.opened(args, start_iteration))
+
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(args.seed)
     start = time.perf_counter()
-    place = with_progress(methods.placement(args, device, dtype), args.num_layers)
-    model = build_model(args, vocab_size, place, methods.streamed_layers(args))
-    if resume is not None and resume["finetune"] and args.offload_method in arguments.ZERO_METHODS:
+    place = with_progress(methods.placement(args, plan, device, dtype), args.num_layers)
+    model = build_model(args, vocab_size, place, methods.streamed_layers(args, plan))
+    if resume is not None and resume.finetune and args.offload_method in arguments.ZERO_METHODS:
         checkpointing.load_weights_into_model(resume, model)  # before DeepSpeed partitions it
     built = time.perf_counter() - start
     total = num_parameters(model)
@@ -159,16 +131,17 @@ def _train(args, observer, tensorboard) -> History:
         f"device: {device_name(device)} | layers: {args.num_layers} | hidden: {args.hidden_size} | "
         f"heads: {args.num_attention_heads} | seq: {args.seq_length} | "
         f"micro batch: {args.micro_batch_size} | global batch: {args.global_batch_size} | "
-        f"micro batches per step: {args.num_microbatches} | window: {args.window_size} | "
-        f"resident layers: {args.resident_layers} | recompute: {args.recompute_granularity or 'none'} | "
+        f"micro batches per step: {args.num_microbatches} | window: {plan.window if plan else None} | "
+        f"resident layers: {plan.resident if plan else args.resident_layers} | "
+        f"recompute: {args.recompute_granularity or 'none'} | "
         f"data: {'mock' if args.mock_data else ' '.join(args.data_path)} |")
-    if plan is not None:
-        log(plan)
+    if plan_line is not None:
+        log(plan_line)
 
-    seeds = DropoutSeeds(args.seed, getattr(args, "data_parallel_rank", 0) or 0, args.data_parallel_size)
+    seeds = DropoutSeeds(args.seed, args.data_parallel_rank, args.data_parallel_size)
     seeds.install(model)
     t0 = time.perf_counter()
-    method = methods.build(args, model, device, dtype, seeds, log)
+    method = methods.build(args, plan, model, device, dtype, seeds, log)
     method.watch(observer)
     model.train()
     setup = method.setup_line()
@@ -177,7 +150,8 @@ def _train(args, observer, tensorboard) -> History:
 
     scheduler = lr_scheduler(args, method.optimizers)
     scaler = LossScaler(args)
-    train_iter, valid_iter = build_data_iterators(args, tokenizer)
+    consumed = (resume.consumed_train_samples, resume.consumed_valid_samples) if resume is not None else (0, 0)
+    train_iter, valid_iter = build_data_iterators(args, tokenizer, *consumed)
     flops = flops_per_iteration(args, vocab_size)
     if device.type == "cuda":
         log(f"GPU memory after setup: {torch.cuda.memory_allocated(device) / GiB:.3f} GiB allocated, "
@@ -192,12 +166,11 @@ def _train(args, observer, tensorboard) -> History:
     def save(iteration):
         progress = {"train": train_iter.consumed_samples,
                     "valid": getattr(valid_iter, "consumed_samples", 0)}
-        checkpointing.save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
-                                      vocab_size, log)
+        checkpointing.save_checkpoint(args, iteration, model, method, scheduler, scaler, progress, vocab, log)
 
-    with checkpointing.RunGuard(args, save, log) as guard, manual_gc(args):
-        history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter,
-                             guard, observer, tensorboard)
+    with run_control.RunGuard(args, save, log) as guard, manual_gc(args):
+        history = train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, start_iteration,
+                             valid_iter, guard, observer, tensorboard)
     history.exit_code = guard.exit_code
     method.shutdown()
     history.stats = method.stats()
@@ -232,11 +205,12 @@ def manual_gc(args):
         gc.enable()
 
 
-def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, valid_iter=None,
-               guard=None, observer=None, tensorboard=None) -> History:
+def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops, start_iteration=0,
+               valid_iter=None, guard=None, observer=None, tensorboard=None) -> History:
+    """Iterations start_iteration + 1 .. --train-iters (a resumed run continues after its checkpoint)."""
     history = History()
     interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
-    for it in range(getattr(args, "iteration", 0) + 1, args.train_iters + 1):  # resumes after --load
+    for it in range(start_iteration + 1, args.train_iters + 1):
         batches = [next(train_iter) for _ in range(args.num_microbatches)]
         start = time.perf_counter()
         method.seeds.iteration = it
@@ -332,15 +306,5 @@ def main(argv=None) -> int:
     try:
         args = arguments.parse_args(argv)
         return train(args).exit_code
-    except arguments.ArgumentError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except checkpointing.SaveError as exc:  # disk full while saving: the previous checkpoint stays
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return checkpointing.EXIT_SAVE_FAILED
-    except torch.OutOfMemoryError as exc:  # a model at the edge of what the pre-flight check admits
-        first = str(exc).splitlines()[0] if str(exc) else "out of memory"
-        print(f"error: out of memory during training: {first}\nUse fewer layers, full activation recompute "
-              f"(--recompute-granularity full), a smaller micro-batch, or --offload-method stronghold.",
-              file=sys.stderr, flush=True)
-        return 1
+    except run_control.REPORTED as exc:  # the user's to act on: one message, no traceback
+        return run_control.report(exc)

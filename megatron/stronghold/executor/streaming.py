@@ -40,12 +40,15 @@ from .speculative import SpeculativeStep
 
 class StreamingExecutor:
     def __init__(self, layers, window: int, dtype: torch.dtype, device: torch.device, args, log=print,
-                 overlap: bool = True, recompute: bool = True, spill_boundaries: bool = False):
+                 overlap: bool = True, recompute: bool = True, spill_boundaries: bool = False,
+                 threads: int | None = None):
         """overlap=False gives L2L's schedule on the same store: each layer is copied in when it is
         needed (no prefetch) and every CPU step runs after backward, before the next iteration.
         recompute: keep only each layer's input between forward and backward and run the layer
         again in backward (the plan decides; see planner.streamed_recompute); spill_boundaries: those
-        inputs wait in pinned host memory (boundaries.py; the plan's fallback when they do not fit)."""
+        inputs wait in pinned host memory (boundaries.py; the plan's fallback when they do not fit).
+        threads: the CPU optimizer's (the plan's; default cpu_worker.default_threads). args: the
+        run's Config, for the optimizer's hyperparameters and clipping."""
         self.recompute = recompute
         self.overlap = overlap
         self.layers = list(layers)
@@ -94,7 +97,7 @@ class StreamingExecutor:
         self.boundaries = Boundaries(self.num_layers, spill_boundaries, device, self.h2d, self.d2h, self.link)
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
-        threads = args.cpu_optimizer_threads or default_threads()
+        threads = threads or default_threads()
         # Lowest layer first: each layer's norm is known on arrival (taken on the device), so the
         # guesses depend on arrival order, never on which layer the thread took first.
         self.worker = CpuWorker(threads)

@@ -25,22 +25,23 @@ def _module(name: str):
     return importlib.import_module(f".{_MODULES[name]}", __name__)
 
 
-def placement(args, device, dtype):
+def placement(args, plan, device, dtype):
     """Where each transformer layer goes the moment it is built: place(index, layer), or None to
-    leave the whole model in fp32 on the host (model.build_model's place_layer)."""
-    return _module(args.offload_method).placement(args, device, dtype)
+    leave the whole model in fp32 on the host (model.build_model's place_layer). plan: the
+    pre-flight check's planner.Plan (None for the methods without one)."""
+    return _module(args.offload_method).placement(args, plan, device, dtype)
 
 
-def streamed_layers(args) -> range:
+def streamed_layers(args, plan) -> range:
     """Indices of the layers that stream from host memory (none for the methods that stream none);
     build_model leaves them unwrapped by activation checkpointing, the executor recomputes them."""
     module = _module(args.offload_method)
-    return module.streamed_layers(args) if hasattr(module, "streamed_layers") else range(0)
+    return module.streamed_layers(args, plan) if hasattr(module, "streamed_layers") else range(0)
 
 
-def build(args, model, device, dtype, seeds, log) -> Method:
+def build(args, plan, model, device, dtype, seeds, log) -> Method:
     """The method of args.offload_method over the built model (placed by `placement`)."""
-    return _module(args.offload_method).build(args, model, device, dtype, seeds, log)
+    return _module(args.offload_method).build(args, plan, model, device, dtype, seeds, log)
 
 
 __all__ = ["Method", "StepResult", "placement", "streamed_layers", "build"]

@@ -11,11 +11,11 @@ from ..optim import ResidentOptimizer, clip_coefficient, global_norm
 from .protocol import StepResult
 
 
-def placement(args, device, dtype):
+def placement(args, plan, device, dtype):
     return lambda index, layer: layer.to(device=device, dtype=dtype)
 
 
-def build(args, model, device, dtype, seeds, log) -> "MegatronLM":
+def build(args, plan, model, device, dtype, seeds, log) -> "MegatronLM":
     model.to(device=device, dtype=dtype)
     return MegatronLM(args, model, device, seeds, list(model.named_parameters()))
 

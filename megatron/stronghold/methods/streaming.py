@@ -21,25 +21,25 @@ from .megatron_lm import MegatronLM, to_device
 GiB = 1024 ** 3
 
 
-def streamed_span(args) -> tuple:
+def streamed_span(args, plan) -> tuple:
     """(first, end) of the streamed layers. With several micro-batches per step they come first: the
     step runs layer-major through them and then micro-batch by micro-batch through the resident
     layers, which then need only the boundary between the two. With one micro-batch the resident
     layers come first, so that the streamed layers' CPU steps overlap the resident layers' backward
     and the next forward pass."""
-    streamed = args.num_layers - args.resident_layers
-    return (0, streamed) if args.num_microbatches > 1 else (args.resident_layers, args.num_layers)
+    streamed = args.num_layers - plan.resident
+    return (0, streamed) if args.num_microbatches > 1 else (plan.resident, args.num_layers)
 
 
-def streamed_layers(args) -> range:
-    return range(*streamed_span(args))
+def streamed_layers(args, plan) -> range:
+    return range(*streamed_span(args, plan))
 
 
-def placement(args, device, dtype):
+def placement(args, plan, device, dtype):
     """The resident layers go to the device in the compute dtype; of the streamed layers, those
     another data-parallel rank owns lose their weights at once (their owner broadcasts them at load
     time), this rank's stay in fp32 on the host until the store takes them."""
-    first, end = streamed_span(args)
+    first, end = streamed_span(args, plan)
     owned = owned_by_this_rank(end - first)
 
     def place(index, layer):
@@ -60,8 +60,8 @@ def _move_all_but(model, streamed, device, dtype) -> None:
             p.data = p.data.to(device=device, dtype=dtype)
 
 
-def build(args, model, device, dtype, seeds, log):
-    first, end = streamed_span(args)
+def build(args, plan, model, device, dtype, seeds, log):
+    first, end = streamed_span(args, plan)
     every = list(model.decoder.layers)
     head, layers, tail = every[:first], every[first:end], every[end:]
     if not layers:  # everything fits on the GPU: megatron-lm's step
@@ -70,10 +70,11 @@ def build(args, model, device, dtype, seeds, log):
     _move_all_but(model, layers, device, dtype)  # frees host memory for the store
     if args.offload_method == "l2l":
         executor = StreamingExecutor(layers, 1, dtype, device, args, log=log, overlap=False,
-                                     spill_boundaries=args.boundaries_on_host)
+                                     spill_boundaries=plan.boundaries_on_host, threads=plan.threads)
     else:
-        executor = StreamingExecutor(layers, args.window_size, dtype, device, args, log=log,
-                                     recompute=args.streamed_recompute, spill_boundaries=args.boundaries_on_host)
+        executor = StreamingExecutor(layers, plan.window, dtype, device, args, log=log,
+                                     recompute=plan.streamed_recompute, spill_boundaries=plan.boundaries_on_host,
+                                     threads=plan.threads)
     model.to(device=device, dtype=dtype)  # streamed parameters are slot views already: untouched
     streamed = {id(p) for layer in layers for p in layer.parameters()}
     resident = [(n, p) for n, p in model.named_parameters() if id(p) not in streamed]

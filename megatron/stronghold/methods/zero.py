@@ -39,14 +39,15 @@ from ..model import lm_loss
 from ..optim import no_weight_decay
 from .megatron_lm import to_device
 from .protocol import StepResult
+from .zero_checkpoint import check_deepspeed_files
 from .zero_configs import deepspeed_config
 
 
-def placement(args, device, dtype):
+def placement(args, plan, device, dtype):
     return None  # DeepSpeed takes the whole fp32 model from the host
 
 
-def build(args, model, device, dtype, seeds, log) -> "ZeroMethod":
+def build(args, plan, model, device, dtype, seeds, log) -> "ZeroMethod":
     method = build_zero_method(args, model, device, dtype)
     method.seeds, method.device = seeds, device
     return method
@@ -172,6 +173,7 @@ class ZeroMethod:
         self.engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
 
     def load_engine(self, root: str, tag: str) -> None:
+        check_deepspeed_files(os.path.join(root, tag))  # DeepSpeed unpickles: data only
         loaded, _ = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
         if loaded is None:

@@ -25,7 +25,8 @@ import socket
 import sys
 import time
 
-from .arguments import ArgumentError
+from ..arguments import ArgumentError
+from ..distributed import is_first_rank
 
 LOCK = "writer.lock"
 _PARTIAL = re.compile(r"^iter_\d{7}\.tmp$")
@@ -126,7 +127,7 @@ class WriterLock:
 def held(args):
     """The --save directory's writer lock for the body's duration (rank 0; nothing without --save)."""
     lock = None
-    if args.save and int(os.environ.get("RANK", "0")) == 0:
+    if args.save and is_first_rank():
         lock = WriterLock(args.save)
     try:
         yield lock

@@ -1,6 +1,11 @@
-"""The fp32 weights in a ZeRO checkpoint (DeepSpeed's files), memory-mapped, read as plain data.
+"""ZeRO checkpoints: DeepSpeed's files, read as plain data.
 
-zero-offload and zero-infinity save through DeepSpeed (checkpointing.py), whose files hold the fp32
+zero-offload and zero-infinity save and load through DeepSpeed's engine (methods/zero.py), into the
+iteration directories of checkpointing/, beside the trainer's own file. DeepSpeed's loader unpickles
+(weights_only=False), so `check_deepspeed_files` first reads every file it will open as plain data
+and refuses the checkpoint if that fails.
+
+DeepSpeed's files hold the fp32
 master weights as flat partitions of the optimizer's parameter groups. `zero_weights` returns them
 by megatron-core GPTModel names, each a view into the memory-mapped file: nothing is read until a
 tensor is used, so a checkpoint much larger than host memory can be converted tensor by tensor.
@@ -18,12 +23,7 @@ import os
 
 import torch
 
-from .arguments import ArgumentError
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+from ..arguments import ArgumentError, first_line
 
 
 def deepspeed_data_classes():
@@ -44,7 +44,15 @@ def read_deepspeed_file(path: str) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise ArgumentError(f"refusing DeepSpeed checkpoint file {path}: it does not load as plain "
-                            f"data ({_first_line(exc)})") from None
+                            f"data ({first_line(exc)})") from None
+
+
+def check_deepspeed_files(path: str) -> None:
+    """ArgumentError unless every DeepSpeed file in directory `path` (its *_states.pt: model and
+    optimizer states) reads as plain data; call before DeepSpeed's own loader opens them."""
+    for name in sorted(os.listdir(path)):
+        if name.endswith("_states.pt"):
+            read_deepspeed_file(os.path.join(path, name))
 
 
 def _one(path: str, suffix: str) -> str:

@@ -1,0 +1,58 @@
+"""The process's place in the launch: its device, the process group and megatron-core's parallel
+state, and the rank that logs, publishes checkpoints and writes TensorBoard events."""
+
+import os
+
+import torch
+
+
+def global_rank() -> int:
+    """This process's rank: torch.distributed's once initialised, torchrun's RANK before that."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def is_first_rank() -> bool:
+    """Rank 0 speaks for the run: one log, one checkpoint publisher, one event file."""
+    return global_rank() == 0
+
+
+def gather(value) -> list:
+    """Every rank's value, in rank order; a barrier too."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
+
+
+def init_distributed(device: torch.device, tensor_parallel: int = 1) -> None:
+    """One process group and megatron-core's parallel state (idempotent: tests call train() often)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ:  # torchrun
+            dist.init_process_group(backend)
+        else:  # one process: an in-memory store, so no port can clash with another run
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_parallel, 1)
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu (no CUDA GPU found: training on the CPU)"
