@@ -74,7 +74,8 @@ def measure_cpu_update(numel):
 def measure_compute(args_list, hidden, heads, seq, mb, recompute):
     """Forward+backward seconds per layer and for the rest of the model (all resident, bf16)."""
     from megatron.stronghold import model as model_lib
-    from megatron.stronghold.training import init_distributed, to_device
+    from megatron.stronghold.distributed import init_distributed
+    from megatron.stronghold.methods.megatron_lm import to_device
     from megatron.stronghold.data import build_data_iterators
     from megatron.stronghold.tokenizer import build_tokenizer, padded_vocab_size
 

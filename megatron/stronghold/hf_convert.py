@@ -31,12 +31,14 @@ holds at most one shard of the output (plus pages of the input the kernel may dr
 """
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, fields
 
 import torch
+
+from .layer_shape import LayerShape
+from .tokenizer import padded_vocab_size
 
 
 class Unsupported(ValueError):
@@ -94,11 +96,11 @@ class ModelSpec:
 
     @property
     def linear_bias(self) -> bool:
-        return not self.disable_bias_linear
+        return LayerShape.of(self).linear_bias
 
     @property
     def qkv_bias(self) -> bool:
-        return self.linear_bias or self.add_qkv_bias
+        return LayerShape.of(self).qkv_bias
 
 
 def _flags_of(spec: ModelSpec) -> str:
@@ -499,7 +501,7 @@ def vocab_divisor(vocab_size: int, tokenizer_size: int | None) -> int:
     the largest power of two up to Megatron-LM's 128 that does, else vocab_size itself."""
     tokens = tokenizer_size or vocab_size
     for d in (128, 64, 32, 16, 8, 4, 2, 1):
-        if math.ceil(tokens / d) * d == vocab_size:
+        if padded_vocab_size(tokens, d) == vocab_size:
             return d
     return vocab_size
 

@@ -16,6 +16,8 @@ import torch
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from .checkpointing.format import shape_mismatch
+
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return name.endswith(".bias") or param.dim() == 1
@@ -159,8 +161,7 @@ class ResidentOptimizer:
                 raise ValueError(f"{name} is missing from the checkpoint")
             entry = state[name]
             if tuple(entry["param"].shape) != tuple(master.shape):
-                raise ValueError(f"{name}: shape {tuple(entry['param'].shape)} in the checkpoint, "
-                                 f"{tuple(master.shape)} in this model")
+                raise ValueError(shape_mismatch(name, entry["param"].shape, master.shape))
             master.copy_(entry["param"])
             if self.optimizer is None:
                 continue

@@ -5,6 +5,8 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch
+
 from ..arguments import ZERO_METHODS, ArgumentError, first_line
 from ..distributed import gather, global_rank
 from . import integrity

@@ -18,6 +18,7 @@ import torch
 
 from stronghold_ext import adamw_step
 
+from ..checkpointing.format import shape_mismatch
 from ..optim import adamw, no_weight_decay
 
 
@@ -217,8 +218,7 @@ class HostLayer:
         for name, shape, off, n, (view, a, _) in self._param_parts():
             entry = state[name]
             if tuple(entry["param"].shape) != tuple(shape):
-                raise ValueError(f"{name}: shape {tuple(entry['param'].shape)} in the checkpoint, "
-                                 f"{tuple(shape)} in this model")
+                raise ValueError(shape_mismatch(name, entry["param"].shape, shape))
             self.master[off:off + n].view(shape).copy_(entry["param"])
             st = self.optimizer.state[view]
             for key in ("exp_avg", "exp_avg_sq"):
