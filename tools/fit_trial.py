@@ -5,7 +5,6 @@ Prints the planner's capacity (layers), then runs stronghold at fraction x capac
 planner's default placement and reports start-up time, iteration time and memory peaks.
 """
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys

@@ -203,7 +203,6 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
             time.sleep(600)
         _publish(root, tmp, final, iteration)
     _stop_if_failed(gather(_attempt(publish) if global_rank() == 0 else (None, None)), root, tmp, iteration)
-    del state
     if global_rank() == 0:
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(final) for f in files)
         log(f" successfully saved checkpoint from iteration {iteration:7d} to {root} "
