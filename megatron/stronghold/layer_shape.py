@@ -46,6 +46,11 @@ class LayerShape:
     def fc1_width(self) -> int:
         return self.ffn * (2 if self.gated else 1)
 
+    @property
+    def norm_params(self) -> int:
+        """Parameters of one norm over the hidden state: its weight, and a bias for LayerNorm."""
+        return self.hidden * (2 if self.norm_bias else 1)
+
     def matmul_params(self) -> int:
         """Weights of the layer's matrix products (the whole layer): query/key/value, output
         projection, the two MLP matrices."""
@@ -60,7 +65,8 @@ class LayerShape:
         qkv = self.query_width + 2 * self.kv_width
         split = self.matmul_params() + (qkv if self.qkv_bias else 0) + (self.fc1_width if self.linear_bias else 0)
         norm = 2 if self.norm_bias else 1
-        whole = 2 * h * norm + (2 * self.head_dim * norm if self.qk_norm else 0) + (2 * h if self.linear_bias else 0)
+        whole = (2 * self.norm_params + (2 * self.head_dim * norm if self.qk_norm else 0)
+                 + (2 * h if self.linear_bias else 0))
         return split // t + whole
 
     def forward_flops(self, tokens: int, seq_length: int) -> int:

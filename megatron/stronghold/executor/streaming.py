@@ -45,7 +45,7 @@ class StreamingExecutor:
         """overlap=False gives L2L's schedule on the same store: each layer is copied in when it is
         needed (no prefetch) and every CPU step runs after backward, before the next iteration.
         recompute: keep only each layer's input between forward and backward and run the layer
-        again in backward (the plan decides; see planner.streamed_recompute); spill_boundaries: those
+        again in backward (the plan decides; see planner.Plan.streamed_recompute); spill_boundaries: those
         inputs wait in pinned host memory (boundaries.py; the plan's fallback when they do not fit).
         threads: the CPU optimizer's (the plan's; default cpu_worker.default_threads). args: the
         run's Config, for the optimizer's hyperparameters and clipping."""

@@ -1,0 +1,188 @@
+"""What a placement costs: the bytes it needs on the GPU and the host, and the seconds of its parts.
+
+Byte counts (P parameters per layer as the flags shape it, layer_shape.py; c = bytes of the compute
+dtype, k micro-batches per step, a = c s b h, one micro-batch's hidden state; A = what one layer keeps
+of one micro-batch without recompute, 17 a for a GPT-2 layer, more for a SwiGLU one):
+- resident parameter: c weights + 4 fp32 master (not in fp32) + 8 Adam + 4 main grad (the compute-dtype
+  gradient is added into the main grad and freed as it arrives);
+- streamed layer on the host: 16 P (fp32 master + Adam, pinned weights and gradient; 18 in fp16, whose
+  gradient crosses in fp32) whatever k is,
+  held by one data-parallel rank of N (each holds ceil(S / N) layers); on the GPU a slot of c P per
+  window slot, the fp32 sum of the layer in backward (4 P) and at most 2W layers' gradients in flight
+  to the host (c P each);
+- activations: streamed layers keep (S + 3) k a (their inputs, and the gradients at two boundaries)
+  plus one layer's activations of one micro-batch while it runs again (with the inputs in pinned
+  host memory, S k a there and 5 k a on the GPU: two layers' inputs, two gradients, the last
+  output), or, without recompute,
+  S k A (Korthikanti et al. 2022, flash attention); resident layers run one micro-batch at a
+  time: a per layer with full recompute, else A; plus the fp32 logits and their gradient,
+  3 x 4 s b V.
+
+Seconds: the GPU's compute, the host-to-device copies and the CPU optimizer's steps of one
+iteration, each at the rate below; plan.py combines them into the predicted iteration.
+"""
+
+from dataclasses import dataclass
+
+from ..layer_shape import LayerShape
+
+GiB = 1024 ** 3
+HOST_RESERVE = 6 * GiB       # host bytes a training process holds beyond the counted ones: the interpreter,
+                             # the CUDA and torch libraries, the data, allocator slack
+GPU_RESERVE = 5 * GiB // 2   # GPU bytes beyond the counted ones: cuBLAS workspaces, NCCL, allocator slack
+                             # (the CUDA context is already outside the free figure). A fixed amount, not a
+                             # fraction of the free memory: none of these grows with the card, and a fraction
+                             # of a large card's memory would stream layers that fit
+ACHIEVED_FLOPS = 450e12      # FLOP/s an H200 sustains on a layer's matrix products and attention in bf16
+                             # (Megatron's FLOPs count, the recompute's included)
+CPU_ADAM_RATE = 4e9          # parameters/s of the fused CPU AdamW (stronghold_ext) on a 16-core host
+PCIE_RATE = 45e9             # bytes/s each way between host and GPU over the PCIe link of an H100 or H200
+                             # host, with both directions busy
+
+
+@dataclass
+class ModelCosts:
+    """One rank's share of the model in the numbers the counts need; ModelCosts.of builds it from
+    the flags."""
+    layers: int
+    layer_params: int
+    other_params: int
+    compute_bytes: int
+    hidden_state: int  # bytes of one micro-batch's hidden state (c s b h)
+    act_fixed: int
+    tokens: int  # per micro-batch
+    recompute: bool  # the user's --recompute-granularity full
+    microbatches: int
+    seq_length: int
+    hidden: int
+    vocab: int
+    data_parallel: int  # ranks: each holds 1/N of the streamed layers and reduces gradients in fp32
+    fp16: bool
+    layer_activations: int  # A: bytes one layer keeps of one micro-batch without recompute
+    layer_forward_flops: int  # one layer's forward over one micro-batch
+
+    @classmethod
+    def of(cls, args, vocab_size: int) -> "ModelCosts":
+        shape = LayerShape.of(args)
+        h, s, b = shape.hidden, args.seq_length, args.micro_batch_size
+        c = 4 if args.params_dtype_name == "fp32" else 2
+        tp = shape.tensor_parallel  # each rank holds its shards
+        # Per rank: the word embedding and an untied output layer are split over the vocabulary; the
+        # position table (learned_absolute only) and the final norm are whole on every rank.
+        other = (vocab_size * h * (2 if args.untie_embeddings_and_output_weights else 1)) // tp
+        other += shape.norm_params
+        if args.position_embedding_type == "learned_absolute":
+            other += args.max_position_embeddings * h
+        return cls(layers=args.num_layers, layer_params=shape.params(), other_params=other, compute_bytes=c,
+                   hidden_state=c * s * b * h // tp, act_fixed=3 * 4 * s * b * vocab_size // tp, tokens=s * b,
+                   recompute=args.recompute_granularity == "full", microbatches=args.num_microbatches,
+                   seq_length=s, hidden=h // tp, vocab=vocab_size // tp,
+                   data_parallel=getattr(args, "data_parallel_size", 1), fp16=bool(args.fp16),
+                   layer_activations=shape.activation_bytes(c, s * b),
+                   layer_forward_flops=shape.forward_flops(s * b, s) // tp)
+
+    @property
+    def act_per_layer(self) -> int:
+        """Activations one resident layer keeps for one micro-batch."""
+        return self.hidden_state if self.recompute else self.layer_activations
+
+    @property
+    def resident_bytes_per_param(self) -> int:
+        c = self.compute_bytes
+        return c + (0 if c == 4 else 4) + 8 + 4
+
+    @property
+    def gradient_bytes(self) -> int:
+        """A streamed gradient crosses PCIe in bf16, or in fp32 with fp16 (executor/host_store.py)."""
+        return 2 if self.compute_bytes == 2 and not self.fp16 else 4
+
+    @property
+    def host_bytes_per_param(self) -> int:
+        return 12 + (0 if self.compute_bytes == 4 else self.compute_bytes) + self.gradient_bytes
+
+    def streamed_activations(self, streamed: int, recompute: bool, on_host: bool = False) -> int:
+        """GPU bytes of the streamed layers' activations (on_host: the boundaries wait on the host)."""
+        if not streamed:
+            return 0
+        k, a = self.microbatches, self.hidden_state
+        if recompute:
+            return ((5 if on_host else streamed + 3) * k * a) + self.layer_activations
+        return streamed * k * self.layer_activations + 2 * k * a
+
+
+def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = True, on_host: bool = False) -> int:
+    streamed = costs.layers - resident
+    c, P = costs.compute_bytes, costs.layer_params
+    # W slots of weights, the fp32 sum of the layer in backward, up to 2W gradients on their way to the
+    # host (the executor waits for the copy of layer i + 2W before it lets go of layer i's)
+    slots = (window * (c + 2 * costs.gradient_bytes) + 4) * P if streamed else 0
+    return (costs.other_params * costs.resident_bytes_per_param
+            + resident * P * costs.resident_bytes_per_param
+            + slots + resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute, on_host)
+            + costs.act_fixed + GPU_RESERVE)
+
+
+def boundary_host_bytes(costs: ModelCosts, resident: int) -> int:
+    """Pinned host bytes of the streamed layers' inputs when they wait on the host."""
+    return (costs.layers - resident) * costs.microbatches * costs.hidden_state
+
+
+def host_bytes(costs: ModelCosts, resident: int, on_host: bool = False) -> int:
+    """Peak host bytes: the larger of the fp32 weights on the host once the model is built and the
+    store of the streamed layers. Each layer is placed as soon as it is initialised (resident ones go
+    to the GPU, another rank's are dropped), so the build leaves the embeddings and this rank's
+    streamed layers in fp32 on the host; each streamed layer's fp32 weights are freed as its store
+    is built."""
+    owned = -(-(costs.layers - resident) // costs.data_parallel)  # this rank's share of the streamed layers
+    built = 4 * ((owned + 1) * costs.layer_params + costs.other_params)  # + 1: the layer being built
+    store = owned * costs.layer_params * costs.host_bytes_per_param + 4 * costs.layer_params
+    return max(built, store + (boundary_host_bytes(costs, resident) if on_host else 0)) + HOST_RESERVE
+
+
+# What DeepSpeed surely keeps per parameter in the ZeRO baselines (one rank): on the host the fp32
+# master, both Adam moments and the fp32 gradient partition of its CPU optimizer (16 B), plus the
+# compute-dtype parameters for ZeRO-Infinity, which offloads them too; on the GPU the compute-dtype
+# parameters for ZeRO-Offload. Lower bounds: DeepSpeed's buffers come on top.
+def zero_bytes(costs: ModelCosts, method: str) -> tuple:
+    """(host bytes, GPU bytes) that a ZeRO baseline certainly needs."""
+    params = costs.layers * costs.layer_params + costs.other_params
+    offloads_params = method == "zero-infinity"
+    host = params * (16 + (costs.compute_bytes if offloads_params else 0))
+    gpu = (0 if offloads_params else params * costs.compute_bytes) + costs.layers * costs.act_per_layer + costs.act_fixed
+    return host, gpu
+
+
+def layer_forward_seconds(costs: ModelCosts) -> float:
+    """One layer's forward over one micro-batch: its matmuls and attention (Megatron's FLOPs count)."""
+    return costs.layer_forward_flops / ACHIEVED_FLOPS
+
+
+def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool = True) -> float:
+    """GPU time of one step: forward + backward (2x forward) of every layer and micro-batch, a third
+    forward where it runs again, and the output layer."""
+    streamed = costs.layers - resident
+    k, f = costs.microbatches, layer_forward_seconds(costs)
+    resident_time = resident * k * f * (4 if costs.recompute else 3)
+    streamed_time = streamed * k * f * (4 if streamed_recompute else 3)
+    head = k * 3 * 2 * costs.tokens * costs.hidden * costs.vocab / ACHIEVED_FLOPS
+    return resident_time + streamed_time + head
+
+
+def cpu_step_seconds(costs: ModelCosts, resident: int) -> float:
+    return -(-(costs.layers - resident) // costs.data_parallel) * costs.layer_params / CPU_ADAM_RATE
+
+
+def link_seconds(costs: ModelCosts, resident: int, window: int) -> float:
+    """Host-to-device bytes of a step: each streamed layer loaded for forward and again for backward,
+    except the W still in their slots when backward starts (the gradients go the other way)."""
+    streamed = costs.layers - resident
+    loads = 0 if not streamed else (streamed if window >= streamed else 2 * streamed - window)
+    return loads * costs.layer_params * costs.compute_bytes / PCIE_RATE
+
+
+def overlapped_forward_seconds(costs: ModelCosts, resident: int) -> float:
+    """The forward work the next step does before it needs each streamed layer's new weights in turn
+    (what steps deferred to the end of backward overlap): with several micro-batches the streamed
+    layers come first; with one, the resident layers run before them."""
+    layers = costs.layers if costs.microbatches == 1 else costs.layers - resident
+    return layers * costs.microbatches * layer_forward_seconds(costs)

@@ -1,0 +1,141 @@
+"""The placement of stronghold's layers: the plan with the most resident layers that fits.
+
+A plan picks
+- R resident layers, kept on the GPU with the GPU optimizer, as in megatron-lm: the last R with
+  several micro-batches per step (the step runs layer-major through the streamed layers, then
+  micro-batch by micro-batch through the resident ones), the first R with one (the streamed layers'
+  CPU steps then overlap the resident layers' work; methods/streaming.py streamed_span);
+- W window slots through which the other S = L - R layers stream from host memory;
+- whether the streamed layers keep their activations from forward to backward or only their
+  inputs (one boundary per layer and micro-batch) and run again in backward, and, where no
+  placement holds those boundaries on the GPU, that they wait in pinned host memory;
+- the CPU optimizer's threads: all the cores it may have only where its steps bound the iteration.
+It keeps as many layers resident as fit, so a model that fits on the GPU runs like megatron-lm and a
+larger one streams only what does not fit; and it predicts the iteration time from costs.py's parts.
+"""
+
+from dataclasses import dataclass
+
+from .costs import (CPU_ADAM_RATE, GiB, PCIE_RATE, ModelCosts, boundary_host_bytes, compute_seconds,
+                    cpu_step_seconds, gpu_bytes, host_bytes, link_seconds, overlapped_forward_seconds)
+
+
+@dataclass
+class Plan:
+    resident: int
+    window: int
+    threads: int  # of the CPU optimizer
+    gpu_bytes: int
+    host_bytes: int
+    predicted_s: float
+    gpu_free: int | None = None  # bytes the plan was made for; None without a GPU
+    streamed_recompute: bool = True  # streamed layers keep only their inputs and run again in backward
+    predicted_deferred_s: float = 0.0  # the iteration when clipping fires and the CPU steps wait for the norm
+    boundary_bytes: int = 0
+    boundaries_on_host: bool = False  # the boundaries wait in pinned host memory (boundary_bytes there)
+
+    def describe(self, costs: ModelCosts) -> str:
+        streamed = costs.layers - self.resident
+        keeps = ("boundaries" if self.streamed_recompute else "activations") if streamed else "none"
+        if self.boundaries_on_host:
+            keeps = "boundaries in pinned host memory"
+        return (f"plan | resident layers: {self.resident} | streamed layers: {streamed} | "
+                f"window: {self.window} | micro batches per step: {costs.microbatches} | "
+                f"streamed layers keep: {keeps} ({self.boundary_bytes / GiB:.2f} GiB) | "
+                f"CPU optimizer threads: {self.threads} | GPU: {self.gpu_bytes / GiB:.1f} GiB"
+                f"{'' if self.gpu_free is None else f' of {self.gpu_free / GiB:.1f} free'} | host: {self.host_bytes / GiB:.1f} GiB | "
+                f"predicted iteration (ms): {self.predicted_s * 1e3:.0f} | "
+                f"predicted iteration when clipping defers the CPU steps (ms): {self.predicted_deferred_s * 1e3:.0f} |")
+
+
+class DoesNotFit(ValueError):
+    """No placement fits the memory available; the message gives the numbers and what to change."""
+
+
+def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_recompute: bool = True,
+                      deferred: bool = False, on_host: bool = False) -> float:
+    """A model, not a measurement. The CPU steps and copies overlap the GPU work: the step takes the
+    largest of compute, link and CPU time, plus what cannot overlap (layer 0 steps last and is loaded
+    first). When clipping fires, no step starts before the global norm is known: the CPU work then
+    overlaps only the next forward pass through the streamed layers."""
+    compute = compute_seconds(costs, resident, streamed_recompute)
+    streamed = costs.layers - resident
+    if not streamed:
+        return compute
+    cpu = cpu_step_seconds(costs, resident)
+    one_layer = costs.layer_params * (1 / CPU_ADAM_RATE + costs.compute_bytes / PCIE_RATE)
+    link = link_seconds(costs, resident, window)
+    if on_host:  # the boundaries cross the link once each way too
+        link += boundary_host_bytes(costs, resident) / PCIE_RATE
+    if deferred:
+        forward = overlapped_forward_seconds(costs, resident)
+        return max(compute + max(0.0, cpu - forward), link) + one_layer
+    return max(compute, link, cpu) + one_layer
+
+
+def optimizer_threads(costs: ModelCosts, resident: int, cores: int) -> int:
+    """Threads for the CPU optimizer, out of `cores` (this rank's share less the main thread's).
+
+    All of them only where the streamed layers' CPU steps take half the step's compute or more: the
+    steps then bound the iteration, and more threads shorten it. Otherwise half: the main thread
+    launches the GPU work, and beside an optimizer thread on every other core it slows down. With
+    several small micro-batches it launches many short kernels, and the slowdown outweighs faster
+    CPU steps even when clipping defers them all to the end of backward; with few streamed layers
+    their steps hide behind the GPU work with half the cores as well as with all.
+    """
+    cpu = cpu_step_seconds(costs, resident)
+    if cpu >= compute_seconds(costs, resident) / 2:
+        return cores
+    return max(1, (cores + 1) // 2)
+
+
+def _window(costs, resident, window):
+    streamed = costs.layers - resident
+    return min(window if window is not None else 4, streamed) if streamed else 0
+
+
+def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window=None, threads=None,
+              cores: int = 1) -> Plan:
+    """The plan with the most resident layers that fits; `resident`/`window`/`threads` fix a choice.
+
+    gpu_free None means there is no GPU: device and host share the host memory. cores: the most
+    threads the CPU optimizer may have (see optimizer_threads). DoesNotFit, with the numbers, where
+    no placement fits.
+    """
+    shared = gpu_free is None
+    gpu_budget = host_free if shared else gpu_free
+    L = costs.layers
+    candidates = [min(resident, L)] if resident is not None else range(L, -1, -1)
+    # Streamed layers keep their activations only where the user did not ask for recompute and they
+    # fit; running a layer again costs a third more of its compute, not another copy. Their inputs
+    # go to pinned host memory only where no placement holds them on the GPU (a large global batch):
+    # then they cross the link twice per step.
+    keep_options = ((True, False),) if costs.recompute else ((False, False), (True, False))
+    for options in (keep_options, ((True, True),)):
+        for r in candidates:
+            w = _window(costs, r, window)
+            for recompute, on_host in options:
+                if on_host and (shared or r == L):
+                    continue  # without a GPU there is no other memory to go to
+                g, h = gpu_bytes(costs, r, w, recompute, on_host), host_bytes(costs, r, on_host)
+                if (g + h <= host_free) if shared else (g <= gpu_budget and h <= host_free):
+                    kept = boundary_host_bytes(costs, r) if on_host else costs.streamed_activations(L - r, recompute)
+                    return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h,
+                                predicted_seconds(costs, r, w, recompute, on_host=on_host), gpu_free, recompute,
+                                predicted_seconds(costs, r, w, recompute, deferred=True, on_host=on_host),
+                                kept, on_host)
+    r = min(resident, L) if resident is not None else 0
+    w = _window(costs, r, window)
+    g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
+    if shared:
+        raise DoesNotFit(
+            f"the model does not fit: it needs {(g + h) / GiB:.1f} GiB of host memory and this machine "
+            f"has {host_free / GiB:.1f} GiB available (no GPU). Use fewer layers (--num-layers) or a "
+            f"smaller hidden size.")
+    raise DoesNotFit(
+        f"the model does not fit: it needs {h / GiB:.1f} GiB host + {g / GiB:.1f} GiB GPU "
+        f"({r} resident layers, window {w}), and this machine has {host_free / GiB:.1f} GiB host and "
+        f"{gpu_budget / GiB:.1f} GiB GPU available. Use fewer layers (--num-layers), "
+        f"{'full activation recompute (--recompute-granularity full), ' if not costs.recompute else ''}"
+        f"a smaller micro-batch or global batch (the streamed layers keep {costs.microbatches} micro-batches' "
+        f"inputs: {costs.streamed_activations(L - r, True) / GiB:.1f} GiB), or a machine with more memory.")

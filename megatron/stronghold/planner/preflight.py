@@ -1,0 +1,96 @@
+"""The pre-flight check of every method: refuse, before anything large is allocated, a model that
+cannot fit the memory this machine has, with the numbers; and the most layers each check admits
+(the largest-model search's start)."""
+
+import os
+
+from ..arguments import ZERO_METHODS
+from .costs import GPU_RESERVE, GiB, ModelCosts, gpu_bytes, zero_bytes
+from .plan import DoesNotFit, make_plan
+
+
+def available_memory(device) -> tuple:
+    """(free GPU bytes, available host bytes). Without CUDA both are host memory."""
+    import psutil
+    import torch
+
+    # Ranks on one node share its host memory (torchrun sets LOCAL_WORLD_SIZE).
+    host = psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, host
+    return None, host
+
+
+def megatron_check(costs: ModelCosts, gpu_free, host_free: int) -> None:
+    """megatron-lm keeps everything on the GPU: refuse before allocating what cannot fit.
+
+    Unlike stronghold's plan, which has other placements to choose from and keeps a margin, this
+    refuses only a model whose counted bytes exceed the free GPU memory: one at the edge is tried,
+    as Megatron-LM would, and an out-of-memory error is reported (pretrain_gpt.main).
+    """
+    need = gpu_bytes(costs, costs.layers, 0) - GPU_RESERVE
+    if gpu_free is None:
+        make_plan(costs, None, host_free, resident=costs.layers)
+        return
+    if need > gpu_free:
+        raise DoesNotFit(
+            f"megatron-lm needs {need / GiB:.1f} GiB GPU for {costs.layers} layers and "
+            f"{gpu_free / GiB:.1f} GiB are free: use --offload-method stronghold, "
+            f"fewer layers or full activation recompute.")
+
+
+def zero_check(costs: ModelCosts, gpu_free, host_free: int, method: str) -> None:
+    """Refuse, before DeepSpeed allocates anything, a model whose certain bytes already exceed what
+    is available (the rest is left to DeepSpeed, as megatron-lm's edge is left to the allocator)."""
+    host, gpu = zero_bytes(costs, method)
+    params = costs.layers * costs.layer_params + costs.other_params
+    if gpu_free is None:  # no GPU: one memory
+        if host + gpu > host_free:
+            raise DoesNotFit(
+                f"the model does not fit: {method} needs at least {(host + gpu) / GiB:.1f} GiB of host memory "
+                f"for {params / 1e9:.2f} B parameters and this machine has {host_free / GiB:.1f} GiB available "
+                f"(no GPU). Use fewer layers (--num-layers) or a smaller hidden size.")
+        return
+    if host > host_free or gpu > gpu_free:
+        raise DoesNotFit(
+            f"the model does not fit: {method} needs at least {host / GiB:.1f} GiB host + {gpu / GiB:.1f} GiB GPU "
+            f"for {params / 1e9:.2f} B parameters (DeepSpeed's CPU optimizer alone keeps 16 B per parameter "
+            f"on the host), and this machine has {host_free / GiB:.1f} GiB host and {gpu_free / GiB:.1f} GiB GPU "
+            f"available. Use fewer layers (--num-layers) or --offload-method stronghold.")
+
+
+def check(costs: ModelCosts, gpu_free, host_free: int, method: str, resident=None, window=None, threads=None,
+          cores: int = 1):
+    """The pre-flight check of `method` (raises DoesNotFit): stronghold's and l2l's plan (l2l streams
+    every layer through one slot), None for the methods without one."""
+    if method == "megatron-lm":
+        megatron_check(costs, gpu_free, host_free)
+        return None
+    if method in ZERO_METHODS:
+        zero_check(costs, gpu_free, host_free, method)
+        return None
+    if method == "l2l":
+        resident, window = 0, 1
+    return make_plan(costs, gpu_free, host_free, resident, window, threads, cores)
+
+
+def layers_that_fit(costs: ModelCosts, gpu_free: int, host_free: int, method: str = "stronghold") -> int:
+    """Most layers the method's pre-flight check admits (for the largest-model search): stronghold
+    with any plan, l2l with every layer streamed through one slot, megatron-lm all on the GPU, the
+    ZeRO baselines their certain bytes."""
+    lo, hi = 0, 1
+    while _fits(costs, hi, gpu_free, host_free, method):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _fits(costs, mid, gpu_free, host_free, method) else (lo, mid)
+    return lo
+
+
+def _fits(costs, layers, gpu_free, host_free, method) -> bool:
+    try:
+        check(ModelCosts(**{**costs.__dict__, "layers": layers}), gpu_free, host_free, method)
+        return True
+    except DoesNotFit:
+        return False
