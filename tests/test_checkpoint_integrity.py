@@ -76,7 +76,7 @@ def test_ckpt_step_must_name_a_checkpoint(tmp_path):
     training.train(arguments.parse_args([*FLAGS, "--train-iters", "2", "--save", save, "--save-interval", "1"]))
     with pytest.raises(arguments.ArgumentError, match=r"--ckpt-step 5: .*iter_0000005 holds no checkpoint "
                                                       r"\(iterations in .*: 1, 2\)"):
-        arguments.parse_args([*FLAGS, "--load", save, "--ckpt-step", "5"])
+        training.train(arguments.parse_args([*FLAGS, "--load", save, "--ckpt-step", "5"]))
     with pytest.raises(arguments.ArgumentError, match="--ckpt-step needs --load DIR"):
         arguments.parse_args([*FLAGS, "--ckpt-step", "1"])
 

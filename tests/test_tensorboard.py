@@ -62,11 +62,13 @@ def test_event_files_hold_the_logged_values(tmp_path):
 
 
 def test_a_tensorboard_dir_that_cannot_be_written_is_refused(tmp_path):
-    from megatron.stronghold import arguments
+    from megatron.stronghold import arguments, training
 
     blocker = tmp_path / "file"
     blocker.write_text("")
+    # Flags are checked by parse_args; the directory when the run opens it, before the model is built.
+    args = arguments.parse_args(["--mock-data", "--tensorboard-dir", str(blocker / "tb")])
     with pytest.raises(arguments.ArgumentError, match=f"--tensorboard-dir {blocker / 'tb'}: cannot create"):
-        arguments.parse_args(["--mock-data", "--tensorboard-dir", str(blocker / "tb")])
+        training.train(args)
     with pytest.raises(arguments.ArgumentError, match="--tensorboard-log-interval must be a positive integer"):
         arguments.parse_args(["--mock-data", "--tensorboard-dir", str(tmp_path), "--tensorboard-log-interval", "0"])

@@ -97,8 +97,10 @@ def check_args(args) -> None:
             raise ArgumentError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)") from None
 
 
-def _prepare_dir(args) -> None:
-    """--tensorboard-dir DIR is created and must be writable (ArgumentError)."""
+def prepare_dir(args) -> None:
+    """--tensorboard-dir DIR is created and must be writable (ArgumentError); rank 0 writes there."""
+    if not args.tensorboard_dir or not is_first_rank():
+        return
     try:
         os.makedirs(args.tensorboard_dir, exist_ok=True)
     except OSError as exc:
@@ -111,10 +113,9 @@ def _prepare_dir(args) -> None:
 @contextlib.contextmanager
 def opened(args, start_iteration: int = 0):
     """The run's TensorBoard writer for the body's duration, or None without --tensorboard-dir and on
-    ranks other than 0 (rank 0 logs the run). ArgumentError when DIR cannot be written."""
+    ranks other than 0 (rank 0 logs the run); prepare_dir has made DIR."""
     writer = None
     if args.tensorboard_dir and is_first_rank():
-        _prepare_dir(args)
         writer = TensorBoard(args, start_iteration)
     try:
         yield writer

@@ -87,6 +87,7 @@ def train(args: Config, observer=None) -> History:
     tools/trace_stronghold.py): "iteration" after every iteration (iteration=N), and the streaming
     executor's events (executor.StreamingExecutor.observer)."""
     found = checkpointing.prepare_dirs(args)  # --save made, --load's checkpoint found; nothing read yet
+    tensorboard_log.prepare_dir(args)  # --tensorboard-dir made and writable, before anything is built
     with save_dir.held(args), contextlib.ExitStack() as closing:  # --save: one writer at a time
         return _train(args, found, observer, closing)
 
