@@ -220,3 +220,19 @@ def test_resident_layers_cost_no_host_memory_since_each_leaves_the_host_as_it_is
     # data parallel: the fp32 weights a rank keeps after the build are its own streamed layers only
     two = ModelCosts(**{**large.__dict__, "data_parallel": 2})
     assert host_bytes(two, 0) < host_bytes(large, 0)
+
+
+def test_tensor_parallel_ranks_share_the_output_layer(monkeypatch):
+    # Each of tp ranks multiplies the whole hidden state by its 1/tp of the output columns.
+    import dataclasses
+
+    from megatron.stronghold.planner.costs import compute_seconds
+
+    def output_layer_seconds(c):
+        return compute_seconds(dataclasses.replace(c, layers=0), resident=0)
+
+    one = costs(1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two = costs(1, "--tensor-model-parallel-size", "2")
+    assert output_layer_seconds(one) > 0
+    assert output_layer_seconds(two) == pytest.approx(output_layer_seconds(one) / 2)

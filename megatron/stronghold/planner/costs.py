@@ -54,8 +54,8 @@ class ModelCosts:
     recompute: bool  # the user's --recompute-granularity full
     microbatches: int
     seq_length: int
-    hidden: int
-    vocab: int
+    hidden: int  # the output layer's input width: whole on every rank
+    vocab: int  # this rank's share of the output layer's columns
     data_parallel: int  # ranks: each holds 1/N of the streamed layers and reduces gradients in fp32
     fp16: bool
     layer_activations: int  # A: bytes one layer keeps of one micro-batch without recompute
@@ -76,7 +76,7 @@ class ModelCosts:
         return cls(layers=args.num_layers, layer_params=shape.params(), other_params=other, compute_bytes=c,
                    hidden_state=c * s * b * h // tp, act_fixed=3 * 4 * s * b * vocab_size // tp, tokens=s * b,
                    recompute=args.recompute_granularity == "full", microbatches=args.num_microbatches,
-                   seq_length=s, hidden=h // tp, vocab=vocab_size // tp,
+                   seq_length=s, hidden=h, vocab=vocab_size // tp,
                    data_parallel=getattr(args, "data_parallel_size", 1), fp16=bool(args.fp16),
                    layer_activations=shape.activation_bytes(c, s * b),
                    layer_forward_flops=shape.forward_flops(s * b, s) // tp)
