@@ -81,14 +81,14 @@ class LayerShape:
         norms and of every matrix product, the queries, keys and values the attention kernel keeps
         (keys and values repeated to n heads for grouped-query attention, see model.SDPAttention),
         the per-head norms' inputs, and the MLP's activation inputs and outputs (GELU: its input;
-        SwiGLU: the 2 f first-layer output and the SiLU output). A GPT-2 layer: 16 h, which with
-        its masks is the 17 a the planner's GPU counts were measured against."""
+        SwiGLU: the 2 f first-layer output and the SiLU output). A GPT-2 layer: 16 h; in bf16, with
+        its two one-byte dropout masks, 34 h bytes, i.e. 17 bf16 hidden states."""
         h, q = self.hidden, self.query_width
         attention = h + 3 * q + q + (q + self.kv_width if self.qk_norm else 0)  # qkv in, q k v, proj in
         mlp = h + (3 * self.ffn if self.gated else self.ffn) + self.ffn  # fc1 in, activation, fc2 in
         return 2 * h + attention + mlp
 
     def activation_bytes(self, compute_bytes: int, tokens: int) -> int:
-        """Bytes one layer keeps for `tokens` tokens of one micro-batch (per tensor-parallel rank,
-        all of it divided, as the planner always counted), with two one-byte dropout masks of h."""
+        """Bytes one layer keeps for `tokens` tokens of one micro-batch (per tensor-parallel rank:
+        all of it counted as divided by the ranks), with two one-byte dropout masks of h."""
         return tokens * (compute_bytes * self.activation_elements() + 2 * self.hidden) // self.tensor_parallel
