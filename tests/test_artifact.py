@@ -21,10 +21,6 @@ from tools import draw_results, extract_results  # noqa: E402
 TINY = ["--num-attention-heads", "4", "--seq-length", "32", "--max-position-embeddings", "32",
         "--log-interval", "1"]
 TINY_SIZE = ["-h", "64", "-b", "2", "-i", "3"]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-needs_trainer = pytest.mark.skipif(not os.path.exists(os.path.join(REPO_ROOT, "pretrain_gpt.py")),
-                                   reason="pretrain_gpt.py does not exist")
 
 
 def case(n, args, results, timeout=300, **env):
@@ -48,10 +44,40 @@ def read_csv(path):
         return list(reader)
 
 
-def check_png(path):
-    assert os.path.getsize(path) > 5000, "the figure is (nearly) empty"
-    with open(path, "rb") as f:
-        assert f.read(8) == PNG_MAGIC
+def drawn(case, results, tmp_path):
+    """The axes tools/draw_results.py draws for `case` from RESULTS/caseN.csv. The figure drawn from
+    them here must be RESULTS/caseN.png (a case script's or draw_results.main's) pixel for pixel, so
+    what a test asserts of the axes is what the PNG shows."""
+    import matplotlib.image
+
+    captured = []
+    original = draw_results.DRAW[case]
+
+    def record(ax, rows):
+        original(ax, rows)
+        captured.append(ax)
+
+    draw_results.DRAW[case] = record
+    try:
+        redrawn = draw_results.draw(case, str(results), out=str(tmp_path / f"redrawn_{case}.png"))
+    finally:
+        draw_results.DRAW[case] = original
+    shown, expected = matplotlib.image.imread(results / f"{case}.png"), matplotlib.image.imread(redrawn)
+    assert shown.shape == expected.shape and (shown == expected).all(), f"{case}.png is not the figure of {case}.csv"
+    (ax,) = captured
+    return ax
+
+
+def heights(ax):
+    return [bar.get_height() for bar in ax.patches]
+
+
+def texts(items):
+    return [t.get_text() for t in items]
+
+
+def title_lines(ax):
+    return ax.get_title().split("\n")
 
 
 def check_row_matches_log(row, log_path):
@@ -91,8 +117,8 @@ def case3_results(tmp_path_factory):
     return results, output
 
 
-@needs_trainer
-def test_case3_trains_extracts_and_draws(case3_results):
+@pytest.mark.integration
+def test_case3_trains_extracts_and_draws(case3_results, tmp_path):
     results, output = case3_results
     logs = sorted(os.listdir(results / "case3"))
     assert [name.split("_l-")[0] for name in logs] == ["log_megatron-lm", "log_stronghold"], logs
@@ -109,11 +135,19 @@ def test_case3_trains_extracts_and_draws(case3_results):
         check_row_matches_log(row, results / "case3" / row["log"])
     # The same model: both methods report the same parameter count.
     assert rows[0]["params (B)"] == rows[1]["params (B)"]
-    check_png(results / "case3.png")
     assert "wrote" in output and "case3.png" in output
+    # The figure: one bar per method, as high as the throughput its log reports.
+    ax = drawn("case3", results, tmp_path)
+    assert heights(ax) == [float(r["samples/s"]) for r in rows]
+    assert texts(ax.get_xticklabels()) == ["megatron-lm", "stronghold"]
+    assert texts(ax.texts) == [f"{float(r['samples/s']):.3g}" for r in rows]
+    assert ax.get_ylabel() == "throughput (samples/s)"
+    what, size, card = title_lines(ax)
+    assert what == "Throughput at megatron-lm's largest size" and card == "measured on: CPU"
+    assert size.startswith("2 layers, ") and size.endswith(" params, hidden 64, micro-batch 2")
 
 
-@needs_trainer
+@pytest.mark.integration
 def test_case2_pairs_each_baseline_with_stronghold(case3_results, tmp_path):
     """case2.csv/png from a megatron-lm and a stronghold log at the same size (case 3's logs, copied)."""
     results, _ = case3_results
@@ -126,10 +160,18 @@ def test_case2_pairs_each_baseline_with_stronghold(case3_results, tmp_path):
     for row in rows:
         check_row_matches_log(row, tmp_path / "case2" / row["log"])
     assert draw_results.main(["case2", "--results", str(tmp_path)]) == 0
-    check_png(tmp_path / "case2.png")
+    # The baseline's bar beside stronghold's at the same size, labelled with stronghold's speed-up.
+    ax = drawn("case2", tmp_path, tmp_path)
+    base, sh = (float(next(r for r in rows if r["method"] == m)["samples/s"]) for m in ("megatron-lm", "stronghold"))
+    assert heights(ax) == [base, sh]
+    assert texts(ax.texts) == [f"{base:.3g}", f"{sh:.3g}\n({sh / base:.2f}x)"]
+    (tick,) = texts(ax.get_xticklabels())
+    assert tick.startswith("megatron-lm\n2 layers, ")
+    assert texts(ax.get_legend().get_texts()) == ["baseline at its largest size", "stronghold at the same size"]
+    assert title_lines(ax)[-1] == "measured on: CPU"
 
 
-@needs_trainer
+@pytest.mark.integration
 def test_case4_stronghold_over_layers(tmp_path):
     ok(case(4, ["-p", "1 2", "-w", "1", *TINY_SIZE, "--", *TINY], tmp_path))
     rows = read_csv(tmp_path / "case4.csv")
@@ -137,10 +179,17 @@ def test_case4_stronghold_over_layers(tmp_path):
     for row in rows:
         check_row_matches_log(row, tmp_path / "case4" / row["log"])
     assert float(rows[0]["params (B)"]) < float(rows[1]["params (B)"])  # one more layer, more params
-    check_png(tmp_path / "case4.png")
+    # One line, stronghold's iteration time at 1 and 2 layers.
+    ax = drawn("case4", tmp_path, tmp_path)
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [1, 2]
+    assert list(line.get_ydata()) == [float(r["iteration (ms)"]) for r in rows]
+    assert texts(ax.get_legend().get_texts()) == ["stronghold, window 1"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("transformer layers", "iteration time (ms)")
+    assert title_lines(ax)[-1] == "measured on: CPU"
 
 
-@needs_trainer
+@pytest.mark.integration
 def test_case5_stronghold_over_windows(tmp_path):
     result = case(5, ["-p", "1 2 4", "-l", "2", *TINY_SIZE, "--", *TINY], tmp_path)
     output = ok(result)
@@ -150,7 +199,12 @@ def test_case5_stronghold_over_windows(tmp_path):
         ("stronghold", 2, 1), ("stronghold", 2, 2)]
     for row in rows:
         check_row_matches_log(row, tmp_path / "case5" / row["log"])
-    check_png(tmp_path / "case5.png")
+    # One bar per window, as high as that run's throughput; the skipped window has none.
+    ax = drawn("case5", tmp_path, tmp_path)
+    assert heights(ax) == [float(r["samples/s"]) for r in rows]
+    assert texts(ax.get_xticklabels()) == ["1", "2"]
+    assert ax.get_xlabel() == "window size (layers on the GPU)"
+    assert title_lines(ax)[1].startswith("2 layers, ")
 
 
 # --------------------------------------------------------------------------- case 1 and sizes from it
@@ -171,6 +225,7 @@ with open(os.path.join(a.out, f"largest_{a.method}.csv"), "w", newline="") as f:
 '''
 
 
+@pytest.mark.integration
 def test_case1_without_the_tool_exits_3(tmp_path):
     result = case(1, [], tmp_path, LARGEST_MODEL_TOOL=str(tmp_path / "missing.py"))
     assert result.returncode == 3, result.stdout + result.stderr
@@ -187,6 +242,7 @@ def case1_results(tmp_path):
     return tmp_path
 
 
+@pytest.mark.integration
 def test_case1_runs_the_tool_and_merges_its_csvs(case1_results):
     results = case1_results
     calls = [line for line in (results / "case1" / "calls.jsonl").read_text().splitlines()]
@@ -199,7 +255,13 @@ def test_case1_runs_the_tool_and_merges_its_csvs(case1_results):
             for r in rows] == [("megatron-lm", "3", "0.15", "70.5", "9.75", "NVIDIA H100 80GB HBM3"),
                                ("stronghold", "20", "1", "70.5", "65", "NVIDIA H100 80GB HBM3")]
     assert all(r["samples/s"] == "" for r in rows)
-    check_png(results / "case1.png")
+    # Bars of the largest model, in billions of parameters, labelled with its size.
+    ax = drawn("case1", results, results)
+    assert heights(ax) == [0.15, 1.0]
+    assert texts(ax.texts) == ["0.15 B\n3 layers", "1 B\n20 layers"]
+    assert texts(ax.get_xticklabels()) == ["megatron-lm", "stronghold"]  # one card: not in the ticks
+    assert ax.get_ylabel() == "largest trainable model (billion parameters)"
+    assert title_lines(ax) == ["Largest trainable GPT per method", "measured on: NVIDIA H100 80GB HBM3"]
 
 
 def dry_commands(output):
@@ -210,6 +272,7 @@ def flag(command, name):
     return command[len(command) - 1 - command[::-1].index(name) + 1]
 
 
+@pytest.mark.integration
 def test_cases_take_their_sizes_from_case1(case1_results):
     results = case1_results
     # Case 2: megatron-lm at its largest (3 layers), then stronghold at 3 layers; stronghold's own
@@ -236,6 +299,7 @@ def test_cases_take_their_sizes_from_case1(case1_results):
     (5, ["-l", "4", "-m", "l2l"], r"option -m is not used by case 5"),
     (5, ["-i"], r"option -i requires a value"),
 ])
+@pytest.mark.integration
 def test_bad_case_arguments(tmp_path, n, args, message):
     result = case(n, args, tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
@@ -270,6 +334,7 @@ def write_log(path, method="stronghold", layers=32, window=4, device="cuda (NVID
     path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.unit
 def test_extraction_of_gpu_logs_newest_complete_wins_failed_kept_without_figures(tmp_path, capsys):
     d = tmp_path / "case4"
     d.mkdir()
@@ -295,9 +360,17 @@ def test_extraction_of_gpu_logs_newest_complete_wins_failed_kept_without_figures
     assert rows[1]["params (B)"] == "1.678" and rows[1]["peak GPU (GiB)"] == "61.5"
     assert rows[1]["peak host (GiB)"] == "90.25"
     assert draw_results.main(["case4", "--results", str(tmp_path)]) == 0
-    check_png(tmp_path / "case4.png")
+    # The complete runs only (16 and 32 layers), at their newest iteration times, on both cards.
+    ax = drawn("case4", tmp_path, tmp_path)
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [16, 32] and list(line.get_ydata()) == [250.0, 500.0]
+    assert texts(ax.texts) == ["1.68 B", "1.68 B"]
+    assert texts(ax.get_legend().get_texts()) == ["stronghold, window 4"]
+    assert title_lines(ax) == ["StrongHold iteration time as the model grows", "hidden 2048, micro-batch 4",
+                               "measured on: NVIDIA H100 80GB HBM3 / NVIDIA H200"]
 
 
+@pytest.mark.unit
 def test_extraction_without_logs_fails(tmp_path, capsys):
     assert extract_results.main(["case3", "--results", str(tmp_path)]) == 1
     assert "run examples/case3.sh first" in capsys.readouterr().err
@@ -309,6 +382,7 @@ def test_extraction_without_logs_fails(tmp_path, capsys):
     assert draw_results.main(["case3", "--results", str(tmp_path)]) == 1
 
 
+@pytest.mark.unit
 def test_a_method_that_did_not_train_is_drawn_as_such(tmp_path):
     """Case 3 on an H100: zero-infinity was killed at megatron-lm's largest size; its slot says so."""
     d = tmp_path / "case3"
@@ -327,6 +401,7 @@ def test_a_method_that_did_not_train_is_drawn_as_such(tmp_path):
     draw_results.plt.close(fig)
 
 
+@pytest.mark.unit
 def test_largest_model_csv_headers_are_matched_loosely(tmp_path):
     d = tmp_path / "case1"
     d.mkdir()
@@ -341,6 +416,7 @@ def test_largest_model_csv_headers_are_matched_loosely(tmp_path):
         "l2l", "80", "3.3", "12.5", "70", "NVIDIA H100 80GB HBM3", "2048", "4")
 
 
+@pytest.mark.unit
 def test_a_search_cut_short_is_marked_as_a_lower_bound(tmp_path):
     d = tmp_path / "case1"
     d.mkdir()
@@ -357,6 +433,7 @@ def test_a_search_cut_short_is_marked_as_a_lower_bound(tmp_path):
     assert rows["l2l"]["log"] == "largest_l2l.csv"
 
 
+@pytest.mark.unit
 def test_case2_takes_a_baselines_point_from_its_largest_model_trial_log(tmp_path):
     """tools/largest_model.py names its trial logs without window and time stamp, and the baselines
     print no window: such a log is a case 2 point as it stands."""
@@ -370,8 +447,12 @@ def test_case2_takes_a_baselines_point_from_its_largest_model_trial_log(tmp_path
     assert rows["zero-offload"]["samples/s"] == "1" and rows["zero-offload"]["window"] == ""
     assert rows["zero-offload"]["log"] == "log_zero-offload_l-104_hs-2048_bs-4.txt"
     assert draw_results.main(["case2", "--results", str(tmp_path)]) == 0
+    ax = drawn("case2", tmp_path, tmp_path)
+    assert heights(ax) == [1.0, 5.5] and texts(ax.texts) == ["1", "5.5\n(5.50x)"]
+    assert texts(ax.get_xticklabels()) == ["zero-offload\n104 layers, 1.68 B"]
 
 
+@pytest.mark.unit
 def test_a_lower_bound_is_drawn_as_one(tmp_path):
     import matplotlib.pyplot as plt
 

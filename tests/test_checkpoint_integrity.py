@@ -18,6 +18,8 @@ if os.access(sys.prefix, os.W_OK):  # DeepSpeed's CPU Adam is built once, as in 
 from megatron.stronghold import arguments, checkpointing, training  # noqa: E402
 from megatron.stronghold.checkpointing import integrity  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 TINY = ["-m", "stronghold", "-l", "2", "-h", "64", "-b", "2", "--", "--num-attention-heads", "4",
         "--seq-length", "32", "--max-position-embeddings", "32", "--log-interval", "1"]
 FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",

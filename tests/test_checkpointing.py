@@ -24,6 +24,8 @@ if os.access(sys.prefix, os.W_OK):  # DeepSpeed's CPU Adam is built once, as in 
 from megatron.stronghold import arguments, checkpointing, run_control, training  # noqa: E402
 from megatron.stronghold.model import build_model  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 20
 RTOL = 1e-6  # a resumed run repeats the same arithmetic: measured bit-identical on CPU

@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import convert_hf  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 SHAPE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16"]
 # lr 1e-2: a few steps move the weights well away from their initialisation
 TRAIN = ["--micro-batch-size", "2", "--train-iters", "3", "--lr", "1e-2", "--lr-warmup-iters", "0", "--mock-data"]

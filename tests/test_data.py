@@ -22,6 +22,8 @@ from megatron.stronghold.tokenizer import build_tokenizer  # noqa: E402
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import preprocess_data  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 EXTRA_DOC = "Unicode check: h\u00e9llo w\u00f6rld \u2014 \u00fcn\u00efc\u00f8d\u00e9 \u2713 \u4e2d\u6587 \U0001f600\n"
 
 

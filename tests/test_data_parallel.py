@@ -11,6 +11,8 @@ import pytest
 
 from megatron.stronghold.logs import parse_log
 
+pytestmark = pytest.mark.integration
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dropout on (0.1): each micro-batch draws its masks from its global index (rank r's micro-batch m is
 # one process's micro-batch m x N + r), so one process and two draw the same masks for the same samples.

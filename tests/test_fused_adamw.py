@@ -8,6 +8,8 @@ import torch
 
 import stronghold_ext
 
+pytestmark = pytest.mark.unit
+
 N, CUT = 100_003, 60_001  # odd sizes; the no-decay group starts unaligned (heads and tails)
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.95), 1e-8, 0.1
 

@@ -9,6 +9,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import largest_model  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def fake_trials(monkeypatch):

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_SH = os.path.join(REPO_ROOT, "examples", "run.sh")
 LOG_NAME = re.compile(
@@ -123,10 +125,6 @@ def test_small_model_without_gpu(tmp_path):
     assert "--bf16" not in command
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(REPO_ROOT, "pretrain_gpt.py")),
-    reason="pretrain_gpt.py (the training entry point) does not exist yet",
-)
 def test_tiny_training_run_writes_log(tmp_path):
     result = run_launcher(
         ["-m", "megatron-lm", "-l", "2", "-h", "64", "-b", "2", "--",

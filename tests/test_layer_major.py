@@ -10,6 +10,8 @@ from megatron.stronghold import arguments, training
 from megatron.stronghold.executor import boundaries as boundaries_module
 from megatron.stronghold.executor import layer_major
 
+pytestmark = pytest.mark.integration
+
 TINY = ["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--max-position-embeddings", "16", "--micro-batch-size", "2", "--global-batch-size", "6",
         "--lr", "1e-3", "--mock-data", "--offload-method", "stronghold", "--resident-layers", "0",

@@ -45,6 +45,7 @@ def launch(tmp_path, method, *extra):
     return read_log(log), log.read_text()
 
 
+@pytest.mark.integration
 def test_stronghold_streams_a_llama_model_like_megatron_through_the_launcher(tmp_path):
     from megatron.stronghold.planner import ModelCosts
 
@@ -72,6 +73,7 @@ def train(method, extra=()):
     ("zero-offload", ()),
     ("zero-infinity", ()),
 ])
+@pytest.mark.integration
 def test_every_method_trains_a_llama_model_like_megatron(method, extra):
     reference, got = train("megatron-lm", extra), train(method, extra)
     assert got.losses == pytest.approx(reference.losses, rel=RTOL)
@@ -84,6 +86,7 @@ def test_every_method_trains_a_llama_model_like_megatron(method, extra):
     ["--swiglu", "--qk-layernorm"],  # LayerNorm: norms with biases
     [],  # GPT-2's layer
 ])
+@pytest.mark.unit
 def test_the_planners_counts_are_the_built_layers_parameters(flags):
     from megatron.stronghold.model import build_model
     from megatron.stronghold.planner import ModelCosts
@@ -102,6 +105,7 @@ def test_the_planners_counts_are_the_built_layers_parameters(flags):
         assert not [n for n, _ in layer.named_parameters() if n.endswith("bias")]
 
 
+@pytest.mark.unit
 def test_flops_follow_grouped_query_attention_and_swiglu():
     from megatron.stronghold.model import flops_per_iteration
 
@@ -120,6 +124,7 @@ def test_flops_follow_grouped_query_attention_and_swiglu():
     assert 3 * forward == 12 * tokens * 2 * 64 ** 2 * ((1 + 2 / 4 + 8 / 64) + 1.5 * 96 / 64 + vocab / (2 * 2 * 64))
 
 
+@pytest.mark.unit
 def test_the_final_norm_is_torchs_where_apex_or_transformer_engine_would_be_picked(monkeypatch):
     """Where apex (or TransformerEngine) is installed megatron-core's block takes its norm for the
     final one, and apex's FusedLayerNorm has no RMSNorm: every norm must be torch's whatever is
@@ -153,6 +158,7 @@ def test_the_final_norm_is_torchs_where_apex_or_transformer_engine_would_be_pick
     (["--swiglu", "--hidden-size", "16"], "--swiglu with --hidden-size 16 gives an MLP of 0 channels"),
     (["--normalization", "RMSNorm", "--norm-epsilon", "0"], "--norm-epsilon must be > 0"),
 ])
+@pytest.mark.unit
 def test_bad_layer_flags_stop_with_a_message(capsys, flags, message):
     argv = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16", *flags]
     assert training.main(argv) == 2
@@ -161,6 +167,7 @@ def test_bad_layer_flags_stop_with_a_message(capsys, flags, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.integration
 def test_bad_layer_flags_stop_the_launcher(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path))
     result = subprocess.run(["bash", RUN_SH, "-m", "stronghold", "-l", "2", "-h", "32", "--", "--num-attention-heads", "4",
@@ -172,6 +179,7 @@ def test_bad_layer_flags_stop_the_launcher(tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.integration
 def test_a_gpt_checkpoint_does_not_load_into_a_llama_model(tmp_path, capsys):
     base = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
             "--micro-batch-size", "2", "--train-iters", "1", "--mock-data"]

@@ -11,6 +11,8 @@ from megatron.stronghold import arguments
 from megatron.stronghold.planner import (GiB, DoesNotFit, ModelCosts, layers_that_fit, make_plan, megatron_check,
                                          zero_check)
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

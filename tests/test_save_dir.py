@@ -9,8 +9,11 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 from test_launcher import RUN_SH, run_launcher
+
+pytestmark = pytest.mark.integration
 
 TRACKER = "latest_checkpointed_iteration.txt"
 TINY = ["-m", "stronghold", "-l", "2", "-h", "64", "-b", "2", "--", "--num-attention-heads", "4",

@@ -5,7 +5,11 @@ that arrived so far. Clip threshold 1.0 throughout."""
 
 import math
 
+import pytest
+
 from megatron.stronghold.executor.speculative import SpeculativeStep
+
+pytestmark = pytest.mark.unit
 
 
 def run_iteration(step, iteration, norms, coeff, skip=False, decide_late=()):

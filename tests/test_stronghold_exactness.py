@@ -13,6 +13,8 @@ import torch
 
 from megatron.stronghold import arguments, training
 
+pytestmark = pytest.mark.integration
+
 RTOL = 1e-5
 ITERS = 20
 

@@ -9,6 +9,8 @@ import pytest
 from megatron.stronghold.logs import parse_fields, parse_log
 from test_launcher import run_launcher
 
+pytestmark = pytest.mark.integration
+
 EventAccumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 

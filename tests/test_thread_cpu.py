@@ -16,6 +16,7 @@ import thread_cpu  # noqa: E402
 linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
 
 
+@pytest.mark.unit
 @linux_only
 def test_cpu_optimizer_thread_and_its_openmp_team_are_named():
     from megatron.stronghold.executor.cpu_worker import CpuWorker
@@ -28,6 +29,7 @@ def test_cpu_optimizer_thread_and_its_openmp_team_are_named():
     assert "stronghold-adam" in names
 
 
+@pytest.mark.integration
 @linux_only
 def test_reports_each_busy_thread_over_the_steady_iterations():
     cmd = [sys.executable, os.path.join(ROOT, "tools", "thread_cpu.py"), "--from-iteration", "2", "--",
@@ -41,6 +43,7 @@ def test_reports_each_busy_thread_over_the_steady_iterations():
     assert float(summary.group(1)) > 0 and int(summary.group(2)) >= int(main.group(1)) > 10
 
 
+@pytest.mark.unit
 def test_time_of_threads_that_did_not_live_through_the_window_is_counted_apart():
     """A thread team made per parallel region never appears in both per-thread snapshots; the
     process's own counter keeps its time, and the report shows it."""
@@ -52,6 +55,7 @@ def test_time_of_threads_that_did_not_live_through_the_window_is_counted_apart()
     assert lines[1:] == ["  thread 1 (main) python3: 50%", "  thread 2 pt_autograd_0: 40%"]
 
 
+@pytest.mark.unit
 @linux_only
 def test_the_process_counter_keeps_the_time_of_ended_threads():
     import threading

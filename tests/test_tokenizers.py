@@ -100,6 +100,7 @@ def _args(**kw):
     return types.SimpleNamespace(**{**base, **kw})
 
 
+@pytest.mark.unit
 def test_preprocess_hugging_face_tokenizer_any_number_of_workers(corpus, hf_prefix, tmp_path, monkeypatch, capsys):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from transformers import AutoTokenizer
@@ -127,6 +128,7 @@ def test_preprocess_hugging_face_tokenizer_any_number_of_workers(corpus, hf_pref
     assert "MB/s" in progress[-1] and f", {tokens} tokens) in " in progress[-1]
 
 
+@pytest.mark.integration
 def test_train_through_the_launcher_on_hugging_face_tokens(corpus, hf_prefix, tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path))
     proc = subprocess.run(
@@ -143,6 +145,7 @@ def test_train_through_the_launcher_on_hugging_face_tokens(corpus, hf_prefix, tm
     assert losses[-1] < losses[0] - 1.0, losses
 
 
+@pytest.mark.unit
 def test_gpt2_bpe_from_local_files(corpus, tmp_path):
     """GPT2BPETokenizer reads GPT-2's vocab.json/merges.txt: merges apply in rank order, 'Ġ' is a leading space,
     and the preprocessing tool stores what the tokenizers library encodes."""
@@ -174,6 +177,7 @@ def test_gpt2_bpe_from_local_files(corpus, tmp_path):
     assert sum(len(ds[i]) for i in range(len(ds))) < 0.7 * sum(len(t.encode()) for t in corpus.texts)
 
 
+@pytest.mark.unit
 def test_byte_level_and_null_tokenizers():
     byte = stok.build_tokenizer(_args())  # megatron-core's ByteLevelTokenizer, eod after the 256 bytes
     assert (byte.vocab_size, byte.eod, byte.pad) == (257, 256, -1)
@@ -186,6 +190,7 @@ def test_byte_level_and_null_tokenizers():
     assert stok.padded_vocab_size(257) == 384 and stok.padded_vocab_size(VOCAB) == 512
 
 
+@pytest.mark.integration
 def test_missing_tokenizer_files_exit_2_with_one_line(corpus, tmp_path, capsys):
     nowhere = str(tmp_path / "nowhere")
     cases = [

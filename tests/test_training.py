@@ -20,6 +20,7 @@ def train(*flags):
     return training.train(arguments.parse_args([*TINY, *flags]))
 
 
+@pytest.mark.integration
 def test_same_seed_same_losses_other_seed_other_losses():
     a = train("--train-iters", "5", "--seed", "5")
     b = train("--train-iters", "5", "--seed", "5")
@@ -28,11 +29,13 @@ def test_same_seed_same_losses_other_seed_other_losses():
     assert a.losses != c.losses
 
 
+@pytest.mark.integration
 def test_loss_falls_on_mock_data():
     h = train("--train-iters", "30", "--mock-data")
     assert sum(h.losses[-5:]) / 5 < h.losses[0] - 0.5
 
 
+@pytest.mark.integration
 def test_gradient_accumulation_equals_a_larger_batch():
     """Three micro-batches of 2 and one micro-batch of 6 see the same samples and the same gradient
     (dropout off: the two runs would draw different masks)."""
@@ -59,6 +62,7 @@ def real_text(tmp_path_factory):
     return str(tmp / "corpus_text_document")
 
 
+@pytest.mark.integration
 def test_loss_falls_on_real_text_and_validation_runs(real_text, capsys):
     h = train("--train-iters", "40", "--data-path", real_text, "--tokenizer-type", "ByteLevelTokenizer",
               "--split", "90,10,0", "--eval-interval", "20", "--eval-iters", "2")
@@ -68,6 +72,7 @@ def test_loss_falls_on_real_text_and_validation_runs(real_text, capsys):
     assert "validation loss at iteration 40 | lm loss value:" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_host_store_is_16_bytes_per_parameter_in_bf16():
     from megatron.stronghold.executor import StreamingExecutor
     from megatron.stronghold.model import build_model
@@ -85,6 +90,7 @@ def test_host_store_is_16_bytes_per_parameter_in_bf16():
         executor.shutdown()
 
 
+@pytest.mark.integration
 def test_log_lines_parse_back():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *TINY, "--train-iters", "4",
                            "--log-interval", "2", "--offload-method", "stronghold", "--window-size", "1"],
@@ -106,12 +112,14 @@ def test_log_lines_parse_back():
     assert "start-up: " in proc.stdout and "model built and initialised in" in proc.stdout
 
 
+@pytest.mark.unit
 def test_several_processes_are_refused_where_parallelism_is_missing(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(arguments.ArgumentError, match="not yet for zero-offload"):
         arguments.parse_args([*TINY, "--offload-method", "zero-offload"])
 
 
+@pytest.mark.integration
 def test_manual_gc_collects_between_steps_only(monkeypatch):
     """--manual-gc: the threshold-based collector is off during training (no pause inside an iteration)
     and collections happen at the start and every --manual-gc-interval iterations, as in Megatron-LM."""
@@ -135,11 +143,13 @@ def test_manual_gc_collects_between_steps_only(monkeypatch):
     assert enabled == [True, True]
 
 
+@pytest.mark.unit
 def test_manual_gc_interval_must_not_be_negative():
     with pytest.raises(arguments.ArgumentError, match="manual-gc-interval"):
         arguments.parse_args([*TINY, "--manual-gc-interval", "-1"])
 
 
+@pytest.mark.unit
 def test_layers_are_placed_as_each_is_built_with_the_same_weights(monkeypatch):
     """Each layer leaves the host build the moment it is initialised (resident ones to the compute
     dtype/device, another data-parallel rank's streamed ones dropped), so the whole model is never in
@@ -183,6 +193,7 @@ def test_layers_are_placed_as_each_is_built_with_the_same_weights(monkeypatch):
             assert torch.equal(value, reference[name].to(value.dtype)), name
 
 
+@pytest.mark.integration
 def test_each_streamed_layer_crosses_the_link_once_per_step_whatever_the_micro_batches():
     """Layer-major: 2 S - W loads and S gradients per step, for one micro-batch or four."""
     layers, window, iters = 3, 1, 3
@@ -199,6 +210,7 @@ def test_each_streamed_layer_crosses_the_link_once_per_step_whatever_the_micro_b
     assert link[0]["device-to-host"] == iters * layers * layer_bytes
 
 
+@pytest.mark.integration
 def test_start_up_reports_its_progress(monkeypatch, capsys):
     """A large model takes minutes to build and to fill its host store: a progress line every few
     seconds says how far it is (here every step, with the interval at 0)."""

@@ -72,6 +72,7 @@ def max_relative(values, reference):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.integration
 def test_zero_trains_like_megatron(method, case):
     extra = CASES[case]
     ref = train("megatron-lm", extra)
@@ -90,6 +91,7 @@ def test_zero_trains_like_megatron(method, case):
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.integration
 def test_zero_fp16_skips_and_loss_scale_like_megatron(method, monkeypatch):
     """fp16 with dynamic loss scaling: the first steps overflow at a huge initial scale and are
     skipped, the scale halves (after the hysteresis) and grows after --loss-scale-window clean
@@ -111,6 +113,7 @@ def test_zero_fp16_skips_and_loss_scale_like_megatron(method, monkeypatch):
     assert max_relative(zero.grad_norms, ref.grad_norms) <= FP16_RTOL, (zero.grad_norms, ref.grad_norms)
 
 
+@pytest.mark.unit
 def test_fp16_refused_where_deepspeed_has_none(capsys):
     if torch.cuda.is_available():
         pytest.skip("DeepSpeed supports fp16 on CUDA")
@@ -119,6 +122,7 @@ def test_fp16_refused_where_deepspeed_has_none(capsys):
     assert "--fp16 is not supported by DeepSpeed" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_zero_infinity_moves_matrices_to_host():
     """ZeRO-3 partitions every matrix into host memory (fetched per use) and keeps the vectors
     resident; the optimizer has Megatron's two weight-decay groups, driven by the scheduler."""

@@ -7,7 +7,7 @@ import torch
 
 from tests.test_data_parallel import run
 
-pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
 
 # Every layer streamed through a window of one, so every layer's gradient takes the averaging path.
 STREAMED = ("--window-size", "1", "--resident-layers", "0")

@@ -16,7 +16,7 @@ import torch
 from megatron.stronghold import arguments, training
 from megatron.stronghold.logs import parse_log
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BF16_RTOL = 2e-2  # bf16 weights are rounded after each step; CPU vs GPU fp32 Adam differ by ulps
 
