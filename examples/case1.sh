@@ -30,7 +30,7 @@ parse_case_args "$@"
 
 TOOL="${LARGEST_MODEL_TOOL:-tools/largest_model.py}"
 if [[ ! -f "$TOOL" ]]; then
-    die "$TOOL does not exist yet: the largest-model search is not implemented (see its issue); cases 2, 3 and 5 take their sizes by option meanwhile (-p / -l)" 3
+    die "$TOOL does not exist (LARGEST_MODEL_TOOL names the largest-model search; the default is tools/largest_model.py)" 3
 fi
 
 mkdir -p "$CASE_DIR"

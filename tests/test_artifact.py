@@ -229,7 +229,7 @@ with open(os.path.join(a.out, f"largest_{a.method}.csv"), "w", newline="") as f:
 def test_case1_without_the_tool_exits_3(tmp_path):
     result = case(1, [], tmp_path, LARGEST_MODEL_TOOL=str(tmp_path / "missing.py"))
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "missing.py does not exist yet" in result.stderr
+    assert "missing.py does not exist" in result.stderr
     assert not (tmp_path / "case1").exists()
 
 
