@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The measurements of one GPU session, by stage, each writing under OUT (default results/gpu).
+# The measurements of a GPU machine, by stage, each writing under OUT (default results/gpu).
 #
 #   bash tools/gpu_campaign.sh STAGE...      stages run in the order given
 #
