@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from megatron.stronghold import arguments, distributed, model as model_lib, training
+from megatron.stronghold import arguments, distributed, model as model_lib
 from megatron.stronghold.executor import StreamingExecutor
 from megatron.stronghold.executor.cpu_worker import CpuWorker
 
@@ -146,7 +146,6 @@ def test_cpu_optimizer_threads_are_the_ranks_share_of_its_cores_less_one(monkeyp
     from megatron.stronghold.executor.cpu_worker import default_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for omp in (None, "1", "4"):
         if omp is None:
             monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

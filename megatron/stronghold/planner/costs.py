@@ -77,7 +77,7 @@ class ModelCosts:
                    hidden_state=c * s * b * h // tp, act_fixed=3 * 4 * s * b * vocab_size // tp, tokens=s * b,
                    recompute=args.recompute_granularity == "full", microbatches=args.num_microbatches,
                    seq_length=s, hidden=h, vocab=vocab_size // tp,
-                   data_parallel=getattr(args, "data_parallel_size", 1), fp16=bool(args.fp16),
+                   data_parallel=args.data_parallel_size, fp16=bool(args.fp16),
                    layer_activations=shape.activation_bytes(c, s * b),
                    layer_forward_flops=shape.forward_flops(s * b, s) // tp)
 
