@@ -11,20 +11,23 @@ import math
 import signal
 import sys
 import threading
+import traceback
 
 import torch
 
 from .arguments import ArgumentError, first_line
 from .checkpointing import SaveError, find_checkpoint, iteration_dir
+from .executor.cpu_worker import CpuStepError
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 EXIT_SAVE_FAILED = 1
 EXIT_OUT_OF_MEMORY = 1
+EXIT_CPU_STEP_FAILED = 1
 
 # The failures a user acts on: one message on stderr and an exit status, no traceback (anything
 # else is a bug, and its traceback is what a bug report needs).
-REPORTED = (ArgumentError, SaveError, torch.OutOfMemoryError)
+REPORTED = (ArgumentError, SaveError, torch.OutOfMemoryError, CpuStepError)
 
 
 def report(exc: BaseException) -> int:
@@ -34,6 +37,12 @@ def report(exc: BaseException) -> int:
                    "recompute (--recompute-granularity full), a smaller micro-batch, or --offload-method "
                    "stronghold.")
         status = EXIT_OUT_OF_MEMORY
+    elif isinstance(exc, CpuStepError):  # the cause's traceback is what a bug report needs
+        if exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        message = (f"{exc}\nThe run stopped there: nothing was saved after that step, and the newest "
+                   "checkpoint in --save (if any) is intact.")
+        status = EXIT_CPU_STEP_FAILED
     else:  # SaveError: disk full while saving, and the previous checkpoint stays
         message, status = str(exc), EXIT_BAD_INPUT if isinstance(exc, ArgumentError) else EXIT_SAVE_FAILED
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -8,6 +8,10 @@ soon as layer 0 has stepped and run alongside the remaining steps.
 
 Work whose input is not there yet (its gradient copy still on the way) is passed over for work
 that can start now.
+
+A failure inside a piece of work goes to its future. A failure of the thread itself (outside any
+work: setting its threads, a readiness poll that raises) fails every queued future with it and
+refuses new work, so no waiter is left waiting for work that will never run.
 """
 
 import concurrent.futures
@@ -36,12 +40,17 @@ def _name_os_thread(name: bytes) -> None:
         pass
 
 
+class CpuStepError(RuntimeError):
+    """A streamed layer's CPU optimizer work failed: the run must stop (its state is not trusted)."""
+
+
 class CpuWorker:
     def __init__(self, threads: int):
         self._pending = []  # (layer, arrival number, ready(), fn, args, future)
         self._arrivals = 0
         self._cond = threading.Condition()
         self._closed = False
+        self.failure = None  # what ended the thread outside a piece of work
         self._thread = threading.Thread(target=self._run, args=(threads,), name="stronghold-cpu-adam",
                                         daemon=True)
         self._thread.start()
@@ -50,6 +59,9 @@ class CpuWorker:
         """Queue fn(*args) for layer; ready() (optional, non-blocking) says whether it can start now."""
         future = concurrent.futures.Future()
         with self._cond:
+            if self.failure is not None:
+                raise CpuStepError(f"the CPU optimizer thread died: {type(self.failure).__name__}: "
+                                   f"{self.failure}") from self.failure
             if self._closed:
                 raise RuntimeError("the CPU worker is shut down")
             self._pending.append((layer, self._arrivals, ready, fn, args, future))
@@ -64,7 +76,22 @@ class CpuWorker:
         # Nothing can start yet: the copies finish in the order they were queued.
         return min(self._pending, key=lambda w: w[1])
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self, threads: int) -> None:
+        try:
+            self._serve(threads)
+        except BaseException as exc:
+            with self._cond:
+                self.failure, self._closed = exc, True
+                dropped, self._pending = self._pending, []
+            for *_, future in dropped:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(exc)
+
+    def _serve(self, threads: int) -> None:
         _name_os_thread(b"stronghold-adam")
         torch.set_num_threads(threads)
         while True:

@@ -21,6 +21,7 @@ their copies, and the CPU work a finished gradient starts:
 Without CUDA the same code runs with host-to-host copies and no streams, which is how CI tests it.
 """
 
+import concurrent.futures
 import contextlib
 import math
 import time
@@ -32,7 +33,7 @@ from stronghold_ext import fused_adamw
 from ..logs import Progress
 from ..optim import counts_in_norm
 from .boundaries import Boundaries
-from .cpu_worker import CpuWorker, default_threads
+from .cpu_worker import CpuStepError, CpuWorker, default_threads
 from .host_store import HostLayer, LayerLayout, _numel, gradient_dtype
 from .ownership import Ownership
 from .speculative import SpeculativeStep
@@ -186,15 +187,27 @@ class StreamingExecutor:
             torch.cuda.current_stream(self.device).wait_event(self.loaded[i])
 
     def _wait(self, futures, i: int) -> None:
+        """Wait for layer i's CPU work; its failure (or the worker thread's death) stops the run."""
         fut, futures[i] = futures[i], None
         if fut is None:
             return
         start = time.perf_counter()
-        try:
-            fut.result()
-            self.timers["waits for cpu"] += time.perf_counter() - start
-        except Exception as exc:
-            raise RuntimeError(f"CPU optimizer work on transformer layer {i} failed: {exc}") from exc
+        while True:
+            try:
+                fut.result(timeout=1.0)
+                break
+            except concurrent.futures.TimeoutError:
+                if not self.worker.alive and not fut.done():  # nothing will ever complete it
+                    raise CpuStepError(f"the CPU optimizer thread stopped before {self._name(i)}'s step ran")
+            except Exception as exc:
+                futures[i] = fut  # every later wait on this layer fails the same way
+                raise CpuStepError(f"the CPU optimizer step of {self._name(i)} failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        self.timers["waits for cpu"] += time.perf_counter() - start
+
+    def _name(self, i: int) -> str:
+        number = getattr(self.layers[i], "layer_number", None)  # megatron-core's, from 1
+        return f"transformer layer {number}" if number is not None else f"streamed layer {i}"
 
     def _wait_all(self) -> None:
         for i in range(self.num_layers):
@@ -355,18 +368,21 @@ class StreamingExecutor:
         for i in range(self.num_layers):  # forward order: layer 0 is needed first
             guessed = decided.get(i) == "guess"
             if i in decided and self.speculation.needs_final_step(guessed, clip_coeff, skip):
-                # The one worker thread runs it after the layer's own CPU work, which has started.
+                # The one worker thread runs it after the layer's own CPU work, which has started;
+                # it looks at that work's outcome first, so a failure there is never built upon.
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
-                    i, self._finish_layer, i, guessed, clip_coeff, skip, hyper, inv_scale)
+                    i, self._finish_layer, i, self.weight_pending[i], guessed, clip_coeff, skip, hyper, inv_scale)
         self.iteration += 1
         if not self.overlap:
             self._wait_all()
         # The new weights must be reloaded before the next forward pass.
         self.slot_owner = [-1] * self.window
 
-    def _finish_layer(self, *args):
+    def _finish_layer(self, i, before, *args):
+        if before is not None:
+            before.result()  # done (same thread, queued earlier); re-raises its failure, undoing nothing
         with self._timed("cpu work"):
-            self._make_final(*args)
+            self._make_final(i, *args)
 
     def _make_final(self, i, guessed, clip_coeff, skip, hyper, inv_scale):
         host = self.host[i]
