@@ -34,6 +34,7 @@ FLAGS = ["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4
          "--micro-batch-size", "2", "--train-iters", str(ITERS), "--lr", "3e-3", "--min-lr", "3e-4",
          "--lr-warmup-iters", "3", "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--seed", "7",
          "--mock-data", "--log-interval", "5"]
+BF16_MOMENTS = ("--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16")
 METHODS = {
     "megatron-lm": (),
     "stronghold": ("--resident-layers", "1", "--window-size", "1"),  # 2 of 3 layers streamed
@@ -73,8 +74,11 @@ def assert_continues(reference, first, second, rtol=RTOL):
     # fp16: the loss scale (with overflow skips early on) must resume too
     ("megatron-lm", ("--fp16", "--initial-loss-scale", str(2.0 ** 20), "--hysteresis", "1")),
     ("stronghold", ("--global-batch-size", "4")),  # gradient accumulation
-    ("stronghold", ("--bf16",)),  # loading must refresh the bf16 weights from the fp32 masters
-], ids=["megatron-lm", "stronghold", "l2l", "megatron-lm-fp16", "stronghold-accumulation", "stronghold-bf16"])
+    ("stronghold", ("--bf16",)),  # loading must refresh the bf16 weights from the masters (as remainders)
+    ("stronghold", ("--bf16", *BF16_MOMENTS)),
+    ("megatron-lm", BF16_MOMENTS),
+], ids=["megatron-lm", "stronghold", "l2l", "megatron-lm-fp16", "stronghold-accumulation", "stronghold-bf16",
+        "stronghold-bf16-moments", "megatron-lm-bf16-moments"])
 def test_save_and_resume_equals_uninterrupted(tmp_path, method, extra):
     first = run(method, *extra, "--save", str(tmp_path), "--exit-interval", "10")
     assert first.exit_code == 0 and len(first.losses) == 10
@@ -85,16 +89,40 @@ def test_save_and_resume_equals_uninterrupted(tmp_path, method, extra):
         assert any(uninterrupted(method, extra).skipped)
 
 
-@pytest.mark.parametrize("writer,reader", [("stronghold", "megatron-lm"), ("megatron-lm", "stronghold"),
-                                           ("l2l", "stronghold")])
-def test_checkpoint_loads_into_another_method(tmp_path, writer, reader):
-    first = run(writer, "--save", str(tmp_path), "--exit-interval", "10")
-    second = run(reader, "--load", str(tmp_path))
-    assert first.losses == uninterrupted(writer).losses[:10]
-    reference = uninterrupted(reader)
+@pytest.mark.parametrize("writer,reader,extra", [
+    ("stronghold", "megatron-lm", ()), ("megatron-lm", "stronghold", ()), ("l2l", "stronghold", ()),
+    ("stronghold", "megatron-lm", BF16_MOMENTS), ("megatron-lm", "stronghold", BF16_MOMENTS),
+])
+def test_checkpoint_loads_into_another_method(tmp_path, writer, reader, extra):
+    first = run(writer, *extra, "--save", str(tmp_path), "--exit-interval", "10")
+    second = run(reader, *extra, "--load", str(tmp_path))
+    assert first.losses == uninterrupted(writer, extra).losses[:10]
+    reference = uninterrupted(reader, extra)
     for it, (a, b) in enumerate(zip(reference.losses[10:], second.losses), 11):
         assert b == pytest.approx(a, rel=CROSS_RTOL), f"lm loss differs at iteration {it}"
     assert second.lrs == pytest.approx(reference.lrs[10:], rel=1e-12)
+
+
+def test_masters_stored_as_remainders_read_back_bit_for_bit(tmp_path, capsys):
+    """bf16: a checkpoint keeps a streamed master as its bf16 weight and remainder (no fp32 copy of the
+    store at save time); readers get the fp32 master of a run that kept it whole, bit for bit, and a
+    run with fp32 Adam moments resumes from bf16 ones, converting them with a log line."""
+    weights, moments = {}, {}
+    for name, extra in (("split", BF16_MOMENTS), ("whole", (*BF16_MOMENTS, "--no-store-param-remainders"))):
+        run("stronghold", "--bf16", "--resident-layers", "0", "--save", str(tmp_path / name), "--exit-interval", "5",
+            *extra)
+        state = checkpointing.format.read_checkpoint(str(tmp_path / name / "iter_0000005"), 5)
+        weights[name] = checkpointing.checkpoint_weights(state)
+        moments[name] = state["optimizer"]
+    layer = "decoder.layers.0.mlp.linear_fc1.weight"
+    assert moments["split"][layer]["exp_avg"].dtype == torch.bfloat16
+    assert "master_remainder" in moments["split"][layer] and "master_remainder" not in moments["whole"][layer]
+    assert weights["split"].keys() == weights["whole"].keys()
+    for key, whole in weights["whole"].items():
+        assert weights["split"][key].dtype == torch.float32 and torch.equal(weights["split"][key], whole), key
+    resumed = run("stronghold", "--bf16", "--resident-layers", "0", "--load", str(tmp_path / "split"))
+    assert len(resumed.losses) == ITERS - 5
+    assert "Adam moments were converted to this run's dtypes (--exp-avg-dtype bf16 -> fp32" in capsys.readouterr().out
 
 
 def test_model_entry_is_a_megatron_core_state_dict(tmp_path):

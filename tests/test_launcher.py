@@ -190,6 +190,21 @@ def test_values_the_scheduler_would_assert_on_are_refused_with_a_message(tmp_pat
     assert message in output and "Traceback" not in output
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--exp-avg-dtype", "bf16"], "--exp-avg-dtype bf16 needs --use-precision-aware-optimizer"),
+    (["--use-precision-aware-optimizer", "--exp-avg-sq-dtype", "fp8"],
+     "--exp-avg-sq-dtype fp8 is not implemented here; choose one of fp32, bf16"),
+    (["--offload-method", "zero-offload", "--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16"],
+     "zero-offload keeps DeepSpeed's own optimizer states; the precision-aware optimizer is built for "
+     "megatron-lm, l2l, stronghold"),
+])
+def test_optimizer_dtypes_not_built_are_refused_with_a_message(tmp_path, flags, message):
+    result = run_launcher([*TINY_RUN, *flags], tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert message in output and "Traceback" not in output
+
+
 def _start_and_wait_for_iteration(tmp_path, save):
     """examples/run.sh in a process group of its own, once its run has logged an iteration."""
     env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path))

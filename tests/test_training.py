@@ -72,22 +72,55 @@ def test_loss_falls_on_real_text_and_validation_runs(real_text, capsys):
     assert "validation loss at iteration 40 | lm loss value:" in capsys.readouterr().out
 
 
+BF16_MOMENTS = ("--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16")
+
+
 @pytest.mark.unit
-def test_host_store_is_16_bytes_per_parameter_in_bf16():
+@pytest.mark.parametrize("flags,expected", [
+    (("--bf16",), 14), (("--bf16", "--global-batch-size", "4"), 14),  # the sum stays on the device
+    (("--bf16", "--no-store-param-remainders"), 16), (("--bf16", *BF16_MOMENTS), 10),
+    ((), 16), (BF16_MOMENTS, 12), (("--fp16",), 18), (("--fp16", *BF16_MOMENTS), 14),
+])
+def test_host_store_bytes_per_parameter_are_the_planners(flags, expected):
     from megatron.stronghold.executor import StreamingExecutor
     from megatron.stronghold.model import build_model
+    from megatron.stronghold.planner.costs import ModelCosts
 
-    for flags, expected in (((), 16), (("--global-batch-size", "4"), 16)):  # the sum stays on the device
-        args = arguments.parse_args([*TINY, "--bf16", "--offload-method", "stronghold", *flags])
-        distributed.init_distributed(torch.device("cpu"))
-        layers = list(build_model(args, 128).decoder.layers)
-        executor = StreamingExecutor(layers, 1, torch.bfloat16, torch.device("cpu"), args)
-        host = executor.host_bytes()
-        streamed = len(layers) * executor.layout.numel
-        total = host["pinned"] + host["pageable"]
-        # per parameter exactly `expected`, plus Adam's step counters (a few bytes per layer)
-        assert expected * streamed <= total <= expected * streamed + 64 * len(layers)
-        executor.shutdown()
+    args = arguments.parse_args([*TINY, "--offload-method", "stronghold", *flags])
+    assert ModelCosts.of(args, 128).host_bytes_per_param == expected
+    distributed.init_distributed(torch.device("cpu"))
+    layers = list(build_model(args, 128).decoder.layers)
+    executor = StreamingExecutor(layers, 1, args.params_dtype, torch.device("cpu"), args)
+    host = executor.host_bytes()
+    streamed = len(layers) * executor.layout.numel
+    total = host["pinned"] + host["pageable"]
+    # per parameter exactly `expected` (remainders: plus 8 B per tie, none before the first step)
+    assert total == expected * streamed
+    executor.shutdown()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("flags", [("--bf16",), ("--bf16", *BF16_MOMENTS), BF16_MOMENTS])
+def test_resident_optimizer_bytes_per_parameter_are_the_planners(flags):
+    """What the planner counts per resident parameter is what the megatron-lm step holds after its first
+    step: weights, master, main grad and moments (fp32 moments are allocated by torch at that step)."""
+    from megatron.stronghold.planner.costs import ModelCosts
+
+    args = arguments.parse_args([*TINY, "--train-iters", "1", *flags])
+    expected = ModelCosts.of(args, 128).resident_bytes_per_param
+    distributed.init_distributed(torch.device("cpu"))
+    method = methods.build(args, None, build_model_for(args), torch.device("cpu"), args.params_dtype, None, print)
+    opt = method.resident
+    opt.step(1.0, skip=False)  # lazily made fp32 moments now exist (the main grads are zero)
+    tensors = {t.untyped_storage().data_ptr(): t for t in [*opt.params, *opt.masters, *opt.main_grads]
+               + [v for st in opt.optimizer.state.values() for k, v in st.items() if k != "step"]}
+    held = sum(t.untyped_storage().nbytes() for t in tensors.values())  # fp32: the master is the weight
+    assert held == expected * sum(p.numel() for p in opt.params)
+
+
+def build_model_for(args):
+    from megatron.stronghold.model import build_model
+    return build_model(args, 128)
 
 
 @pytest.mark.integration

@@ -6,7 +6,15 @@ threads (or --threads), the median of --reps steps of:
   (b) today's host update: bf16 grad -> fp32 scratch copy, (a), fp32 master -> bf16 weights copy
   (c) stronghold_ext kernel: bf16 grad in, bf16 weights out, one pass
   (d) stronghold_ext kernel: fp32 grad in, no weights out (same work as (a))
-and prints G params/s with the ratio to (a). Bytes moved per parameter: (a) 28, (b) 40, (c) 28, (d) 28.
+  (e) stronghold_ext kernel, remainder master (bf16 weights read and written + int16 remainder +
+      ties, master=None), fp32 moments, bf16 grad
+  (f) as (e) with bf16 moments
+  (g) the torch fallback of (f), stronghold_ext.adamw_step_torch
+and prints G params/s with the ratio to (a) and to (c) (today's layout through the kernel), and the
+bytes each moves per parameter: (a) 28, (b) 40, (c) 28, (d) 28, (e) 26, (f) 18; (g) about 164, the
+sum over its torch passes (join into an fp32 scratch, widen grad and moments, (a), narrow, split).
+The update is memory bound on a many-core host, where (f)/(c) approaches 28/18; on a few cores it
+is bounded by arithmetic (two divisions and a square root per element) as much as by memory.
 
     python tools/bench_cpu_adam.py [--numel 50000000] [--reps 9] [--threads 16]
 """
@@ -22,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import stronghold_ext  # noqa: E402
+from stronghold_ext.remainders import split_master  # noqa: E402
 
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.95), 1e-8, 0.1
 
@@ -84,12 +93,31 @@ def main():
                            int(st["step"]), 1.0)
         return run
 
-    rows = [("(a) torch AdamW(fused) fp32 grad", torch_alone),
-            ("(b) host today: bf16->fp32 + (a) + ->bf16", host_today)]
+    # The remainder master: the rows below share it (each call steps it and carries its ties).
+    rem_weights, remainder, ties = split_master(master)
+    rem = {"ties": ties}
+    exp_avg16, exp_avg_sq16 = exp_avg.bfloat16(), exp_avg_sq.bfloat16()
+
+    def remainder_step(fn, m, v):
+        def run():
+            st["step"] += 1
+            rem["ties"] = fn(None, m, v, grad16, rem_weights, LR, BETAS[0], BETAS[1], EPS, WD, int(st["step"]),
+                             1.0, scratch=scratch, remainder=remainder, ties=rem["ties"])
+        return run
+
+    rows = [("(a) torch AdamW(fused) fp32 grad", torch_alone, 28),
+            ("(b) host today: bf16->fp32 + (a) + ->bf16", host_today, 40)]
     if ext is not None:
-        rows += [("(c) stronghold_ext: bf16 grad, bf16 out", kernel(grad16, weights)),
-                 ("(d) stronghold_ext: fp32 grad, no out", kernel(grad32, None))]
-    results = list(zip([name for name, _ in rows], timed([fn for _, fn in rows], args.reps, args.warmup)))
+        rows += [("(c) stronghold_ext: bf16 grad, bf16 out", kernel(grad16, weights), 28),
+                 ("(d) stronghold_ext: fp32 grad, no out", kernel(grad32, None), 28),
+                 ("(e) stronghold_ext: remainders, fp32 m, v", remainder_step(stronghold_ext.adamw_step, exp_avg,
+                                                                            exp_avg_sq), 26),
+                 ("(f) stronghold_ext: remainders, bf16 m, v", remainder_step(stronghold_ext.adamw_step, exp_avg16,
+                                                                            exp_avg_sq16), 18)]
+    rows.append(("(g) torch fallback of (f)", remainder_step(stronghold_ext.adamw_step_torch, exp_avg16,
+                                                             exp_avg_sq16), 164))
+    times = timed([fn for _, fn, _ in rows], args.reps, args.warmup)
+    results = [(name, t, nbytes) for (name, _, nbytes), t in zip(rows, times)]
     master.grad = None
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -97,13 +125,15 @@ def main():
     print(f"CPU: {cpu}; threads {threads}; N = {n / 1e6:.1f}M params; median of {args.reps} (round-robin); torch {torch.__version__}")
     if ext is None:
         reason = stronghold_ext.load_errors.get("stronghold_fused_adamw", "?")
-        print(f"stronghold_ext kernel unavailable ({reason}): rows (c), (d) skipped")
+        print(f"stronghold_ext kernel unavailable ({reason}): rows (c) to (f) skipped")
     else:
         print(f"extension load: {t_load:.1f} s (includes the compile when the build cache was cold)")
     ref = results[0][1]
-    print(f"{'':44s} {'ms':>8s} {'G params/s':>11s} {'vs (a)':>7s}")
-    for name, t in results:
-        print(f"{name:44s} {t * 1e3:8.2f} {n / t / 1e9:11.3f} {ref / t:7.2f}")
+    today = next((t for name, t, _ in results if name.startswith("(c)")), None)
+    print(f"{'':44s} {'ms':>8s} {'G params/s':>11s} {'vs (a)':>7s} {'vs (c)':>7s} {'B/param':>8s}")
+    for name, t, nbytes in results:
+        vs_today = f"{today / t:7.2f}" if today else f"{'-':>7s}"
+        print(f"{name:44s} {t * 1e3:8.2f} {n / t / 1e9:11.3f} {ref / t:7.2f} {vs_today} {nbytes:8d}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,16 @@
 #             Llama 3's vocabulary; hidden 4096, 32 heads, 8 query groups, ffn 14336, seq 4096) with
 #             stronghold at LLAMA_LAYERS (48: more than the card holds, so layers stream) beside
 #             megatron-lm at LLAMA_MEGATRON_LAYERS (16); llama.csv: samples/s and TFLOP/s of both
+#   cpuadam   tools/bench_cpu_adam.py: the CPU AdamW kernel's rate in each host-store layout, 15 threads
+#   layouts   the paper's regime (BYTES_LAYERS=64 layers h2048 all streamed, W=2, global batch 4, no
+#             clipping), then a real batch (global batch 64, micro-batch 8, full recompute), each in the
+#             three host-store layouts: 16 B/param (--no-store-param-remainders), 14 (remainders), 10
+#             (remainders and bf16 Adam moments); layouts.txt: plan, host store, iteration lines
+#   capacity  the largest model at hidden 2048 and the paper's batch in the 10 B/param layout: one trial at
+#             the planner's capacity (tools/largest_model.py --start planner --max-layers planner)
+#   qwen14b   Qwen2.5-14B's shape (h5120, 48 layers, 40 heads, 8 query groups, ffn 13824, qkv bias, untied,
+#             vocabulary 152064, seq 4096), global batch 16, full recompute, bf16 moments: stronghold at
+#             QWEN_LAYERS (48) beside megatron-lm at the most layers its pre-flight check admits
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-results/gpu}"
@@ -113,6 +123,43 @@ for s in "$@"; do
                     sed "s/^/$1 L=$2 /" | tee -a "$OUT/llama.txt"
             done
             "$PY" tools/extract_results.py llama --results "$OUT" && tee -a "$OUT/llama.txt" < "$OUT/llama.csv" ;;
+        cpuadam)
+            "$PY" tools/bench_cpu_adam.py --threads "${ADAM_THREADS:-15}" 2>&1 | tee "$OUT/cpuadam.txt" ;;
+        layouts)
+            bf16_moments=(--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16)
+            for batch in "4 4 --clip-grad 0" "64 8 --recompute-granularity full"; do
+                set -- $batch
+                for layout in "16 --no-store-param-remainders" "14" "10 ${bf16_moments[*]}"; do
+                    name=${layout%% *}
+                    RESULTS_DIR="$OUT/layouts" bash examples/run.sh -m stronghold -l "${BYTES_LAYERS:-64}" -w 2 -b "$2" \
+                        -- --global-batch-size "$1" --train-iters "${BYTES_ITERS:-6}" --log-interval 1 \
+                        --resident-layers 0 "${@:3}" ${layout#$name} 2>&1 |
+                        grep -E "^plan|host store|start-up|iteration +[0-9]+/|summary|exited" |
+                        sed "s/^/gbs=$1 ${name}B/ " | tee -a "$OUT/layouts.txt"
+                done
+            done ;;
+        capacity)
+            flags=(--bf16 --recompute-granularity full --use-precision-aware-optimizer --exp-avg-dtype bf16
+                   --exp-avg-sq-dtype bf16)
+            "$PY" tools/largest_model.py --method stronghold --start planner --max-layers planner \
+                --timeout "${LARGEST_TIMEOUT:-480}" --out "$OUT/capacity" -- "${flags[@]}" 2>&1 | tee -a "$OUT/capacity.txt"
+            grep -h -E "total parameters|^plan|host store|start-up|summary" "$OUT"/capacity/log_* | tee -a "$OUT/capacity.txt" ;;
+        qwen14b)
+            qwen=(--num-attention-heads 40 --group-query-attention --num-query-groups 8 --ffn-hidden-size 13824
+                  --normalization RMSNorm --norm-epsilon 1e-6 --swiglu --position-embedding-type rope
+                  --rotary-base 1000000 --disable-bias-linear --add-qkv-bias --untie-embeddings-and-output-weights
+                  --hidden-dropout 0 --attention-dropout 0 --tokenizer-type NullTokenizer --vocab-size 152063
+                  --seq-length 4096 --global-batch-size 16 --recompute-granularity full --bf16
+                  --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
+                  --train-iters "${QWEN_ITERS:-4}" --log-interval 1)
+            RESULTS_DIR="$OUT/qwen14b" bash examples/run.sh -m stronghold -l "${QWEN_LAYERS:-48}" -h 5120 -b 1 -- \
+                "${qwen[@]}" 2>&1 | grep -E "total parameters|^plan|host store|start-up|iteration +[0-9]+/|summary|exited|error" |
+                sed "s/^/stronghold /" | tee -a "$OUT/qwen14b.txt"
+            "$PY" tools/largest_model.py --method megatron-lm --start planner --max-layers planner \
+                --hidden 5120 --heads 40 --seq 4096 --batch 1 --iters "${QWEN_ITERS:-4}" --timeout 400 \
+                --out "$OUT/qwen14b" -- "${qwen[@]}" 2>&1 | tee -a "$OUT/qwen14b.txt"
+            grep -h -E "total parameters|^plan|iteration +[0-9]+/|summary" "$OUT"/qwen14b/log_megatron-lm_* |
+                sed "s/^/megatron-lm /" | tee -a "$OUT/qwen14b.txt" ;;
         *) echo "unknown stage $s" >&2; exit 2 ;;
     esac
 done

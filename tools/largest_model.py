@@ -166,7 +166,8 @@ def main():
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--start", default="8", help="first size tried, or 'planner': the most layers the method's "
                    "pre-flight check admits on this machine (every method; for ZeRO, the bytes DeepSpeed surely keeps)")
-    p.add_argument("--max-layers", type=int, default=4096)
+    p.add_argument("--max-layers", default="4096", help="largest size tried, or 'planner': the pre-flight "
+                   "check's capacity (with --start planner: one trial there, and smaller ones only if it fails)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per trial; a trial past it before its "
                    "summary ends the search, whose result is then a lower bound (the CSV's search column); one "
                    "that printed its summary has trained, however long its exit takes")
@@ -185,7 +186,9 @@ def main():
     if a.from_logs:
         best, best_log, stopped_at = from_logs(a)
     else:
-        start = min(planned_capacity(a) if a.start == "planner" else int(a.start), a.max_layers)
+        capacity = planned_capacity(a) if "planner" in (a.start, a.max_layers) else None
+        a.max_layers = capacity if a.max_layers == "planner" else int(a.max_layers)
+        start = min(capacity if a.start == "planner" else int(a.start), a.max_layers)
         print(f"{a.method}: first trial at {start} layers", flush=True)
         best, best_log, stopped_at = search(a, start)
 

@@ -15,6 +15,9 @@ from .tokenizer import TOKENIZER_TYPES, default_tokenizer_type
 METHODS = ("megatron-lm", "l2l", "zero-offload", "zero-infinity", "stronghold")
 ZERO_METHODS = ("zero-offload", "zero-infinity")  # the DeepSpeed baselines
 STREAMING_METHODS = ("stronghold", "l2l")          # layers stream through a GPU window
+# Megatron-LM's choices for the precision-aware optimizer's dtypes, and those built here.
+PRECISION_DTYPES = ("fp32", "fp16", "bf16", "fp8")
+BUILT_DTYPES = {"exp_avg_dtype": ("fp32", "bf16"), "exp_avg_sq_dtype": ("fp32", "bf16"), "main_grads_dtype": ("fp32",)}
 
 
 class ArgumentError(ValueError):
@@ -107,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16: smallest loss scale.")
     g.add_argument("--loss-scale-window", type=int, default=1000, help="fp16: clean iterations before the scale grows.")
     g.add_argument("--hysteresis", type=int, default=2, help="fp16: overflows tolerated before the scale shrinks.")
+    g.add_argument("--no-store-param-remainders", dest="store_param_remainders", action="store_false",
+                   help="bf16: keep each streamed layer's fp32 master whole (4 B/param) instead of as its bf16 "
+                   "weights plus a 16-bit remainder (2 B/param, the same fp32 value bit for bit; the default).")
+    g.add_argument("--use-precision-aware-optimizer", action="store_true",
+                   help="Let --exp-avg-dtype, --exp-avg-sq-dtype and --main-grads-dtype take other values than "
+                   "fp32 (megatron-lm, stronghold, l2l).")
+    for name, what in (("exp-avg", "Adam's first moment"), ("exp-avg-sq", "Adam's second moment"),
+                       ("main-grads", "the resident parameters' gradient accumulation buffers")):
+        g.add_argument(f"--{name}-dtype", choices=PRECISION_DTYPES, default="fp32",
+                       help=f"dtype of {what} (with --use-precision-aware-optimizer). A bf16 moment is updated "
+                       "in fp32 from its stored value and stored rounded to nearest, on the CPU and the GPU alike.")
 
     g = p.add_argument_group("activation recompute")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
@@ -284,6 +298,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.tokenizer_type is None:
         args.tokenizer_type = default_tokenizer_type(args)
     args.params_dtype_name = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    _validate_optimizer_precision(args)
     from .tensorboard_log import check_args as check_tensorboard_args
 
     check_tensorboard_args(args)
@@ -342,6 +357,24 @@ def _validate_schedule(args) -> None:
                             f"{args.lr_decay_iters} (which defaults to --train-iters)")
     if args.weight_decay < 0:
         raise ArgumentError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+
+
+def _validate_optimizer_precision(args) -> None:
+    """Megatron-LM's precision-aware optimizer flags; fills store_param_remainders with what the run
+    does (remainders exist only beside bf16 weights)."""
+    args.store_param_remainders = bool(args.store_param_remainders and args.bf16)
+    chosen = {name: getattr(args, name) for name in BUILT_DTYPES}
+    lowered = [f"--{n.replace('_', '-')} {v}" for n, v in chosen.items() if v != "fp32"]
+    if lowered and not args.use_precision_aware_optimizer:
+        raise ArgumentError(f"{' '.join(lowered)} needs --use-precision-aware-optimizer (as in Megatron-LM)")
+    for name, value in chosen.items():
+        if value not in BUILT_DTYPES[name]:
+            raise ArgumentError(f"--{name.replace('_', '-')} {value} is not implemented here; choose one of "
+                                f"{', '.join(BUILT_DTYPES[name])}")
+    if lowered and args.offload_method in ZERO_METHODS:
+        raise ArgumentError(f"{' '.join(lowered)}: {args.offload_method} keeps DeepSpeed's own optimizer "
+                            f"states; the precision-aware optimizer is built for "
+                            f"{', '.join(m for m in METHODS if m not in ZERO_METHODS)}")
 
 
 def _validate_checkpointing(args) -> None:

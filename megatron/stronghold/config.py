@@ -73,6 +73,11 @@ class Config:
     min_loss_scale: float
     loss_scale_window: int
     hysteresis: int
+    store_param_remainders: bool  # what the run does: the flag, and bf16
+    use_precision_aware_optimizer: bool
+    exp_avg_dtype: str
+    exp_avg_sq_dtype: str
+    main_grads_dtype: str
 
     # activation recompute
     recompute_granularity: Optional[str]
@@ -132,6 +137,11 @@ class Config:
     @property
     def params_dtype(self) -> torch.dtype:
         return DTYPES[self.params_dtype_name]
+
+    @property
+    def moment_dtypes(self) -> tuple:
+        """(exp_avg, exp_avg_sq) torch dtypes of every per-parameter method's Adam state."""
+        return DTYPES[self.exp_avg_dtype], DTYPES[self.exp_avg_sq_dtype]
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "Config":

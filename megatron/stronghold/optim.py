@@ -16,7 +16,7 @@ import torch
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from .checkpointing.format import shape_mismatch
+from .checkpointing.format import entry_master, shape_mismatch
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -86,8 +86,12 @@ class ResidentOptimizer:
 
     Model parameters are in the compute dtype; fp32 masters and main grads sit beside them on the
     same device. A post-accumulate-grad hook moves each micro-batch's gradient into the fp32 main
-    grad and frees it, as Megatron's DDP grad buffer does.
+    grad and frees it, as Megatron's DDP grad buffer does. Adam moments in bf16 (the precision-aware
+    optimizer) are widened to fp32 a few parameters at a time, stepped by torch's fused AdamW and
+    stored back rounded to nearest, the same arithmetic as the host store's CPU kernel.
     """
+
+    WIDEN_CHUNK = 1 << 26  # elements of bf16 moments widened at a time (2 x 256 MiB of fp32)
 
     def __init__(self, named_params, args):
         self.names = [n for n, _ in named_params]
@@ -101,8 +105,20 @@ class ResidentOptimizer:
         groups = [g for g in ({"params": decay, "wd_mult": 1.0}, {"params": nodecay, "wd_mult": 0.0})
                   if g["params"]]
         self.optimizer = adamw(groups, args) if self.params else None
+        self.moment_dtypes = args.moment_dtypes
+        self.narrow_moments = any(d != torch.float32 for d in self.moment_dtypes)
+        if self.narrow_moments:
+            for m in self.masters:
+                self._init_state(m)
         for p, g in zip(self.params, self.main_grads):
             p.register_post_accumulate_grad_hook(self._make_accumulator(g))
+
+    def _init_state(self, master) -> None:
+        """Moments in their stored dtypes, allocated up front (torch would make fp32 ones lazily)."""
+        self.optimizer.state[master] = {
+            "step": torch.zeros((), dtype=torch.float32, device=master.device),  # fused AdamW's form
+            "exp_avg": torch.zeros_like(master, dtype=self.moment_dtypes[0]),
+            "exp_avg_sq": torch.zeros_like(master, dtype=self.moment_dtypes[1])}
 
     @staticmethod
     def _make_accumulator(main_grad):
@@ -162,17 +178,21 @@ class ResidentOptimizer:
             entry = state[name]
             if tuple(entry["param"].shape) != tuple(master.shape):
                 raise ValueError(shape_mismatch(name, entry["param"].shape, master.shape))
-            master.copy_(entry["param"])
+            master.copy_(entry_master(entry))
             if self.optimizer is None:
                 continue
             if "exp_avg" in entry:
-                own = {"dtype": torch.float32, "device": master.device}
+                device = master.device
                 self.optimizer.state[master] = {
                     # fused AdamW keeps its step as an fp32 tensor on the parameter's device
-                    "step": torch.tensor(float(entry["step"]), **own),
-                    "exp_avg": entry["exp_avg"].to(copy=True, **own).view_as(master),
-                    "exp_avg_sq": entry["exp_avg_sq"].to(copy=True, **own).view_as(master),
+                    "step": torch.tensor(float(entry["step"]), dtype=torch.float32, device=device),
+                    # another dtype than the checkpoint's is converted (rounded to nearest into bf16)
+                    "exp_avg": entry["exp_avg"].to(device=device, dtype=self.moment_dtypes[0], copy=True).view_as(master),
+                    "exp_avg_sq": entry["exp_avg_sq"].to(device=device, dtype=self.moment_dtypes[1],
+                                                         copy=True).view_as(master),
                 }
+            elif self.narrow_moments:
+                self._init_state(master)  # not stepped yet: fresh moments
             else:
                 self.optimizer.state.pop(master, None)  # not stepped yet: fresh moments
         if not self.same_dtype and self.params:
@@ -184,15 +204,47 @@ class ResidentOptimizer:
         if not skip and self.optimizer is not None:
             if clip_coeff != 1.0:
                 torch._foreach_mul_(self.main_grads, clip_coeff)
-            for m, g in zip(self.masters, self.main_grads):
-                m.grad = g
-            self.optimizer.step()
-            for m in self.masters:
-                m.grad = None
+            if self.narrow_moments:
+                self._step_widened()
+            else:
+                for m, g in zip(self.masters, self.main_grads):
+                    m.grad = g
+                self.optimizer.step()
+                for m in self.masters:
+                    m.grad = None
             if not self.same_dtype:
                 torch._foreach_copy_([p.data for p in self.params], self.masters)
         for g in self.main_grads:
             g.zero_()
+
+
+    def _step_widened(self) -> None:
+        """optimizer.step() over a few parameters at a time (torch skips those without a grad), each
+        chunk's bf16 moments swapped for fp32 copies and rounded back after the step."""
+        state = self.optimizer.state
+        chunks, chunk, size = [], [], 0
+        for m, g in zip(self.masters, self.main_grads):
+            chunk.append((m, g))
+            size += m.numel()
+            if size >= self.WIDEN_CHUNK:
+                chunks.append(chunk)
+                chunk, size = [], 0
+        chunks.append(chunk)
+        for chunk in chunks:
+            stored = {}
+            for m, g in chunk:
+                m.grad = g
+                st = state[m]
+                stored[m] = (st["exp_avg"], st["exp_avg_sq"])
+                st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].float(), st["exp_avg_sq"].float()
+            self.optimizer.step()
+            for m, _ in chunk:
+                m.grad = None
+                st = state[m]
+                for key, keep in zip(("exp_avg", "exp_avg_sq"), stored[m]):
+                    if keep.dtype != torch.float32:
+                        keep.copy_(st[key])
+                    st[key] = keep
 
 
 class GroupsView:

@@ -11,6 +11,8 @@ import torch
 
 from ..arguments import ArgumentError, first_line
 from ..methods.zero_checkpoint import zero_weights
+from stronghold_ext.remainders import join_master
+
 from . import integrity
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -36,6 +38,9 @@ _GPT2_LAYER = {"normalization": "LayerNorm", "swiglu": False, "openai_gelu": Fal
 MODEL_ARGS = SHAPE_ARGS + RECORDED_ARGS + (
     "seq_length", "hidden_dropout", "attention_dropout", "make_vocab_size_divisible_by", "tokenizer_type",
     "tokenizer_model", "vocab_file", "merge_file", "vocab_size", "unpadded_vocab_size", "eod_token_id")
+# How the optimizer keeps its state (recorded; a resume with other moment dtypes converts them).
+OPTIMIZER_ARGS = ("store_param_remainders", "use_precision_aware_optimizer", "exp_avg_dtype", "exp_avg_sq_dtype",
+                  "main_grads_dtype")
 _ITERATION = re.compile(r"^iter_(\d{7})$")
 
 
@@ -155,20 +160,28 @@ def flag(name: str) -> str:
 def own_storage(t):
     """A tensor with the same memory whose storage is exactly its bytes (no copy), so torch.save
     writes this parameter only and not the whole flat buffer it is a view of."""
-    if (t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32
+    if (t.device.type == "cpu" and t.is_contiguous()
             and t.untyped_storage().nbytes() != t.numel() * t.element_size()):
-        return torch.from_numpy(t.detach().numpy())
+        flat = t.detach().reshape(-1)
+        if t.dtype == torch.bfloat16:  # numpy has no bf16: its bits, viewed back
+            return torch.from_numpy(flat.view(torch.int16).numpy()).view(torch.bfloat16).view(t.shape)
+        return torch.from_numpy(flat.numpy()).view(t.shape)
     return t
 
 
 def split_entries(entries: dict):
-    """{name: {"param", "exp_avg", ...}} -> the ("model", "optimizer") entries of a checkpoint."""
+    """{name: {"param", "exp_avg", ...}} -> the ("model", "optimizer") entries of a checkpoint. A master
+    stored as remainders stays so (its bf16 weight in "model", the remainder and ties beside the moments):
+    writing it as fp32 would need 4 more bytes per parameter of host memory at every save."""
     model_sd, optimizer = {}, {}
     for key, entry in entries.items():
         model_sd[key] = own_storage(entry["param"])
+        state = {k: own_storage(entry[k]) for k in ("exp_avg", "exp_avg_sq", "master_remainder", "master_ties")
+                 if k in entry}
         if "exp_avg" in entry:
-            optimizer[key] = {"exp_avg": own_storage(entry["exp_avg"]),
-                              "exp_avg_sq": own_storage(entry["exp_avg_sq"]), "step": int(entry["step"])}
+            state["step"] = int(entry["step"])
+        if state:
+            optimizer[key] = state
     return model_sd, optimizer
 
 
@@ -206,12 +219,23 @@ def read_checkpoint(path: str, iteration: int) -> dict:
     return state
 
 
+def entry_master(entry: dict) -> torch.Tensor:
+    """The fp32 master of a per-parameter entry: its "param", or, where the master was stored as the
+    bf16 weight and a remainder (executor/host_store.py), the two joined, bit for bit."""
+    if "master_remainder" in entry:
+        return join_master(entry["param"], entry["master_remainder"], entry["master_ties"])
+    return entry["param"]
+
+
 def checkpoint_weights(state: dict) -> dict:
     """{GPTModel state_dict name: fp32 tensor} of a checkpoint read by read_checkpoint, whichever
-    method wrote it (memory-mapped views; megatron-core's `_extra_state` entries left out)."""
+    method wrote it (memory-mapped views, or the masters stored as remainders joined; megatron-core's
+    `_extra_state` entries left out)."""
     if state["format"] == "deepspeed":
         return zero_weights(state["path"])
-    return {k: v for k, v in state["model"].items() if torch.is_tensor(v)}
+    optimizer = state.get("optimizer", {})
+    return {k: entry_master({"param": v, **optimizer.get(k, {})}) for k, v in state["model"].items()
+            if torch.is_tensor(v)}
 
 
 def shape_mismatch(name: str, saved, here) -> str:

@@ -192,5 +192,11 @@ def load_checkpoint(resume: Resume, args, model, method, scheduler, scaler, log)
     except Exception as exc:
         raise ArgumentError(f"cannot load checkpoint {path}: {exc}") from None
     set_rng_state(state["rng_state"], log)
+    saved = state.get("optimizer_args", {})  # checkpoints before these flags kept fp32 moments
+    converted = [f"--{k.replace('_', '-')} {saved.get(k, 'fp32')} -> {getattr(args, k)}"
+                 for k in ("exp_avg_dtype", "exp_avg_sq_dtype") if saved.get(k, "fp32") != getattr(args, k)]
+    if converted and state["optimizer"]:
+        log(f" the checkpoint's Adam moments were converted to this run's dtypes ({', '.join(converted)}; "
+            "into bf16 rounded to nearest)")
     log(f" successfully loaded checkpoint from {args.load} [ iteration {state['iteration']}, written by "
         f"{state['method']}, {time.perf_counter() - start:.1f} s ]")

@@ -12,7 +12,7 @@ import torch
 from ..arguments import first_line
 from ..distributed import gather, global_rank
 from . import integrity, save_dir
-from .format import (FILE, RELEASE, TRACKER, VERSION, find_checkpoint, iteration_dir, model_args, part_file,
+from .format import (OPTIMIZER_ARGS, FILE, RELEASE, TRACKER, VERSION, find_checkpoint, iteration_dir, model_args, part_file,
                      rng_state, split_entries)
 
 # Tests only: when set to an iteration, the save of that iteration sleeps after writing its files
@@ -78,6 +78,7 @@ def _trainer_state(args, iteration, scheduler, scaler, progress, vocab, fmt) -> 
         "consumed_train_samples": int(progress.get("train", 0)),
         "consumed_valid_samples": int(progress.get("valid", 0)),
         "args": model_args(args, vocab),
+        "optimizer_args": {k: getattr(args, k) for k in OPTIMIZER_ARGS},
         "opt_param_scheduler": scheduler.state_dict(),
         "loss_scaler": scaler.state_dict(),
         "rng_state": rng_state(),

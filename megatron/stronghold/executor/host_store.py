@@ -3,13 +3,16 @@
 Each layer's parameters are packed into one flat buffer, weight-decayed parameters first, so that
 - the host->GPU copy of a layer is one transfer (pinned compute-dtype weights -> GPU slot);
 - its parameters on the GPU are views into the slot;
-- the optimizer is two fused AdamW calls (decay / no-decay group) over contiguous fp32 views.
+- the optimizer is two fused AdamW calls (decay / no-decay group) over contiguous views.
 
-Bytes per parameter: fp32 master + two fp32 Adam moments (12), pinned compute-dtype weights and
-pinned gradient (2 + 2 in bf16; in fp16 the gradient stays fp32, as Megatron's main grads, since the
-sum of a step's micro-batches can overflow fp16 where none of them does: 18). In fp32 the pinned
-weights are the master itself, so also 16. Whatever the number of micro-batches: the gradient is summed on the device and
-arrives once per step.
+Bytes per parameter, whatever the number of micro-batches (the gradient is summed on the device and
+arrives once per step): pinned compute-dtype weights and pinned gradient (2 + 2 in bf16; in fp16 the
+gradient stays fp32, as Megatron's main grads, since the sum of a step's micro-batches can overflow
+fp16 where none of them does), the fp32 master (4; in fp32 the pinned weights are the master; in bf16,
+by default, the master is the pinned bf16 weights plus a 16-bit remainder, 2, exactly:
+stronghold_ext/remainders.py) and the two Adam moments (4 + 4, or 2 + 2 in bf16 with the
+precision-aware optimizer). bf16: 14 (16 with --no-store-param-remainders), 10 with bf16 moments;
+fp32: 16, 12; fp16: 18, 14.
 """
 
 from dataclasses import dataclass
@@ -17,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from stronghold_ext import adamw_step
+from stronghold_ext.remainders import join_master, store_master
 
 from ..checkpointing.format import shape_mismatch
-from ..optim import adamw, no_weight_decay
+from ..optim import no_weight_decay
 
 
 @dataclass
@@ -84,7 +88,7 @@ def gradient_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 
 
 class HostLayer:
-    """fp32 master, Adam state, pinned compute copy and pinned gradient of one layer."""
+    """Pinned compute copy and pinned gradient, fp32 master (or its remainder) and Adam state of one layer."""
 
     def __init__(self, layer: torch.nn.Module, layout: LayerLayout, dtype: torch.dtype, pin: bool, args):
         params = dict(layer.named_parameters())
@@ -95,45 +99,50 @@ class HostLayer:
         self.block = PinnedBlock(n * (dtype.itemsize + grad_dtype.itemsize), pin)
         self.weights = self.block.tensor[:n * dtype.itemsize].view(dtype)
         self.grad = self.block.tensor[n * dtype.itemsize:].view(grad_dtype)
-        # In fp32 the pinned weights are the master; otherwise the master is pageable.
-        self.master = self.weights if dtype == torch.float32 else torch.empty(n, dtype=torch.float32)
-        for view, name in zip(layout.views(self.master), layout.names):
+        # The masters start from the compute-dtype weights, as megatron-lm's do (Megatron-LM builds the
+        # model in bf16/fp16 and its optimizer copies those to fp32): from the fp32 values, small updates
+        # that megatron-lm rounds away would accumulate here, and the runs would part.
+        for view, name in zip(layout.views(self.weights), layout.names):
             view.copy_(params[name].detach())
-        if self.weights is not self.master:
-            # The masters start from the compute-dtype weights, as megatron-lm's do (Megatron-LM builds
-            # the model in bf16/fp16 and its optimizer copies those to fp32): from the fp32 values, small
-            # updates that megatron-lm rounds away would accumulate here, and the runs would part.
-            self.weights.copy_(self.master)
-            self.master.copy_(self.weights)
+        self.remainders = dtype == torch.bfloat16 and args.store_param_remainders
+        if dtype == torch.float32:
+            self.master = self.weights  # the pinned weights are the master
+        elif self.remainders:
+            self.master = None  # the bf16 weights are exactly it, so its remainder is zero
+            self.remainder = torch.zeros(n, dtype=torch.int16)
+        else:
+            self.master = self.weights.float()
+        self.betas, self.eps = (args.adam_beta1, args.adam_beta2), args.adam_eps
 
-        # (flat view, start, end) per non-empty group: decay first, then no-decay.
+        # One optimizer part per non-empty group, decay first: its span of the flat buffer, its
+        # weight-decay multiplier (which selects the scheduler's lr and weight decay), its Adam state
+        # (allocated up front so host memory is known before training starts) and, with remainders,
+        # the ties of its masters (stronghold_ext/remainders.py).
         cut = layout.decay_numel
-        self.parts = [(self.master[a:b], a, b) for a, b, in ((0, cut), (cut, n)) if b > a]
-        wd_mults = [1.0 if a == 0 and cut > 0 else 0.0 for _, a, _ in self.parts]
-        groups = [{"params": [view], "wd_mult": w} for (view, _, _), w in zip(self.parts, wd_mults)]
-        self.optimizer = adamw(groups, args)
-
-    def _set_hyperparameters(self, hyper: dict) -> None:
-        """hyper: wd_mult -> (lr, weight decay), snapshotted when the work was queued."""
-        for group in self.optimizer.param_groups:
-            group["lr"], group["weight_decay"] = hyper[group["wd_mult"]]
+        exp_avg_dtype, exp_avg_sq_dtype = args.moment_dtypes
+        self.parts = [{"span": (a, b), "wd_mult": 1.0 if a == 0 and cut > 0 else 0.0, "step": 0,
+                       "exp_avg": torch.zeros(b - a, dtype=exp_avg_dtype),
+                       "exp_avg_sq": torch.zeros(b - a, dtype=exp_avg_sq_dtype),
+                       "ties": torch.zeros(0, dtype=torch.int64)}
+                      for a, b in ((0, cut), (cut, n)) if b > a]
+        # The speculative step's undo inverts an fp32 AdamW step; a moment rounded to bf16 loses what
+        # the inverse needs, so such a layer never steps before the global norm is known.
+        self.invertible = all(d == torch.float32 for d in args.moment_dtypes)
 
     def nbytes(self) -> dict:
-        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
-                    for t in s.values() if torch.is_tensor(t))
-        pinned = self.block.tensor.numel()
-        pageable = (0 if self.weights is self.master else self.master.numel() * 4) + state
-        return {"pinned": pinned, "pageable": pageable}
+        n = self.layout.numel
+        state = sum(p[k].numel() * p[k].element_size() for p in self.parts for k in ("exp_avg", "exp_avg_sq", "ties"))
+        master = 0 if self.master is self.weights else 2 * n if self.remainders else 4 * n
+        return {"pinned": self.block.tensor.numel(), "pageable": master + state}
 
-    def init_optimizer_state(self) -> None:
-        """Allocate Adam moments up front so host memory is known before training starts."""
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                st = self.optimizer.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
+    def _master(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+        """The fp32 master of span [a, b): a view, or (remainders) reconstructed into out[a:b]."""
+        if not self.remainders:
+            return self.master[a:b]
+        part = next(p for p in self.parts if p["span"][0] <= a and b <= p["span"][1])
+        ties = part["ties"] - (a - part["span"][0])
+        ties = ties[(ties >= 0) & (ties < b - a)]
+        return join_master(self.weights[a:b], self.remainder[a:b], ties, out=out[a:b])
 
     # ----- gradient handling (runs on the CPU worker) -----
 
@@ -149,85 +158,113 @@ class HostLayer:
 
     def step(self, hyper: dict, grad_scale: float, scratch: torch.Tensor) -> None:
         """AdamW on gradient x grad_scale (loss unscale x clip coefficient), new weights out.
+        hyper: wd_mult -> (lr, weight decay), snapshotted when the work was queued.
 
         One pass per element through stronghold_ext's fused kernel (torch ops when it is absent):
-        grad in its received dtype, fp32 master and moments updated, compute-dtype weights written.
+        grad in its received dtype, master (or weights and remainder) and moments updated in place,
+        compute-dtype weights written.
         """
-        self._set_hyperparameters(hyper)
-        grad = self.grad
         out = None if self.weights is self.master else self.weights
-        for group, (view, a, b) in zip(self.optimizer.param_groups, self.parts):
-            st = self.optimizer.state[view]
-            st["step"] += 1
-            beta1, beta2 = group["betas"]
-            adamw_step(view, st["exp_avg"], st["exp_avg_sq"], grad[a:b], None if out is None else out[a:b],
-                       group["lr"], beta1, beta2, group["eps"], group["weight_decay"], int(st["step"]),
-                       grad_scale, scratch=scratch[a:b])
+        for part in self.parts:
+            a, b = part["span"]
+            lr, weight_decay = hyper[part["wd_mult"]]
+            part["step"] += 1
+            ties = adamw_step(None if self.master is None else self.master[a:b], part["exp_avg"],
+                              part["exp_avg_sq"], self.grad[a:b], None if out is None else out[a:b], lr,
+                              *self.betas, self.eps, weight_decay, part["step"], grad_scale, scratch=scratch[a:b],
+                              remainder=self.remainder[a:b] if self.remainders else None,
+                              ties=part["ties"] if self.remainders else None)
+            if self.remainders:
+                part["ties"] = ties
 
-    def undo_step(self, grad: torch.Tensor, hyper: dict) -> None:
-        """Invert the last AdamW step given the gradient it used (exact up to rounding).
+    def undo_step(self, grad: torch.Tensor, hyper: dict, scratch: torch.Tensor) -> None:
+        """Invert the last AdamW step given the gradient it used (exact up to rounding; fp32 moments
+        only, see `invertible`). scratch: an fp32 buffer of the layer's size for the master.
 
         Used when the global gradient norm, known only after every layer has stepped, turns out to
         need clipping, or an overflow elsewhere means the step must be skipped.
         """
-        self._set_hyperparameters(hyper)
-        for group, (p, a, b) in zip(self.optimizer.param_groups, self.parts):
-            g = grad[a:b]
-            p = group["params"][0]
-            st = self.optimizer.state[p]
-            beta1, beta2 = group["betas"]
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            step = float(st["step"])
-            m, v = st["exp_avg"], st["exp_avg_sq"]
+        if not self.invertible:
+            raise RuntimeError("a step with bf16 Adam moments cannot be undone (it must not be guessed)")
+        beta1, beta2 = self.betas
+        for part in self.parts:
+            a, b = part["span"]
+            lr, wd = hyper[part["wd_mult"]]
+            g, p = grad[a:b], self._master(a, b, scratch)
+            step = float(part["step"])
+            m, v = part["exp_avg"], part["exp_avg_sq"]
             bias1 = 1 - beta1 ** step
             bias2_sqrt = (1 - beta2 ** step) ** 0.5
-            denom = (v.sqrt() / bias2_sqrt).add_(eps)
+            denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
             p.addcdiv_(m, denom, value=lr / bias1)
             if wd != 0.0:
                 p.div_(1 - lr * wd)
             v.addcmul_(g, g, value=-(1 - beta2)).div_(beta2).clamp_(min=0.0)
             m.add_(g, alpha=-(1 - beta1)).div_(beta1)
-            st["step"] -= 1
-        if self.weights is not self.master:
+            part["step"] -= 1
+            if self.remainders:
+                part["ties"] = store_master(p, self.weights[a:b], self.remainder[a:b])
+        if self.master is not None and self.weights is not self.master:
             self.weights.copy_(self.master)
 
     # ----- checkpoints -----
 
     def _param_parts(self):
-        """(name, shape, offset, numel, (view, a, b) of the optimizer part holding it) per parameter."""
+        """(name, shape, offset, numel, the optimizer part holding it) per parameter."""
         for name, shape, off in zip(self.layout.names, self.layout.shapes, self.layout.offsets):
-            part = next(p for p in self.parts if p[1] <= off < p[2])
+            part = next(p for p in self.parts if p["span"][0] <= off < p["span"][1])
             yield name, shape, off, _numel(shape), part
 
     def state_dict(self) -> dict:
-        """{parameter name: {"param", "exp_avg", "exp_avg_sq", "step"}}: fp32 views of this store,
-        no copies (the caller must not hold them across a step)."""
+        """{parameter name: {"param", "exp_avg", "exp_avg_sq", "step"}}: views of this store, no copies
+        (the caller must not hold them across a step). "param" is the fp32 master; with remainders it
+        is the bf16 weight, and "master_remainder" and "master_ties" complete it
+        (checkpointing.format.entry_master reads the fp32 value back)."""
         out = {}
-        for name, shape, off, n, (view, a, _) in self._param_parts():
-            st = self.optimizer.state[view]
-            out[name] = {"param": self.master[off:off + n].view(shape),
-                         "exp_avg": st["exp_avg"][off - a:off - a + n].view(shape),
-                         "exp_avg_sq": st["exp_avg_sq"][off - a:off - a + n].view(shape),
-                         "step": int(st["step"])}
+        for name, shape, off, n, part in self._param_parts():
+            rel = off - part["span"][0]
+            entry = {"exp_avg": part["exp_avg"][rel:rel + n].view(shape),
+                     "exp_avg_sq": part["exp_avg_sq"][rel:rel + n].view(shape), "step": part["step"]}
+            if self.remainders:
+                ties = part["ties"]
+                entry.update(param=self.weights[off:off + n].view(shape),
+                             master_remainder=self.remainder[off:off + n].view(shape),
+                             master_ties=ties[(ties >= rel) & (ties < rel + n)] - rel)
+            else:
+                entry["param"] = self.master[off:off + n].view(shape)
+            out[name] = entry
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        """Copy {parameter name: entry} (as state_dict returns; entries without Adam moments start
-        fresh) into the master, the Adam state and the pinned compute-dtype weights."""
-        steps = {}
-        for name, shape, off, n, (view, a, _) in self._param_parts():
+        """Copy {parameter name: entry} (as state_dict returns, in any of its layouts; entries without
+        Adam moments start fresh; moments of another dtype are converted) into the master, the Adam
+        state and the pinned compute-dtype weights."""
+        from ..checkpointing.format import entry_master
+
+        steps, ties = {}, {id(p): [] for p in self.parts}
+        for name, shape, off, n, part in self._param_parts():
             entry = state[name]
             if tuple(entry["param"].shape) != tuple(shape):
                 raise ValueError(shape_mismatch(name, entry["param"].shape, shape))
-            self.master[off:off + n].view(shape).copy_(entry["param"])
-            st = self.optimizer.state[view]
+            rel = off - part["span"][0]
+            if self.remainders and "master_remainder" in entry:  # the same layout: no fp32 copy
+                self.weights[off:off + n].view(shape).copy_(entry["param"])
+                self.remainder[off:off + n].view(shape).copy_(entry["master_remainder"])
+                ties[id(part)].append(entry["master_ties"] + rel)
+            elif self.remainders:
+                master = entry_master(entry).reshape(-1)
+                ties[id(part)].append(store_master(master, self.weights[off:off + n], self.remainder[off:off + n]) + rel)
+            else:
+                self.master[off:off + n].view(shape).copy_(entry_master(entry))
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in entry:
-                    st[key][off - a:off - a + n].view(shape).copy_(entry[key])
+                    part[key][rel:rel + n].view(shape).copy_(entry[key])
                 else:
-                    st[key][off - a:off - a + n].zero_()
-            steps[a] = max(steps.get(a, 0), int(entry.get("step", 0)))
-        for view, a, _ in self.parts:  # one step count per part (every parameter steps together)
-            self.optimizer.state[view]["step"].fill_(steps.get(a, 0))
-        if self.weights is not self.master:
+                    part[key][rel:rel + n].zero_()
+            steps[id(part)] = max(steps.get(id(part), 0), int(entry.get("step", 0)))
+        for part in self.parts:  # one step count per part (every parameter steps together)
+            part["step"] = steps.get(id(part), 0)
+            if self.remainders:
+                part["ties"] = torch.cat(ties[id(part)]) if ties[id(part)] else torch.zeros(0, dtype=torch.int64)
+        if self.master is not None and self.weights is not self.master:
             self.weights.copy_(self.master)

@@ -73,7 +73,6 @@ class StreamingExecutor:
             host = None
             if self.owned[i]:
                 host = HostLayer(layer, self.layout, dtype, pin=self.cuda, args=args)
-                host.init_optimizer_state()
             self.host.append(host)
             progress.step(i + 1, sum(host.nbytes().values()) if host is not None else 0)
             self._bind(i)  # frees the layer's fp32 initial weights before the next layer's store
@@ -96,7 +95,13 @@ class StreamingExecutor:
         # Bytes the executor moved between host and device (on CPU: between host tensors), for the log.
         self.link = {"host-to-device": 0, "device-to-host": 0}
         self.boundaries = Boundaries(self.num_layers, spill_boundaries, device, self.h2d, self.d2h, self.link)
-        self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)
+        self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)  # a gradient in fp32
+        # bf16 Adam moments cannot be undone exactly: such layers step once the norm is known.
+        invertible = all(d == torch.float32 for d in args.moment_dtypes)
+        # The undo of a guessed step needs the fp32 master beside the gradient when it is stored as remainders.
+        remainders = dtype == torch.bfloat16 and args.store_param_remainders
+        self.master_scratch = torch.empty(self.layout.numel if remainders and invertible and overlap else 0,
+                                          dtype=torch.float32)
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
         threads = threads or default_threads()
         # Lowest layer first: each layer's norm is known on arrival (taken on the device), so the
@@ -105,7 +110,7 @@ class StreamingExecutor:
         # Seconds, for the log: CPU work (its own thread) and the main thread's waits for it.
         self.timers = {"cpu work": 0.0, "waits for cpu": 0.0, "copy waits": 0.0}
         self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
-        self.speculation = SpeculativeStep(args.clip_grad, may_guess=overlap)
+        self.speculation = SpeculativeStep(args.clip_grad, may_guess=overlap and invertible)
         # Each layer's gradient norm (after the data-parallel average) is taken on the compute device
         # as the gradient leaves it: the global norm is then known as soon as backward ends, without
         # waiting for the CPU work (see gradient_stats).
@@ -387,7 +392,7 @@ class StreamingExecutor:
     def _make_final(self, i, guessed, clip_coeff, skip, hyper, inv_scale):
         host = self.host[i]
         if guessed:
-            host.undo_step(host.final_grad(self.scratch, inv_scale), hyper)
+            host.undo_step(host.final_grad(self.scratch, inv_scale), hyper, self.master_scratch)
         if not skip:
             # inv_scale is a power of two: (g * inv_scale) * clip == g * (inv_scale * clip)
             host.step(hyper, inv_scale * clip_coeff, self.scratch)

@@ -3,10 +3,11 @@
 Byte counts (P parameters per layer as the flags shape it, layer_shape.py; c = bytes of the compute
 dtype, k micro-batches per step, a = c s b h, one micro-batch's hidden state; A = what one layer keeps
 of one micro-batch without recompute, 17 a for a GPT-2 layer, more for a SwiGLU one):
-- resident parameter: c weights + 4 fp32 master (not in fp32) + 8 Adam + 4 main grad (the compute-dtype
-  gradient is added into the main grad and freed as it arrives);
-- streamed layer on the host: 16 P (fp32 master + Adam, pinned weights and gradient; 18 in fp16, whose
-  gradient crosses in fp32) whatever k is,
+- resident parameter: c weights + 4 fp32 master (not in fp32) + 8 Adam (4 with bf16 moments) + 4 main
+  grad (the compute-dtype gradient is added into the main grad and freed as it arrives);
+- streamed layer on the host (executor/host_store.py): pinned weights and gradient, the fp32 master (or
+  in bf16 its 2-byte remainder) and the Adam moments, whatever k is: 14 P in bf16 (16 without
+  remainders), 16 P in fp32, 18 P in fp16 (whose gradient crosses in fp32); 4 P less with bf16 moments;
   held by one data-parallel rank of N (each holds ceil(S / N) layers); on the GPU a slot of c P per
   window slot, the fp32 sum of the layer in backward (4 P) and at most 2W layers' gradients in flight
   to the host (c P each);
@@ -35,7 +36,10 @@ GPU_RESERVE = 5 * GiB // 2   # GPU bytes beyond the counted ones: cuBLAS workspa
                              # of a large card's memory would stream layers that fit
 ACHIEVED_FLOPS = 450e12      # FLOP/s an H200 sustains on a layer's matrix products and attention in bf16
                              # (Megatron's FLOPs count, the recompute's included)
-CPU_ADAM_RATE = 4e9          # parameters/s of the fused CPU AdamW (stronghold_ext) on a 16-core host
+CPU_ADAM_RATE = 4e9          # parameters/s of the fused CPU AdamW (stronghold_ext) on a 16-core host, today's
+                             # layout (fp32 master and moments: CPU_ADAM_BYTES moved per parameter); the
+                             # step is bound by host memory, so other layouts scale by their bytes
+CPU_ADAM_BYTES = 28
 PCIE_RATE = 45e9             # bytes/s each way between host and GPU over the PCIe link of an H100 or H200
                              # host, with both directions busy
 
@@ -58,6 +62,8 @@ class ModelCosts:
     vocab: int  # this rank's share of the output layer's columns
     data_parallel: int  # ranks: each holds 1/N of the streamed layers and reduces gradients in fp32
     fp16: bool
+    remainders: bool  # a streamed bf16 master stored as its weight plus a 2-byte remainder
+    moment_bytes: int  # bytes of both Adam moments per parameter: 8, 6 or 4
     layer_activations: int  # A: bytes one layer keeps of one micro-batch without recompute
     layer_forward_flops: int  # one layer's forward over one micro-batch
 
@@ -78,6 +84,8 @@ class ModelCosts:
                    recompute=args.recompute_granularity == "full", microbatches=args.num_microbatches,
                    seq_length=s, hidden=h, vocab=vocab_size // tp,
                    data_parallel=args.data_parallel_size, fp16=bool(args.fp16),
+                   remainders=bool(args.store_param_remainders),
+                   moment_bytes=sum(d.itemsize for d in args.moment_dtypes),
                    layer_activations=shape.activation_bytes(c, s * b),
                    layer_forward_flops=shape.forward_flops(s * b, s) // tp)
 
@@ -89,7 +97,7 @@ class ModelCosts:
     @property
     def resident_bytes_per_param(self) -> int:
         c = self.compute_bytes
-        return c + (0 if c == 4 else 4) + 8 + 4
+        return c + (0 if c == 4 else 4) + self.moment_bytes + 4
 
     @property
     def gradient_bytes(self) -> int:
@@ -97,8 +105,28 @@ class ModelCosts:
         return 2 if self.compute_bytes == 2 and not self.fp16 else 4
 
     @property
+    def steps_early(self) -> bool:
+        """Whether a streamed layer may step before the global norm is known: its undo needs fp32
+        moments (executor/host_store.py)."""
+        return self.moment_bytes == 8
+
+    @property
+    def master_bytes(self) -> int:
+        """Host bytes of a streamed master beside the pinned weights: none in fp32 (they are the master)."""
+        return 0 if self.compute_bytes == 4 else 2 if self.remainders else 4
+
+    @property
     def host_bytes_per_param(self) -> int:
-        return 12 + (0 if self.compute_bytes == 4 else self.compute_bytes) + self.gradient_bytes
+        return self.compute_bytes + self.master_bytes + self.moment_bytes + self.gradient_bytes
+
+    @property
+    def cpu_step_bytes(self) -> int:
+        """Host memory bytes the fused CPU step reads and writes per parameter: gradient in, master (or
+        weights and remainder) and moments read and written, compute-dtype weights out."""
+        if self.compute_bytes != 4 and self.remainders:  # the master is the weights and the remainder
+            return self.gradient_bytes + 2 * (2 + 2 + self.moment_bytes)
+        weights_out = 0 if self.compute_bytes == 4 else self.compute_bytes
+        return self.gradient_bytes + 2 * (4 + self.moment_bytes) + weights_out
 
     def streamed_activations(self, streamed: int, recompute: bool, on_host: bool = False) -> int:
         """GPU bytes of the streamed layers' activations (on_host: the boundaries wait on the host)."""
@@ -135,7 +163,10 @@ def host_bytes(costs: ModelCosts, resident: int, on_host: bool = False) -> int:
     is built."""
     owned = -(-(costs.layers - resident) // costs.data_parallel)  # this rank's share of the streamed layers
     built = 4 * ((owned + 1) * costs.layer_params + costs.other_params)  # + 1: the layer being built
-    store = owned * costs.layer_params * costs.host_bytes_per_param + 4 * costs.layer_params
+    # + the executor's fp32 scratch of one layer (a gradient), and one more for the master where remainders
+    # are undone (stronghold_ext/remainders.py)
+    scratch = 4 * costs.layer_params * (2 if costs.remainders and costs.moment_bytes == 8 else 1)
+    store = owned * costs.layer_params * costs.host_bytes_per_param + scratch
     return max(built, store + (boundary_host_bytes(costs, resident) if on_host else 0)) + HOST_RESERVE
 
 
@@ -168,8 +199,13 @@ def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool =
     return resident_time + streamed_time + head
 
 
+def cpu_adam_rate(costs: ModelCosts) -> float:
+    """Parameters/s of the CPU step in this run's host-store layout."""
+    return CPU_ADAM_RATE * CPU_ADAM_BYTES / costs.cpu_step_bytes
+
+
 def cpu_step_seconds(costs: ModelCosts, resident: int) -> float:
-    return -(-(costs.layers - resident) // costs.data_parallel) * costs.layer_params / CPU_ADAM_RATE
+    return -(-(costs.layers - resident) // costs.data_parallel) * costs.layer_params / cpu_adam_rate(costs)
 
 
 def link_seconds(costs: ModelCosts, resident: int, window: int) -> float:

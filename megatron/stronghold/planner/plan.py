@@ -16,7 +16,7 @@ larger one streams only what does not fit; and it predicts the iteration time fr
 
 from dataclasses import dataclass
 
-from .costs import (CPU_ADAM_RATE, GiB, PCIE_RATE, ModelCosts, boundary_host_bytes, compute_seconds,
+from .costs import (GiB, PCIE_RATE, ModelCosts, boundary_host_bytes, compute_seconds, cpu_adam_rate,
                     cpu_step_seconds, gpu_bytes, host_bytes, link_seconds, overlapped_forward_seconds)
 
 
@@ -42,7 +42,8 @@ class Plan:
         return (f"plan | resident layers: {self.resident} | streamed layers: {streamed} | "
                 f"window: {self.window} | micro batches per step: {costs.microbatches} | "
                 f"streamed layers keep: {keeps} ({self.boundary_bytes / GiB:.2f} GiB) | "
-                f"CPU optimizer threads: {self.threads} | GPU: {self.gpu_bytes / GiB:.1f} GiB"
+                f"CPU optimizer threads: {self.threads} | host store: {costs.host_bytes_per_param} B/param | "
+                f"resident: {costs.resident_bytes_per_param} B/param | GPU: {self.gpu_bytes / GiB:.1f} GiB"
                 f"{'' if self.gpu_free is None else f' of {self.gpu_free / GiB:.1f} free'} | host: {self.host_bytes / GiB:.1f} GiB | "
                 f"predicted iteration (ms): {self.predicted_s * 1e3:.0f} | "
                 f"predicted iteration when clipping defers the CPU steps (ms): {self.predicted_deferred_s * 1e3:.0f} |")
@@ -63,11 +64,11 @@ def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_re
     if not streamed:
         return compute
     cpu = cpu_step_seconds(costs, resident)
-    one_layer = costs.layer_params * (1 / CPU_ADAM_RATE + costs.compute_bytes / PCIE_RATE)
+    one_layer = costs.layer_params * (1 / cpu_adam_rate(costs) + costs.compute_bytes / PCIE_RATE)
     link = link_seconds(costs, resident, window)
     if on_host:  # the boundaries cross the link once each way too
         link += boundary_host_bytes(costs, resident) / PCIE_RATE
-    if deferred:
+    if deferred or not costs.steps_early:
         forward = overlapped_forward_seconds(costs, resident)
         return max(compute + max(0.0, cpu - forward), link) + one_layer
     return max(compute, link, cpu) + one_layer
