@@ -61,6 +61,28 @@ def test_bf16_matches_megatron_within_bf16_noise():
     assert ref.losses[-1] < ref.losses[0] and got.losses[-1] < got.losses[0]
 
 
+def test_bf16_remainders_change_no_bit_on_gpu():
+    """The default bf16 host store (master as weights plus remainder) trains bit for bit as the whole
+    fp32 master, clipping's undo included."""
+    split = run("stronghold", 4, ("--bf16", "--clip-grad", "0.5"))
+    whole = run("stronghold", 4, ("--bf16", "--clip-grad", "0.5", "--no-store-param-remainders"))
+    assert split.losses == whole.losses and split.grad_norms == whole.grad_norms
+
+
+def test_bf16_moments_match_megatron_on_gpu():
+    """fp32 compute with bf16 Adam moments: the host store's CPU kernel and the GPU's widened fused AdamW
+    round the same fp32 updates; their fp32 ulps (CPU vs GPU Adam) flip a bf16 rounding now and then,
+    which the bounds allow (ten times those of fp32 moments)."""
+    flags = ("--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16")
+    ref = run("megatron-lm", 4, flags)
+    got = run("stronghold", 4, (*flags, "--resident-layers", "1"))
+    print("bf16 moments, max relative difference: loss %.1e, grad norm %.1e" % (
+        max(abs(a - b) / abs(a) for a, b in zip(ref.losses, got.losses)),
+        max(abs(a - b) / abs(a) for a, b in zip(ref.grad_norms, got.grad_norms))))
+    assert got.losses == pytest.approx(ref.losses, rel=1e-4)
+    assert got.grad_norms == pytest.approx(ref.grad_norms, rel=1e-3)
+
+
 def test_fp16_skips_the_same_iterations():
     extra = ("--fp16", "--initial-loss-scale", str(2.0 ** 40), "--hysteresis", "1")
     ref = run("megatron-lm", 4, extra)
