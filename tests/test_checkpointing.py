@@ -241,11 +241,13 @@ def test_load_of_save_dir_without_checkpoint_starts_fresh(tmp_path):
     assert got.losses == uninterrupted("megatron-lm").losses[:3]
 
 
-def test_non_finite_loss_stops_without_saving(tmp_path):
+@pytest.mark.parametrize("extra", [(), (*BF16_MOMENTS, "--clip-grad", "0")],  # bf16 moments: layers guess
+                         ids=["fp32-moments", "bf16-moments-guessing"])
+def test_non_finite_loss_stops_without_saving(tmp_path, extra):
     """An absurd learning rate: iteration 1 is fine, iteration 2's loss is NaN. The run stops with
     status 3 and the newest checkpoint stays iteration 1's."""
     got = run("stronghold", "--lr", "1e30", "--lr-warmup-iters", "0", "--lr-decay-style", "constant",
-              "--save", str(tmp_path), "--save-interval", "1")
+              "--save", str(tmp_path), "--save-interval", "1", *extra)
     assert got.exit_code == run_control.EXIT_NONFINITE
     assert len(got.losses) == 2 and got.losses[0] == got.losses[0] and got.losses[1] != got.losses[1]
     assert checkpointing.find_checkpoint(str(tmp_path))[0] == 1

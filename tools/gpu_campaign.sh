@@ -29,6 +29,7 @@
 #             clipping), then a real batch (global batch 64, micro-batch 8, full recompute), each in the
 #             three host-store layouts: 16 B/param (--no-store-param-remainders), 14 (remainders), 10
 #             (remainders and bf16 Adam moments); layouts.txt: plan, host store, iteration lines
+#             (BYTES_BATCHES=1: the paper's batch only; BYTES_LAYOUTS: a subset of "16 14 10")
 #   capacity  the largest model at hidden 2048 and the paper's batch in the 10 B/param layout: one trial at
 #             the planner's capacity (tools/largest_model.py --start planner --max-layers planner)
 #   qwen14b   Qwen2.5-14B's shape (h5120, 48 layers, 40 heads, 8 query groups, ffn 13824, qkv bias, untied,
@@ -127,10 +128,13 @@ for s in "$@"; do
             "$PY" tools/bench_cpu_adam.py --threads "${ADAM_THREADS:-15}" 2>&1 | tee "$OUT/cpuadam.txt" ;;
         layouts)
             bf16_moments=(--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16)
-            for batch in "4 4 --clip-grad 0" "64 8 --recompute-granularity full"; do
+            batches=("4 4 --clip-grad 0" "64 8 --recompute-granularity full")
+            layouts=("16 --no-store-param-remainders" "14" "10 ${bf16_moments[*]}")
+            for batch in "${batches[@]:0:${BYTES_BATCHES:-2}}"; do
                 set -- $batch
-                for layout in "16 --no-store-param-remainders" "14" "10 ${bf16_moments[*]}"; do
+                for layout in "${layouts[@]}"; do
                     name=${layout%% *}
+                    [[ " ${BYTES_LAYOUTS:-16 14 10} " == *" $name "* ]] || continue
                     RESULTS_DIR="$OUT/layouts" bash examples/run.sh -m stronghold -l "${BYTES_LAYERS:-64}" -w 2 -b "$2" \
                         -- --global-batch-size "$1" --train-iters "${BYTES_ITERS:-6}" --log-interval 1 \
                         --resident-layers 0 "${@:3}" ${layout#$name} 2>&1 |
@@ -152,7 +156,8 @@ for s in "$@"; do
                   --seq-length 4096 --global-batch-size 16 --recompute-granularity full --bf16
                   --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
                   --train-iters "${QWEN_ITERS:-4}" --log-interval 1)
-            RESULTS_DIR="$OUT/qwen14b" bash examples/run.sh -m stronghold -l "${QWEN_LAYERS:-48}" -h 5120 -b 1 -- \
+            RESULTS_DIR="$OUT/qwen14b" bash examples/run.sh -m stronghold -l "${QWEN_LAYERS:-48}" -h 5120 -b 1 \
+                -w "${QWEN_WINDOW:-2}" -- \
                 "${qwen[@]}" 2>&1 | grep -E "total parameters|^plan|host store|start-up|iteration +[0-9]+/|summary|exited|error" |
                 sed "s/^/stronghold /" | tee -a "$OUT/qwen14b.txt"
             "$PY" tools/largest_model.py --method megatron-lm --start planner --max-layers planner \

@@ -18,6 +18,16 @@ import math
 import threading
 
 
+def may_step_early(args) -> bool:
+    """Whether the run's streamed layers may guess at all. A wrong guess is undone by inverting an fp32
+    AdamW step, which a moment rounded to bf16 does not allow. With bf16 moments a layer guesses only
+    where no guess can be wrong but one on non-finite gradients, after which the run stops unsaved
+    (RunGuard): no clipping, no fp16 loss-scale skips, --exit-on-nonfinite-iters 1."""
+    if all(d.itemsize == 4 for d in args.moment_dtypes):
+        return True
+    return args.clip_grad == 0 and not args.fp16 and args.exit_on_nonfinite_iters == 1
+
+
 class SpeculativeStep:
     def __init__(self, clip_grad: float, may_guess: bool = True):
         """may_guess=False: never guess (L2L steps every layer after backward)."""

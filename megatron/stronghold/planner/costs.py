@@ -25,6 +25,7 @@ iteration, each at the rate below; plan.py combines them into the predicted iter
 
 from dataclasses import dataclass
 
+from ..executor.speculative import may_step_early
 from ..layer_shape import LayerShape
 
 GiB = 1024 ** 3
@@ -64,6 +65,7 @@ class ModelCosts:
     fp16: bool
     remainders: bool  # a streamed bf16 master stored as its weight plus a 2-byte remainder
     moment_bytes: int  # bytes of both Adam moments per parameter: 8, 6 or 4
+    steps_early: bool  # streamed layers may step before the global norm is known (executor/speculative.py)
     layer_activations: int  # A: bytes one layer keeps of one micro-batch without recompute
     layer_forward_flops: int  # one layer's forward over one micro-batch
 
@@ -86,6 +88,7 @@ class ModelCosts:
                    data_parallel=args.data_parallel_size, fp16=bool(args.fp16),
                    remainders=bool(args.store_param_remainders),
                    moment_bytes=sum(d.itemsize for d in args.moment_dtypes),
+                   steps_early=may_step_early(args),
                    layer_activations=shape.activation_bytes(c, s * b),
                    layer_forward_flops=shape.forward_flops(s * b, s) // tp)
 
@@ -103,12 +106,6 @@ class ModelCosts:
     def gradient_bytes(self) -> int:
         """A streamed gradient crosses PCIe in bf16, or in fp32 with fp16 (executor/host_store.py)."""
         return 2 if self.compute_bytes == 2 and not self.fp16 else 4
-
-    @property
-    def steps_early(self) -> bool:
-        """Whether a streamed layer may step before the global norm is known: its undo needs fp32
-        moments (executor/host_store.py)."""
-        return self.moment_bytes == 8
 
     @property
     def master_bytes(self) -> int:
