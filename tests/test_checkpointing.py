@@ -125,6 +125,37 @@ def test_masters_stored_as_remainders_read_back_bit_for_bit(tmp_path, capsys):
     assert "Adam moments were converted to this run's dtypes (--exp-avg-dtype bf16 -> fp32" in capsys.readouterr().out
 
 
+def test_a_run_never_writes_over_newer_checkpoints(tmp_path, capsys):
+    """--save D with checkpoints in D: without --load (a restart that forgot it), or resuming an older
+    iteration into D, the run is refused before the model is built, and D is left as it was."""
+    base = [*FLAGS, "--offload-method", "megatron-lm", "--save", str(tmp_path)]
+    assert training.main([*base, "--save-interval", "2", "--exit-interval", "4"]) == 0
+    before = {p: os.path.getmtime(os.path.join(tmp_path, p)) for p in sorted(os.listdir(tmp_path))}
+    capsys.readouterr()
+    assert training.main(base) == 2
+    assert "already holds checkpoints (newest: iteration 4)" in capsys.readouterr().err
+    assert training.main([*base, "--load", str(tmp_path), "--ckpt-step", "2"]) == 2
+    assert "holds iteration 4, newer than the iteration this run starts from (2)" in capsys.readouterr().err
+    assert {p: os.path.getmtime(os.path.join(tmp_path, p)) for p in sorted(os.listdir(tmp_path))} == before
+    assert checkpointing.find_checkpoint(str(tmp_path))[0] == 4
+    resumed = training.main([*base, "--load", str(tmp_path), "--exit-interval", "6"])  # the newest: resumes
+    assert resumed == 0 and checkpointing.find_checkpoint(str(tmp_path))[0] == 6
+
+
+def test_an_internal_error_while_loading_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only what the user can fix (a checkpoint that does not fit) is exit 2 without a traceback; a bug
+    or an out-of-memory error while loading reaches the log whole."""
+    from megatron.stronghold.methods import megatron_lm
+
+    run("megatron-lm", "--save", str(tmp_path), "--exit-interval", "2")
+
+    def broken(self, state):
+        raise RuntimeError("internal: injected while loading")
+    monkeypatch.setattr(megatron_lm.MegatronLM, "load_state_dict", broken)
+    with pytest.raises(RuntimeError, match="internal: injected while loading"):
+        training.main([*FLAGS, "--offload-method", "megatron-lm", "--load", str(tmp_path)])
+
+
 def test_model_entry_is_a_megatron_core_state_dict(tmp_path):
     """The "model" entry loads strictly into a plain megatron-core GPTModel, with fp32 values."""
     run("stronghold", "--save", str(tmp_path), "--exit-interval", "2")

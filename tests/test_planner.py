@@ -256,3 +256,14 @@ def test_tensor_parallel_ranks_share_the_output_layer(monkeypatch):
     two = costs(1, "--tensor-model-parallel-size", "2")
     assert output_layer_seconds(one) > 0
     assert output_layer_seconds(two) == pytest.approx(output_layer_seconds(one) / 2)
+
+
+def test_a_cpu_run_reserves_what_a_cpu_process_holds():
+    """Without a GPU there are no CUDA libraries or workspaces to reserve for: a tiny model fits in the
+    2 GiB a rank of `-n 3` gets on a small machine (the GPU reserves alone would be 8.5 GiB)."""
+    tiny = ModelCosts.of(arguments.parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads",
+                                               "4", "--seq-length", "32", "--micro-batch-size", "2"]), 384)
+    plan = make_plan(tiny, gpu_free=None, host_free=2 * GiB)
+    assert plan.resident == 2
+    with pytest.raises(DoesNotFit, match="needs 1.0 GiB of host memory"):
+        make_plan(tiny, gpu_free=None, host_free=GiB // 2)

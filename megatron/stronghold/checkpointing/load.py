@@ -15,6 +15,12 @@ from .format import (FILE, RELEASE, SHAPE_ARGS, TRACKER, checkpoint_weights, fin
                      shape_mismatch)
 
 
+# What a checkpoint that does not fit this model raises (a missing or extra name, another shape, an entry
+# of another kind; DeepSpeed's engine also asserts): the user's to fix, exit 2. Anything else (out of
+# memory, a bug) keeps its traceback.
+USER_FIXABLE = (ValueError, KeyError)
+
+
 def prepare_dirs(args):
     """Setup's look at --save and --load, before anything large is allocated: --save DIR is created
     and must be writable; --load DIR must hold a checkpoint, unless it is also --save (Megatron-LM's
@@ -27,6 +33,30 @@ def prepare_dirs(args):
             raise ArgumentError(f"--save {args.save}: cannot create the directory ({exc.strerror})") from None
         if not os.access(args.save, os.W_OK | os.X_OK):
             raise ArgumentError(f"--save {args.save}: the directory is not writable")
+    found = _find_resume_point(args)
+    _refuse_overwriting_newer(args, found)
+    return found
+
+
+def _refuse_overwriting_newer(args, found) -> None:
+    """A run never writes over a newer checkpoint in --save nor moves its pointer back: with checkpoints
+    there, it must resume from the newest (ArgumentError, naming it and the flags that would do)."""
+    saved = iterations(args.save) if args.save else []
+    if not saved:
+        return
+    start = 0 if found is None or args.finetune or os.path.basename(found[1]) == RELEASE else found[0]
+    if start >= saved[-1]:
+        return
+    if not args.load:
+        raise ArgumentError(f"--save {args.save} already holds checkpoints (newest: iteration {saved[-1]}), and "
+                            f"this run would start from iteration 0 and write over them. Resume with --load "
+                            f"{args.save}, or start over with another --save directory")
+    raise ArgumentError(f"--save {args.save} holds iteration {saved[-1]}, newer than the iteration this run "
+                        f"starts from ({start}): its checkpoints would be written over and "
+                        f"{TRACKER} moved back. Save to another directory")
+
+
+def _find_resume_point(args):
     if not args.load:
         return None
     if args.ckpt_step is not None:  # Megatron-LM's --ckpt-step: this iteration instead of the pointer's
@@ -173,7 +203,7 @@ def load_checkpoint(resume: Resume, args, model, method, scheduler, scaler, log)
         try:
             if not state.get("weights_loaded"):
                 _load_per_parameter(state["weights"], {}, model, method)
-        except Exception as exc:
+        except USER_FIXABLE as exc:
             raise ArgumentError(f"cannot load the weights of checkpoint {path}: {exc}") from None
         log(f" loaded the weights of {path} for fine-tuning [ written by {state['method']} at iteration "
             f"{state['iteration']}; starting at iteration 0 with a fresh optimizer and schedule, "
@@ -189,7 +219,9 @@ def load_checkpoint(resume: Resume, args, model, method, scheduler, scaler, log)
         scaler.load_state_dict(state["loss_scaler"])
     except ArgumentError:
         raise
-    except Exception as exc:
+    except torch.OutOfMemoryError:
+        raise
+    except USER_FIXABLE + ((RuntimeError, AssertionError) if state["format"] == "deepspeed" else ()) as exc:
         raise ArgumentError(f"cannot load checkpoint {path}: {exc}") from None
     set_rng_state(state["rng_state"], log)
     saved = state.get("optimizer_args", {})  # checkpoints before these flags kept fp32 moments

@@ -35,6 +35,9 @@ GPU_RESERVE = 5 * GiB // 2   # GPU bytes beyond the counted ones: cuBLAS workspa
                              # (the CUDA context is already outside the free figure). A fixed amount, not a
                              # fraction of the free memory: none of these grows with the card, and a fraction
                              # of a large card's memory would stream layers that fit
+# Without a GPU both reserves above are too much: no CUDA libraries, workspaces or NCCL; a CPU run's
+# process holds about 1 GiB beyond the counted bytes (0.43 GiB measured for a tiny model).
+CPU_ONLY_SAVING = HOST_RESERVE + GPU_RESERVE - 1 * GiB
 ACHIEVED_FLOPS = 450e12      # FLOP/s an H200 sustains on a layer's matrix products and attention in bf16
                              # (Megatron's FLOPs count, the recompute's included)
 CPU_ADAM_RATE = 4e9          # parameters/s of the fused CPU AdamW (stronghold_ext) on a 16-core host, today's

@@ -16,7 +16,7 @@ larger one streams only what does not fit; and it predicts the iteration time fr
 
 from dataclasses import dataclass
 
-from .costs import (GiB, PCIE_RATE, ModelCosts, boundary_host_bytes, compute_seconds, cpu_adam_rate,
+from .costs import (CPU_ONLY_SAVING, GiB, PCIE_RATE, ModelCosts, boundary_host_bytes, compute_seconds, cpu_adam_rate,
                     cpu_step_seconds, gpu_bytes, host_bytes, link_seconds, overlapped_forward_seconds)
 
 
@@ -119,7 +119,7 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
                 if on_host and (shared or r == L):
                     continue  # without a GPU there is no other memory to go to
                 g, h = gpu_bytes(costs, r, w, recompute, on_host), host_bytes(costs, r, on_host)
-                if (g + h <= host_free) if shared else (g <= gpu_budget and h <= host_free):
+                if (g + h - CPU_ONLY_SAVING <= host_free) if shared else (g <= gpu_budget and h <= host_free):
                     kept = boundary_host_bytes(costs, r) if on_host else costs.streamed_activations(L - r, recompute)
                     return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h,
                                 predicted_seconds(costs, r, w, recompute, on_host=on_host), gpu_free, recompute,
@@ -130,7 +130,7 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
     g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
     if shared:
         raise DoesNotFit(
-            f"the model does not fit: it needs {(g + h) / GiB:.1f} GiB of host memory and this machine "
+            f"the model does not fit: it needs {(g + h - CPU_ONLY_SAVING) / GiB:.1f} GiB of host memory and this machine "
             f"has {host_free / GiB:.1f} GiB available (no GPU). Use fewer layers (--num-layers) or a "
             f"smaller hidden size.")
     raise DoesNotFit(
