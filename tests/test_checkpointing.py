@@ -142,6 +142,24 @@ def test_a_run_never_writes_over_newer_checkpoints(tmp_path, capsys):
     assert resumed == 0 and checkpointing.find_checkpoint(str(tmp_path))[0] == 6
 
 
+def test_resume_with_another_schedule_is_refused_unless_a_flag_says_which(tmp_path, capsys):
+    """Megatron-LM's rule: a resume whose schedule flags differ from the checkpoint's stops, listing the
+    differences; --override-opt_param-scheduler follows the flags, --use-checkpoint-opt_param-scheduler
+    the checkpoint."""
+    run("megatron-lm", "--save", str(tmp_path), "--exit-interval", "10")
+    other = ("--lr", "1e-2", "--min-lr", "1e-3", "--train-iters", str(ITERS + 10))
+    base = [*FLAGS, "--offload-method", "megatron-lm", "--load", str(tmp_path)]
+    capsys.readouterr()
+    assert training.main([*base, *other]) == 2
+    err = capsys.readouterr().err
+    assert "schedule differs from the checkpoint's (--lr 0.003 -> 0.01; --min-lr 0.0003 -> 0.001; " in err
+    assert "--override-opt_param-scheduler" in err and "Traceback" not in err
+    flags = training.train(arguments.parse_args([*base, *other, "--override-opt_param-scheduler"]))
+    kept = training.train(arguments.parse_args([*base, *other, "--use-checkpoint-opt_param-scheduler"]))
+    assert max(flags.lrs) > 3e-3  # the new peak, on the way down from 1e-2
+    assert kept.lrs[:ITERS - 10] == pytest.approx(uninterrupted("megatron-lm").lrs[10:], rel=1e-12)
+
+
 def test_an_internal_error_while_loading_keeps_its_traceback(tmp_path, monkeypatch):
     """Only what the user can fix (a checkpoint that does not fit) is exit 2 without a traceback; a bug
     or an out-of-memory error while loading reaches the log whole."""

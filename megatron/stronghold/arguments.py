@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "learning-rate schedule, loss scale and data position (any method's checkpoint, into any "
                    "method). Assumed for a checkpoint whose tracker file says 'release' (tools/convert_hf.py "
                    "import writes those).")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="With --load: the learning-rate and weight-decay schedule of these flags, not the "
+                   "checkpoint's (without this or the next flag, a resume whose schedule flags differ is refused).")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="With --load: the checkpoint's schedule, whatever these flags say.")
     g.add_argument("--ckpt-step", type=int, default=None, metavar="N",
                    help="With --load: resume from iteration N's checkpoint instead of the newest.")
     g.add_argument("--exit-interval", type=int, default=None, metavar="N",
@@ -387,6 +392,8 @@ def _validate_checkpointing(args) -> None:
             raise ArgumentError("--save-interval needs --save DIR")
     if args.finetune and not args.load:
         raise ArgumentError("--finetune needs --load DIR (the checkpoint whose weights it starts from)")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ArgumentError("choose one of --override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler")
     if args.ckpt_step is not None and not args.load:
         raise ArgumentError("--ckpt-step needs --load DIR")
     if args.exit_interval is not None:

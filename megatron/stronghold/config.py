@@ -123,6 +123,8 @@ class Config:
     save_interval: Optional[int]
     load: Optional[str]
     finetune: bool
+    override_opt_param_scheduler: bool
+    use_checkpoint_opt_param_scheduler: bool
     ckpt_step: Optional[int]
     exit_interval: Optional[int]
     exit_on_nonfinite_iters: int

@@ -259,14 +259,39 @@ class GroupsView:
 
 
 def lr_scheduler(args, optimizers) -> OptimizerParamScheduler:
-    """Megatron-LM's sample-based schedule: steps are counted in samples."""
+    """Megatron-LM's sample-based schedule: steps are counted in samples. On resume it takes the
+    checkpoint's schedule (--use-checkpoint-opt_param-scheduler) or the flags' (--override-...); with
+    neither, checkpointing.load refuses a checkpoint whose schedule differs before this is built."""
     gbs = args.global_batch_size
     return OptimizerParamScheduler(
         GroupsView(*optimizers), init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=args.lr_decay_iters * gbs,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
-        wsd_decay_steps=None, lr_wsd_decay_style=None)
+        wsd_decay_steps=None, lr_wsd_decay_style=None,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler)
+
+
+# The schedule a checkpoint records (OptimizerParamScheduler.state_dict) in the flags' words; steps are
+# samples, shown in iterations of this run's global batch.
+SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                  "lr_decay_steps": "--lr-decay-iters", "lr_decay_style": "--lr-decay-style",
+                  "start_wd": "--weight-decay", "wd_incr_steps": "--train-iters"}
+
+
+def schedule_differences(args, saved: dict) -> list:
+    """["--lr 1e-05 -> 0.01", ...]: where this run's schedule flags differ from a checkpoint's."""
+    mine = lr_scheduler(args, []).state_dict()
+    gbs = args.global_batch_size
+    out = []
+    for key, flag in SCHEDULE_FLAGS.items():
+        if key in saved and saved[key] != mine[key]:
+            old, new = saved[key], mine[key]
+            if key.endswith("_steps"):
+                old, new = f"{old / gbs:g}", f"{new / gbs:g}"
+            out.append(f"{flag} {old} -> {new}")
+    return out
 
 
 def global_norm(sumsq_total: float) -> float:

@@ -147,6 +147,15 @@ def open_checkpoint(args, found, vocab_size: int, log) -> Resume | None:
                                 "checkpoints written by the same ZeRO method (--finetune takes its weights "
                                 "into any method)")
     _check_fits(state, args, vocab_size)
+    if not state["finetune"] and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+        from ..optim import schedule_differences
+
+        changed = schedule_differences(args, state["opt_param_scheduler"])
+        if changed:
+            raise ArgumentError(f"--load {path}: this run's learning-rate schedule differs from the checkpoint's "
+                                f"({'; '.join(changed)}). Add --override-opt_param-scheduler to follow the "
+                                "flags from here on, or --use-checkpoint-opt_param-scheduler to keep the "
+                                "checkpoint's schedule")
     if state["finetune"]:
         if release and not args.finetune:
             log(f"{path} is a release checkpoint (weights only): fine-tuning from it as --finetune does")
