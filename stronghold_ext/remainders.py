@@ -38,9 +38,15 @@ def join_master(weights: torch.Tensor, remainder: torch.Tensor, ties: torch.Tens
     return out.copy_(bits.view(torch.float32))
 
 
+def split_into(master: torch.Tensor, weights: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """Split an fp32 master into existing weights and remainder tensors; returns the flat mask of its
+    ties (torch.nonzero of it gives the ties; left to the caller, since on a GPU it waits for the device)."""
+    weights.copy_(master)  # rounded to nearest even
+    diff = master.view(torch.int32) - (weights.view(torch.int16).to(torch.int32) << 16)
+    remainder.copy_(diff)  # int32 -> int16 keeps the low 16 bits: +0x8000 becomes the code 0x8000 too
+    return diff.view(-1) == TIE
+
+
 def store_master(master: torch.Tensor, weights: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     """Split an fp32 master into existing weights and remainder tensors; returns the new ties."""
-    w, r, ties = split_master(master)
-    weights.copy_(w)
-    remainder.copy_(r)
-    return ties
+    return torch.nonzero(split_into(master, weights, remainder)).flatten()

@@ -100,7 +100,8 @@ def test_host_store_bytes_per_parameter_are_the_planners(flags, expected):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("flags", [("--bf16",), ("--bf16", *BF16_MOMENTS), BF16_MOMENTS])
+@pytest.mark.parametrize("flags", [("--bf16",), ("--bf16", "--no-store-param-remainders"), ("--bf16", *BF16_MOMENTS),
+                                   BF16_MOMENTS])
 def test_resident_optimizer_bytes_per_parameter_are_the_planners(flags):
     """What the planner counts per resident parameter is what the megatron-lm step holds after its first
     step: weights, master, main grad and moments (fp32 moments are allocated by torch at that step)."""
@@ -112,7 +113,8 @@ def test_resident_optimizer_bytes_per_parameter_are_the_planners(flags):
     method = methods.build(args, None, build_model_for(args), torch.device("cpu"), args.params_dtype, None, print)
     opt = method.resident
     opt.step(1.0, skip=False)  # lazily made fp32 moments now exist (the main grads are zero)
-    tensors = {t.untyped_storage().data_ptr(): t for t in [*opt.params, *opt.masters, *opt.main_grads]
+    tensors = {t.untyped_storage().data_ptr(): t for t in [*opt.params, *opt.masters, *opt.main_grads,
+                                                          *getattr(opt, "remainder", [])]
                + [v for st in opt.optimizer.state.values() for k, v in st.items() if k != "step"]}
     held = sum(t.untyped_storage().nbytes() for t in tensors.values())  # fp32: the master is the weight
     assert held == expected * sum(p.numel() for p in opt.params)
@@ -254,3 +256,32 @@ def test_start_up_reports_its_progress(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "building the model: 3 of 3 layers" in out
     assert "filling the host store: 3 of 3 layers" in out
+
+
+@pytest.mark.unit
+def test_resident_masters_kept_as_remainders_come_back_bit_for_bit():
+    """bf16 resident parameters keep their fp32 masters as the weights plus a remainder: masters on exact
+    ties of both kinds (the low half 0x8000 under an even or an odd high half) survive a load, a step
+    that changes nothing (lr 0) and a state_dict, bit for bit, across a chunk boundary."""
+    from megatron.stronghold.checkpointing.format import entry_master
+    from megatron.stronghold.optim import ResidentOptimizer
+
+    args = arguments.parse_args(["--bf16", "--lr", "0", "--weight-decay", "0"])
+    distributed.init_distributed(torch.device("cpu"))
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)) for n in (1000, 3000)]
+    opt = ResidentOptimizer([("a.weight", params[0]), ("b.weight", params[1])], args)
+    opt.CHUNK = 1500  # two chunks
+    gen = torch.Generator().manual_seed(0)
+    masters = {name: torch.randn(p.numel(), generator=gen) for name, p in zip(("a.weight", "b.weight"), params)}
+    for m in masters.values():
+        bits = m.view(torch.int32)
+        bits[::7] = (bits[::7] & ~0xFFFF) | 0x8000  # ties, both parities of the high half
+    opt.load_state_dict({name: {"param": m} for name, m in masters.items()})
+    assert sum(t.numel() for t in opt.ties) > 100  # the ties that rounded up are listed
+    for group in opt.param_groups:
+        group.update(lr=0.0, weight_decay=0.0)
+    opt.step(1.0, skip=False)
+    for name, entry in opt.state_dict().items():
+        assert entry["param"].dtype == torch.bfloat16
+        assert torch.equal(entry_master(entry).view(torch.int32), masters[name].view(torch.int32)), name
+        assert torch.equal(entry["param"], masters[name].to(torch.bfloat16))

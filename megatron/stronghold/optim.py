@@ -16,6 +16,8 @@ import torch
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from stronghold_ext.remainders import join_master, split_into
+
 from .checkpointing.format import entry_master, shape_mismatch
 
 
@@ -86,19 +88,29 @@ class ResidentOptimizer:
 
     Model parameters are in the compute dtype; fp32 masters and main grads sit beside them on the
     same device. A post-accumulate-grad hook moves each micro-batch's gradient into the fp32 main
-    grad and frees it, as Megatron's DDP grad buffer does. Adam moments in bf16 (the precision-aware
-    optimizer) are widened to fp32 a few parameters at a time, stepped by torch's fused AdamW and
-    stored back rounded to nearest, the same arithmetic as the host store's CPU kernel.
+    grad and frees it, as Megatron's DDP grad buffer does. In bf16 the masters are kept, by default,
+    as the bf16 weights plus a 16-bit remainder (exact: stronghold_ext/remainders.py), and Adam moments
+    may be bf16 (the precision-aware optimizer); either way the step runs a chunk of parameters at a
+    time: masters rebuilt in fp32, moments widened, torch's fused AdamW, then split and rounded back
+    (to nearest: the host store's CPU kernel does the same arithmetic).
     """
 
-    WIDEN_CHUNK = 1 << 26  # elements of bf16 moments widened at a time (2 x 256 MiB of fp32)
+    CHUNK = 1 << 26  # elements stepped at a time when masters or moments are rebuilt (256 MiB per fp32 copy)
 
     def __init__(self, named_params, args):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.same_dtype = all(p.dtype == torch.float32 for p in self.params)
-        self.masters = [p.detach() if self.same_dtype else p.detach().float() for p in self.params]
-        self.main_grads = [torch.zeros_like(m) for m in self.masters]
+        self.remainders = bool(self.params) and args.store_param_remainders and all(
+            p.dtype == torch.bfloat16 for p in self.params)
+        if self.remainders:
+            # each master's fp32 storage exists only while its chunk steps (stepped)
+            self.masters = [torch.empty(0, dtype=torch.float32, device=p.device) for p in self.params]
+            self.remainder = [torch.zeros_like(p, dtype=torch.int16) for p in self.params]
+            self.ties = [torch.zeros(0, dtype=torch.int64) for _ in self.params]  # on the host: a few
+        else:
+            self.masters = [p.detach() if self.same_dtype else p.detach().float() for p in self.params]
+        self.main_grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.counted = [counts_in_norm(p) for p in self.params]
         decay = [m for (n, p), m in zip(named_params, self.masters) if not no_weight_decay(n, p)]
         nodecay = [m for (n, p), m in zip(named_params, self.masters) if no_weight_decay(n, p)]
@@ -108,17 +120,17 @@ class ResidentOptimizer:
         self.moment_dtypes = args.moment_dtypes
         self.narrow_moments = any(d != torch.float32 for d in self.moment_dtypes)
         if self.narrow_moments:
-            for m in self.masters:
-                self._init_state(m)
+            for m, p in zip(self.masters, self.params):
+                self._init_state(m, p)
         for p, g in zip(self.params, self.main_grads):
             p.register_post_accumulate_grad_hook(self._make_accumulator(g))
 
-    def _init_state(self, master) -> None:
+    def _init_state(self, master, param) -> None:
         """Moments in their stored dtypes, allocated up front (torch would make fp32 ones lazily)."""
         self.optimizer.state[master] = {
-            "step": torch.zeros((), dtype=torch.float32, device=master.device),  # fused AdamW's form
-            "exp_avg": torch.zeros_like(master, dtype=self.moment_dtypes[0]),
-            "exp_avg_sq": torch.zeros_like(master, dtype=self.moment_dtypes[1])}
+            "step": torch.zeros((), dtype=torch.float32, device=param.device),  # fused AdamW's form
+            "exp_avg": torch.zeros_like(param, dtype=self.moment_dtypes[0]),
+            "exp_avg_sq": torch.zeros_like(param, dtype=self.moment_dtypes[1])}
 
     @staticmethod
     def _make_accumulator(main_grad):
@@ -158,11 +170,16 @@ class ResidentOptimizer:
         return sumsq, ~torch.isfinite(sumsq)
 
     def state_dict(self) -> dict:
-        """{name: {"param": fp32 master, "exp_avg", "exp_avg_sq", "step"}} (Adam entries once it has
-        stepped); the tensors are the optimizer's own, not copies."""
+        """{name: {"param": fp32 master (with remainders: the bf16 weight, "master_remainder" and
+        "master_ties" beside it), "exp_avg", "exp_avg_sq", "step"}} (Adam entries once it has stepped);
+        the tensors are the optimizer's own, not copies."""
         out = {}
-        for name, master in zip(self.names, self.masters):
-            entry = {"param": master}
+        for i, (name, master) in enumerate(zip(self.names, self.masters)):
+            if self.remainders:
+                entry = {"param": self.params[i].detach(), "master_remainder": self.remainder[i],
+                         "master_ties": self.ties[i]}
+            else:
+                entry = {"param": master}
             st = self.optimizer.state.get(master) if self.optimizer is not None else None
             if st:
                 entry.update(exp_avg=st["exp_avg"], exp_avg_sq=st["exp_avg_sq"], step=int(st["step"]))
@@ -170,32 +187,40 @@ class ResidentOptimizer:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        """Take this optimizer's parameters from a {name: entry} dict as state_dict() returns (it may
-        hold other parameters too); ValueError on a missing name or another shape."""
-        for name, master in zip(self.names, self.masters):
+        """Take this optimizer's parameters from a {name: entry} dict as state_dict() returns, in any of
+        its layouts (it may hold other parameters too); ValueError on a missing name or another shape."""
+        for i, (name, master, param) in enumerate(zip(self.names, self.masters, self.params)):
             if name not in state:
                 raise ValueError(f"{name} is missing from the checkpoint")
             entry = state[name]
-            if tuple(entry["param"].shape) != tuple(master.shape):
-                raise ValueError(shape_mismatch(name, entry["param"].shape, master.shape))
-            master.copy_(entry_master(entry))
+            if tuple(entry["param"].shape) != tuple(param.shape):
+                raise ValueError(shape_mismatch(name, entry["param"].shape, param.shape))
+            if self.remainders and "master_remainder" in entry:  # the same layout: no fp32 copy
+                param.data.copy_(entry["param"])
+                self.remainder[i].copy_(entry["master_remainder"])
+                self.ties[i] = entry["master_ties"].to("cpu", copy=True)
+            elif self.remainders:
+                fp32 = entry_master(entry).to(device=param.device, dtype=torch.float32)
+                self.ties[i] = torch.nonzero(split_into(fp32, param.data, self.remainder[i])).flatten().cpu()
+            else:
+                master.copy_(entry_master(entry))
             if self.optimizer is None:
                 continue
             if "exp_avg" in entry:
-                device = master.device
+                device = param.device
                 self.optimizer.state[master] = {
                     # fused AdamW keeps its step as an fp32 tensor on the parameter's device
                     "step": torch.tensor(float(entry["step"]), dtype=torch.float32, device=device),
                     # another dtype than the checkpoint's is converted (rounded to nearest into bf16)
-                    "exp_avg": entry["exp_avg"].to(device=device, dtype=self.moment_dtypes[0], copy=True).view_as(master),
+                    "exp_avg": entry["exp_avg"].to(device=device, dtype=self.moment_dtypes[0], copy=True).view_as(param),
                     "exp_avg_sq": entry["exp_avg_sq"].to(device=device, dtype=self.moment_dtypes[1],
-                                                         copy=True).view_as(master),
+                                                         copy=True).view_as(param),
                 }
             elif self.narrow_moments:
-                self._init_state(master)  # not stepped yet: fresh moments
+                self._init_state(master, param)  # not stepped yet: fresh moments
             else:
                 self.optimizer.state.pop(master, None)  # not stepped yet: fresh moments
-        if not self.same_dtype and self.params:
+        if not self.same_dtype and not self.remainders and self.params:
             torch._foreach_copy_([p.data for p in self.params], self.masters)
         for g in self.main_grads:
             g.zero_()
@@ -204,47 +229,66 @@ class ResidentOptimizer:
         if not skip and self.optimizer is not None:
             if clip_coeff != 1.0:
                 torch._foreach_mul_(self.main_grads, clip_coeff)
-            if self.narrow_moments:
-                self._step_widened()
+            if self.narrow_moments or self.remainders:
+                for chunk in self._chunks():
+                    self._step_chunk(chunk)
             else:
                 for m, g in zip(self.masters, self.main_grads):
                     m.grad = g
                 self.optimizer.step()
                 for m in self.masters:
                     m.grad = None
-            if not self.same_dtype:
-                torch._foreach_copy_([p.data for p in self.params], self.masters)
+                if not self.same_dtype:
+                    torch._foreach_copy_([p.data for p in self.params], self.masters)
         for g in self.main_grads:
             g.zero_()
 
-
-    def _step_widened(self) -> None:
-        """optimizer.step() over a few parameters at a time (torch skips those without a grad), each
-        chunk's bf16 moments swapped for fp32 copies and rounded back after the step."""
-        state = self.optimizer.state
+    def _chunks(self) -> list:
+        """Parameter indices in runs of about CHUNK elements."""
         chunks, chunk, size = [], [], 0
-        for m, g in zip(self.masters, self.main_grads):
-            chunk.append((m, g))
-            size += m.numel()
-            if size >= self.WIDEN_CHUNK:
+        for i, p in enumerate(self.params):
+            chunk.append(i)
+            size += p.numel()
+            if size >= self.CHUNK:
                 chunks.append(chunk)
                 chunk, size = [], 0
-        chunks.append(chunk)
-        for chunk in chunks:
-            stored = {}
-            for m, g in chunk:
-                m.grad = g
-                st = state[m]
-                stored[m] = (st["exp_avg"], st["exp_avg_sq"])
+        return chunks + [chunk] if chunk else chunks
+
+    def _step_chunk(self, chunk: list) -> None:
+        """optimizer.step() over these parameters only (torch skips those without a grad): masters rebuilt
+        from their remainders, bf16 moments swapped for fp32 copies, then both stored back."""
+        state, stored = self.optimizer.state, {}
+        for i in chunk:
+            m = self.masters[i]
+            if self.remainders:
+                m.data = join_master(self.params[i].data, self.remainder[i], self.ties[i])
+            m.grad = self.main_grads[i]
+            st = state.get(m)
+            if st and self.narrow_moments:
+                stored[i] = (st["exp_avg"], st["exp_avg_sq"])
                 st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].float(), st["exp_avg_sq"].float()
-            self.optimizer.step()
-            for m, _ in chunk:
-                m.grad = None
-                st = state[m]
-                for key, keep in zip(("exp_avg", "exp_avg_sq"), stored[m]):
-                    if keep.dtype != torch.float32:
-                        keep.copy_(st[key])
-                    st[key] = keep
+        self.optimizer.step()
+        for i in chunk:
+            m = self.masters[i]
+            m.grad = None
+            st = state[m]
+            for key, keep in zip(("exp_avg", "exp_avg_sq"), stored.get(i, ())):
+                if keep.dtype != torch.float32:
+                    keep.copy_(st[key])
+                st[key] = keep
+        if not self.remainders:
+            torch._foreach_copy_([self.params[i].data for i in chunk], [self.masters[i] for i in chunk])
+            return
+        # Split back; the ties of the whole chunk are found in one pass (one wait for the device).
+        masks = [split_into(self.masters[i].data, self.params[i].data, self.remainder[i]) for i in chunk]
+        found = torch.nonzero(torch.cat(masks)).flatten().cpu()
+        start = 0
+        for i in chunk:
+            n = self.params[i].numel()
+            lo, hi = torch.searchsorted(found, torch.tensor([start, start + n])).tolist()
+            self.ties[i] = found[lo:hi] - start
+            start += n
+            self.masters[i].data = torch.empty(0, dtype=torch.float32, device=self.params[i].device)
 
 
 class GroupsView:

@@ -3,8 +3,9 @@
 Byte counts (P parameters per layer as the flags shape it, layer_shape.py; c = bytes of the compute
 dtype, k micro-batches per step, a = c s b h, one micro-batch's hidden state; A = what one layer keeps
 of one micro-batch without recompute, 17 a for a GPT-2 layer, more for a SwiGLU one):
-- resident parameter: c weights + 4 fp32 master (not in fp32) + 8 Adam (4 with bf16 moments) + 4 main
-  grad (the compute-dtype gradient is added into the main grad and freed as it arrives);
+- resident parameter: c weights + the fp32 master (none in fp32; in bf16 by default a 2-byte remainder,
+  else 4) + 8 Adam (4 with bf16 moments) + 4 main grad (the compute-dtype gradient is added into the main
+  grad and freed as it arrives): 16 in bf16 (18 without remainders), 12 with bf16 moments;
 - streamed layer on the host (executor/host_store.py): pinned weights and gradient, the fp32 master (or
   in bf16 its 2-byte remainder) and the Adam moments, whatever k is: 14 P in bf16 (16 without
   remainders), 16 P in fp32, 18 P in fp16 (whose gradient crosses in fp32); 4 P less with bf16 moments;
@@ -102,8 +103,7 @@ class ModelCosts:
 
     @property
     def resident_bytes_per_param(self) -> int:
-        c = self.compute_bytes
-        return c + (0 if c == 4 else 4) + self.moment_bytes + 4
+        return self.compute_bytes + self.master_bytes + self.moment_bytes + 4
 
     @property
     def gradient_bytes(self) -> int:
@@ -112,7 +112,8 @@ class ModelCosts:
 
     @property
     def master_bytes(self) -> int:
-        """Host bytes of a streamed master beside the pinned weights: none in fp32 (they are the master)."""
+        """Bytes of a master beside the compute-dtype weights (on the host for a streamed layer, on the
+        GPU for a resident one): none in fp32 (they are the master), 2 for a bf16 one's remainder."""
         return 0 if self.compute_bytes == 4 else 2 if self.remainders else 4
 
     @property
