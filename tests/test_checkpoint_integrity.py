@@ -52,7 +52,8 @@ def test_a_damaged_checkpoint_is_refused_and_an_older_one_resumes_with_ckpt_step
             f"resume from it with --load {save} --ckpt-step 2") in text, text[-3000:]
     assert "Traceback" not in text and "total parameters" not in text  # refused before the model is built
 
-    resumed = run_launcher([*TINY, "--train-iters", "3", "--load", str(save), "--ckpt-step", "2"], tmp_path,
+    resumed = run_launcher([*TINY, "--train-iters", "3", "--load", str(save), "--ckpt-step", "2",
+                            "--override-opt_param-scheduler"], tmp_path,
                            timeout=300)
     text = output(resumed)
     assert resumed.returncode == 0, text[-3000:]
@@ -67,7 +68,8 @@ def test_checkpoints_without_checksums_load_unverified(tmp_path, capsys):
     training.train(arguments.parse_args([*FLAGS, "--train-iters", "2", "--save", save]))
     os.remove(os.path.join(checkpointing.iteration_dir(save, 2), integrity.MANIFEST))
     capsys.readouterr()
-    resumed = training.train(arguments.parse_args([*FLAGS, "--train-iters", "3", "--load", save]))
+    resumed = training.train(arguments.parse_args([*FLAGS, "--train-iters", "3", "--load", save,
+                                                   "--override-opt_param-scheduler"]))
     assert len(resumed.losses) == 1
     assert "has no integrity.json (written before checkpoints carried checksums): loading it unverified" in \
         capsys.readouterr().out
@@ -95,4 +97,5 @@ def test_deepspeed_files_are_checksummed_too(tmp_path):
     optim = next(name for name in listed if name.endswith("optim_states.pt"))
     damage(os.path.join(path, optim), 64)
     with pytest.raises(arguments.ArgumentError, match=f"{optim} does not match the SHA-256"):
-        training.train(arguments.parse_args([*flags, "--train-iters", "3", "--load", str(tmp_path)]))
+        training.train(arguments.parse_args([*flags, "--train-iters", "3", "--load", str(tmp_path),
+                                             "--override-opt_param-scheduler"]))

@@ -53,7 +53,8 @@ def test_a_second_writer_is_refused_and_a_dead_ones_leftovers_are_taken_over(tmp
     first.communicate(timeout=120)
     assert "writer.lock" in os.listdir(save) and "iter_0000004.tmp" in os.listdir(save)
 
-    third = run_launcher([*TINY, "--train-iters", "3", "--save", str(save), "--load", str(save)], tmp_path,
+    third = run_launcher([*TINY, "--train-iters", "3", "--save", str(save), "--load", str(save),
+                          "--override-opt_param-scheduler"], tmp_path,
                          timeout=300)
     assert third.returncode == 0, output(third)[-3000:]
     assert f"removed {save / 'iter_0000004.tmp'}: the partial checkpoint of a run that ended" in third.stdout
@@ -68,7 +69,8 @@ def test_a_full_disk_stops_the_run_with_one_message_and_keeps_the_previous_check
     assert first.returncode == 0, output(first)[-3000:]
 
     env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path))
-    args = [*TINY, "--train-iters", "4", "--save", str(save), "--load", str(save), "--save-interval", "2"]
+    args = [*TINY, "--train-iters", "4", "--save", str(save), "--load", str(save), "--save-interval", "2",
+            "--override-opt_param-scheduler"]
     limited = subprocess.run(["bash", "-c", 'ulimit -f 256 && exec bash "$@"', "bash", RUN_SH, *args], env=env,
                              cwd=str(tmp_path), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     text = output(limited)

@@ -89,6 +89,7 @@ def train(args: Config, observer=None) -> History:
     found = checkpointing.prepare_dirs(args)  # --save made, --load's checkpoint found; nothing read yet
     tensorboard_log.prepare_dir(args)  # --tensorboard-dir made and writable, before anything is built
     with save_dir.held(args), contextlib.ExitStack() as closing:  # --save: one writer at a time
+        checkpointing.refuse_overwriting_newer(args, found)
         return _train(args, found, observer, closing)
 
 

@@ -63,9 +63,10 @@ Safety:
 
 from .format import (FILE, MODEL_ARGS, RELEASE, TRACKER, checkpoint_weights, find_checkpoint, iteration_dir,
                      read_checkpoint, saved_shape)
-from .load import Resume, load_checkpoint, load_weights_into_model, open_checkpoint, prepare_dirs, verify_checkpoint
+from .load import (Resume, load_checkpoint, load_weights_into_model, open_checkpoint, prepare_dirs,
+                   refuse_overwriting_newer, verify_checkpoint)
 from .save import SaveError, save_checkpoint, save_release
 
 __all__ = ["FILE", "MODEL_ARGS", "RELEASE", "TRACKER", "Resume", "SaveError", "checkpoint_weights",
            "find_checkpoint", "iteration_dir", "load_checkpoint", "load_weights_into_model", "open_checkpoint",
-           "prepare_dirs", "read_checkpoint", "save_checkpoint", "save_release", "saved_shape", "verify_checkpoint"]
+           "prepare_dirs", "read_checkpoint", "refuse_overwriting_newer", "save_checkpoint", "save_release", "saved_shape", "verify_checkpoint"]

@@ -33,14 +33,13 @@ def prepare_dirs(args):
             raise ArgumentError(f"--save {args.save}: cannot create the directory ({exc.strerror})") from None
         if not os.access(args.save, os.W_OK | os.X_OK):
             raise ArgumentError(f"--save {args.save}: the directory is not writable")
-    found = _find_resume_point(args)
-    _refuse_overwriting_newer(args, found)
-    return found
+    return _find_resume_point(args)
 
 
-def _refuse_overwriting_newer(args, found) -> None:
+def refuse_overwriting_newer(args, found) -> None:
     """A run never writes over a newer checkpoint in --save nor moves its pointer back: with checkpoints
-    there, it must resume from the newest (ArgumentError, naming it and the flags that would do)."""
+    there, it must resume from the newest (ArgumentError, naming it and the flags that would do). Called
+    while the run holds --save's writer lock, so no other run adds checkpoints meanwhile."""
     saved = iterations(args.save) if args.save else []
     if not saved:
         return
