@@ -269,3 +269,20 @@ def test_a_cpu_run_reserves_what_a_cpu_process_holds():
     assert plan.resident == 2
     with pytest.raises(DoesNotFit, match="needs 1.0 GiB of host memory"):
         make_plan(tiny, gpu_free=None, host_free=GiB // 2)
+
+
+def test_gpu_count_meets_a_measured_peak_with_a_large_vocabulary():
+    """megatron-lm, Qwen2.5-14B's shape at 16 layers (vocabulary 152064, sequence 4096, bf16 moments), on an
+    H100: peak 75.46 GiB allocated (results/h100/2026-12-07-qwen14b/). The count without its reserve must
+    be within 0.5% of it: the compute-dtype logits (1.16 GiB here) are part of it."""
+    qwen = ["--num-layers", "16", "--hidden-size", "5120", "--num-attention-heads", "40", "--group-query-attention",
+            "--num-query-groups", "8", "--ffn-hidden-size", "13824", "--normalization", "RMSNorm", "--swiglu",
+            "--position-embedding-type", "rope", "--disable-bias-linear", "--add-qkv-bias",
+            "--untie-embeddings-and-output-weights", "--seq-length", "4096", "--micro-batch-size", "1",
+            "--global-batch-size", "16", "--recompute-granularity", "full", "--bf16", "--tokenizer-type",
+            "NullTokenizer", "--vocab-size", "152063", *BF16_MOMENTS]
+    from megatron.stronghold.planner.costs import GPU_RESERVE, gpu_bytes
+
+    c = ModelCosts.of(arguments.parse_args(qwen), 152064)
+    counted = (gpu_bytes(c, 16, 0) - GPU_RESERVE) / GiB
+    assert counted == pytest.approx(75.46, rel=5e-3)

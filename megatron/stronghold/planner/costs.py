@@ -18,7 +18,8 @@ of one micro-batch without recompute, 17 a for a GPT-2 layer, more for a SwiGLU 
   output), or, without recompute,
   S k A (Korthikanti et al. 2022, flash attention); resident layers run one micro-batch at a
   time: a per layer with full recompute, else A; plus the fp32 logits and their gradient,
-  3 x 4 s b V.
+  3 x 4 s b V, and the output layer's logits in the compute dtype, c s b V (megatron-lm, Qwen2.5-14B's
+  vocabulary of 152064 on an H100: 1.25 GiB above the count without them).
 
 Seconds: the GPU's compute, the host-to-device copies and the CPU optimizer's steps of one
 iteration, each at the rate below; plan.py combines them into the predicted iteration.
@@ -86,7 +87,7 @@ class ModelCosts:
         if args.position_embedding_type == "learned_absolute":
             other += args.max_position_embeddings * h
         return cls(layers=args.num_layers, layer_params=shape.params(), other_params=other, compute_bytes=c,
-                   hidden_state=c * s * b * h // tp, act_fixed=3 * 4 * s * b * vocab_size // tp, tokens=s * b,
+                   hidden_state=c * s * b * h // tp, act_fixed=(3 * 4 + c) * s * b * vocab_size // tp, tokens=s * b,
                    recompute=args.recompute_granularity == "full", microbatches=args.num_microbatches,
                    seq_length=s, hidden=h, vocab=vocab_size // tp,
                    data_parallel=args.data_parallel_size, fp16=bool(args.fp16),
