@@ -369,3 +369,38 @@ def test_unsupported_models_are_refused_with_exit_2(tmp_path, capsys):
     assert convert_hf.main(["import", "--hf", llama, "--output", str(tmp_path / "out")]) == 2
     assert "names no end-of-document token" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def _edit_config(hf, **changes):
+    import json
+
+    path = os.path.join(hf, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda hf: open(os.path.join(hf, "config.json"), "w").write("{not json"), "cannot be read as a transformers config"),
+    (lambda hf: _edit_config(hf, num_hidden_layers=1), "hold 9 tensors that config.json does not describe"),
+    (lambda hf: _edit_config(hf, intermediate_size=64),
+     "linear_fc1.weight has shape (96, 32) in the weights, (128, 32) for the sizes config.json gives"),
+    (lambda hf: _edit_config(hf, num_key_value_heads=4), "do not have the sizes config.json gives"),
+    (lambda hf: _truncate(os.path.join(hf, "model.safetensors")), "(a damaged or incomplete file)"),
+], ids=["config-not-json", "fewer-layers", "other-ffn", "other-kv-heads", "truncated-weights"])
+def test_import_of_a_bad_directory_is_refused_with_one_line(tmp_path, capsys, damage, message):
+    hf, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    tiny_hf_model("llama", hf)
+    damage(hf)
+    capsys.readouterr()  # transformers' own progress lines while saving
+    assert convert_hf.main(["import", "--hf", hf, "--output", ckpt]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and "Traceback" not in err, err
+    assert not os.path.exists(os.path.join(ckpt, "release"))

@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory only: nothing 
 import torch  # noqa: E402
 
 from megatron.stronghold import checkpointing  # noqa: E402
-from megatron.stronghold.arguments import ArgumentError  # noqa: E402
+from megatron.stronghold import arguments  # noqa: E402
+from megatron.stronghold.arguments import ArgumentError, first_line  # noqa: E402
 from megatron.stronghold.tokenizer import build_tokenizer  # noqa: E402
 from megatron.stronghold.hf_convert import (  # noqa: E402
     ModelSpec, SafetensorsReader, Unsupported, copy_tokenizer, export_tensors, hf_architecture, hf_config,
@@ -109,14 +110,34 @@ def _hf_tokenizer(hf_dir: str, kind: str):
         raise Unsupported(f"the tokenizer in {hf_dir} does not load for training: {exc}") from None
 
 
+def _check_shapes(model: dict, args: dict, vocab: int, hf_dir: str) -> None:
+    """Every imported tensor has the shape the trainer's model gives it for these flags (the model built
+    on the meta device: no memory)."""
+    from megatron.stronghold.distributed import init_distributed
+    from megatron.stronghold.model import build_model
+
+    init_distributed(torch.device("cpu"))  # megatron-core's parallel state, one process
+    flags = arguments.parse_args(training_flags(args, 1, args["seq_length"]))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(flags, vocab).state_dict().items() if torch.is_tensor(v)}
+    for name, tensor in model.items():
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise Unsupported(f"{hf_dir}: {name} has shape {tuple(tensor.shape)} in the weights, {expected[name]} for "
+                              "the sizes config.json gives")
+
+
 def import_(ns) -> None:
     import transformers
 
     _fresh_output(ns.output)
     if not os.path.isfile(os.path.join(ns.hf, "config.json")):
         raise Unsupported(f"--hf {ns.hf}: no config.json there (a directory written by save_pretrained)")
-    config = transformers.AutoConfig.from_pretrained(ns.hf)
-    args = model_args_of(config)
+    try:
+        config = transformers.AutoConfig.from_pretrained(ns.hf)
+        args = model_args_of(config)
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:  # not JSON, a field missing
+        raise Unsupported(f"{os.path.join(ns.hf, 'config.json')} cannot be read as a transformers config: "
+                          f"{first_line(exc)}") from None
     kind = config.model_type
     vocab = args["padded_vocab_size"]
     hf_dir = os.path.abspath(ns.hf)
@@ -130,7 +151,16 @@ def import_(ns) -> None:
     if tokenizer_flags:
         args.update({k.lstrip("-").replace("-", "_"): v for k, v in zip(tokenizer_flags[::2], tokenizer_flags[1::2])})
     spec = ModelSpec(vocab_rows=vocab, **{k: v for k, v in args.items() if k in ModelSpec.__dataclass_fields__})
-    model = dict(import_tensors(spec, kind, SafetensorsReader(ns.hf)))  # one copy of the model, in fp32
+    reader = SafetensorsReader(ns.hf)
+    try:
+        model = dict(import_tensors(spec, kind, reader))  # one copy of the model, in fp32
+    except RuntimeError as exc:  # a tensor of another size than config.json gives (fused or stacked)
+        raise Unsupported(f"the weights in {ns.hf} do not have the sizes config.json gives: {first_line(exc)}") from None
+    left = [n for n in reader.unused() if not (n == "lm_head.weight" and not spec.untie_embeddings_and_output_weights)]
+    if left:
+        raise Unsupported(f"the weights in {ns.hf} hold {len(left)} tensors that config.json does not describe "
+                          f"(e.g. {left[0]}): its layer count or layout disagrees with them")
+    _check_shapes(model, args, vocab, ns.hf)
     rows = model["embedding.word_embeddings.weight"].shape[0]
     if rows != vocab:
         raise Unsupported(f"the embedding has {rows} rows, config.json's vocab_size is {vocab}")

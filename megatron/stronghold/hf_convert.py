@@ -37,6 +37,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .arguments import first_line
 from .layer_shape import LayerShape
 from .tokenizer import padded_vocab_size
 
@@ -476,8 +477,11 @@ class SafetensorsReader:
 
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise Unsupported(f"{index} is not a safetensors index ({type(exc).__name__}: {exc})") from None
         elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
             files = ["model.safetensors"]
         else:
@@ -485,15 +489,30 @@ class SafetensorsReader:
                               "model with save_pretrained(..., safe_serialization=True)")
         self.where = {}
         self.handles = []
+        self.used = set()  # the names asked for: what is left over, the config did not describe
         for name in files:
-            handle = safe_open(os.path.join(hf_dir, name), framework="pt")
+            path = os.path.join(hf_dir, name)
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as exc:  # safetensors' own error type: a truncated or damaged header
+                raise Unsupported(f"{path} cannot be read: {first_line(exc)} (a damaged or incomplete file)") from None
             self.handles.append(handle)
-            self.where.update({k: handle for k in handle.keys()})
+            self.where.update({k: (handle, path) for k in handle.keys()})
 
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise Unsupported(f"the model's weights have no tensor {name}")
-        return self.where[name].get_tensor(name)
+        handle, path = self.where[name]
+        self.used.add(name)
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:  # its bytes lie past the end of a truncated file
+            raise Unsupported(f"{path}: tensor {name} cannot be read: {first_line(exc)} (a damaged or incomplete "
+                              "file)") from None
+
+    def unused(self) -> list:
+        """Tensors of the files that the import did not take (rotary tables transformers may save aside)."""
+        return sorted(n for n in self.where if n not in self.used and not n.endswith("rotary_emb.inv_freq"))
 
 
 def vocab_divisor(vocab_size: int, tokenizer_size: int | None) -> int:
