@@ -147,7 +147,7 @@ def test_resume_with_another_schedule_is_refused_unless_a_flag_says_which(tmp_pa
     differences; --override-opt_param-scheduler follows the flags, --use-checkpoint-opt_param-scheduler
     the checkpoint."""
     run("megatron-lm", "--save", str(tmp_path), "--exit-interval", "10")
-    other = ("--lr", "1e-2", "--min-lr", "1e-3", "--train-iters", str(ITERS + 10))
+    other = ("--lr", "1e-2", "--min-lr", "1e-3", "--train-iters", str(ITERS + 10), "--weight-decay", "0")
     base = [*FLAGS, "--offload-method", "megatron-lm", "--load", str(tmp_path)]
     capsys.readouterr()
     assert training.main([*base, *other]) == 2
@@ -158,6 +158,8 @@ def test_resume_with_another_schedule_is_refused_unless_a_flag_says_which(tmp_pa
     kept = training.train(arguments.parse_args([*base, *other, "--use-checkpoint-opt_param-scheduler"]))
     assert max(flags.lrs) > 3e-3  # the new peak, on the way down from 1e-2
     assert kept.lrs[:ITERS - 10] == pytest.approx(uninterrupted("megatron-lm").lrs[10:], rel=1e-12)
+    # the checkpoint's weight decay from the first resumed step on (megatron-core reads it after the lr)
+    assert kept.losses[:ITERS - 10] == pytest.approx(uninterrupted("megatron-lm").losses[10:], rel=RTOL)
 
 
 def test_an_internal_error_while_loading_keeps_its_traceback(tmp_path, monkeypatch):

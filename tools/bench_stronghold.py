@@ -60,9 +60,8 @@ def measure_cpu_update(numel):
     opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
 
     layer = torch.nn.Linear(numel // 1024, 1024, bias=False)
-    args = arguments.parse_args([])
+    args = arguments.parse_args(["--bf16"])  # the default bf16 host store (masters as remainders)
     host = HostLayer(layer, LayerLayout.of(layer), torch.bfloat16, pin=True, args=args)
-    host.init_optimizer_state()
     host.grad.copy_(torch.randn(host.layout.numel) * 1e-3)
     scratch = torch.empty(host.layout.numel)
     hyper = {1.0: (1e-4, 0.01), 0.0: (1e-4, 0.0)}

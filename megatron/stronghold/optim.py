@@ -19,6 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from stronghold_ext.remainders import join_master, split_into
 
 from .checkpointing.format import entry_master, shape_mismatch
+from .planner.costs import STEP_SLICE
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -95,7 +96,7 @@ class ResidentOptimizer:
     (to nearest: the host store's CPU kernel does the same arithmetic).
     """
 
-    CHUNK = 1 << 26  # elements stepped at a time when masters or moments are rebuilt (256 MiB per fp32 copy)
+    CHUNK = STEP_SLICE  # elements stepped at a time when masters or moments are rebuilt (planner/costs.py)
 
     def __init__(self, named_params, args):
         self.names = [n for n, _ in named_params]
@@ -107,7 +108,7 @@ class ResidentOptimizer:
             # each master's fp32 storage exists only while its chunk steps (stepped)
             self.masters = [torch.empty(0, dtype=torch.float32, device=p.device) for p in self.params]
             self.remainder = [torch.zeros_like(p, dtype=torch.int16) for p in self.params]
-            self.ties = [torch.zeros(0, dtype=torch.int64) for _ in self.params]  # on the host: a few
+            self.ties = [torch.zeros(0, dtype=torch.int64, device=p.device) for p in self.params]
         else:
             self.masters = [p.detach() if self.same_dtype else p.detach().float() for p in self.params]
         self.main_grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
@@ -198,10 +199,10 @@ class ResidentOptimizer:
             if self.remainders and "master_remainder" in entry:  # the same layout: no fp32 copy
                 param.data.copy_(entry["param"])
                 self.remainder[i].copy_(entry["master_remainder"])
-                self.ties[i] = entry["master_ties"].to("cpu", copy=True)
+                self.ties[i] = entry["master_ties"].to(param.device, copy=True)
             elif self.remainders:
                 fp32 = entry_master(entry).to(device=param.device, dtype=torch.float32)
-                self.ties[i] = torch.nonzero(split_into(fp32, param.data, self.remainder[i])).flatten().cpu()
+                self.ties[i] = torch.nonzero(split_into(fp32, param.data, self.remainder[i])).flatten()
             else:
                 master.copy_(entry_master(entry))
             if self.optimizer is None:
@@ -230,8 +231,7 @@ class ResidentOptimizer:
             if clip_coeff != 1.0:
                 torch._foreach_mul_(self.main_grads, clip_coeff)
             if self.narrow_moments or self.remainders:
-                for chunk in self._chunks():
-                    self._step_chunk(chunk)
+                self._step_in_pieces()
             else:
                 for m, g in zip(self.masters, self.main_grads):
                     m.grad = g
@@ -243,52 +243,79 @@ class ResidentOptimizer:
         for g in self.main_grads:
             g.zero_()
 
-    def _chunks(self) -> list:
-        """Parameter indices in runs of about CHUNK elements."""
-        chunks, chunk, size = [], [], 0
-        for i, p in enumerate(self.params):
-            chunk.append(i)
-            size += p.numel()
-            if size >= self.CHUNK:
-                chunks.append(chunk)
-                chunk, size = [], 0
-        return chunks + [chunk] if chunk else chunks
+    def _pieces(self):
+        """(group, parameter index, start, end): every parameter in slices of at most CHUNK elements, so
+        that what is rebuilt in fp32 at a time stays small however large a parameter (an embedding)."""
+        index = {id(m): i for i, m in enumerate(self.masters)}
+        for group in self.optimizer.param_groups:
+            for m in group["params"]:
+                i = index[id(m)]
+                n = self.params[i].numel()
+                for a in range(0, n, self.CHUNK):
+                    yield group, i, a, min(n, a + self.CHUNK)
 
-    def _step_chunk(self, chunk: list) -> None:
-        """optimizer.step() over these parameters only (torch skips those without a grad): masters rebuilt
-        from their remainders, bf16 moments swapped for fp32 copies, then both stored back."""
-        state, stored = self.optimizer.state, {}
-        for i in chunk:
-            m = self.masters[i]
+    def _step_in_pieces(self) -> None:
+        """torch's fused AdamW (what optimizer.step() runs) a slice at a time: the fp32 master rebuilt from
+        the weights and remainder, bf16 moments widened, then split and rounded back. The ties of about
+        CHUNK elements are found in one pass, so the step waits for the device once per chunk."""
+        state = self.optimizer.state
+        stepped, found, pending, size = set(), [], [], 0
+        for group, i, a, b in self._pieces():
+            param, st = self.params[i], state.get(self.masters[i])
+            if not st:  # fp32 moments are made at the first step, as torch does
+                st = state[self.masters[i]] = {"step": torch.zeros((), dtype=torch.float32, device=param.device),
+                                               "exp_avg": torch.zeros_like(param, dtype=torch.float32),
+                                               "exp_avg_sq": torch.zeros_like(param, dtype=torch.float32)}
+            if i not in stepped:
+                st["step"] += 1
+                stepped.add(i)
+            weights = param.data.view(-1)[a:b]
             if self.remainders:
-                m.data = join_master(self.params[i].data, self.remainder[i], self.ties[i])
-            m.grad = self.main_grads[i]
-            st = state.get(m)
-            if st and self.narrow_moments:
-                stored[i] = (st["exp_avg"], st["exp_avg_sq"])
-                st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].float(), st["exp_avg_sq"].float()
-        self.optimizer.step()
-        for i in chunk:
-            m = self.masters[i]
-            m.grad = None
-            st = state[m]
-            for key, keep in zip(("exp_avg", "exp_avg_sq"), stored.get(i, ())):
+                ties = self.ties[i]
+                ties = ties[(ties >= a) & (ties < b)] - a
+                master = join_master(weights, self.remainder[i].view(-1)[a:b], ties)
+            else:
+                master = self.masters[i].view(-1)[a:b]
+            stored = [st[k].view(-1)[a:b] for k in ("exp_avg", "exp_avg_sq")]
+            moments = [t.float() for t in stored]  # the fp32 ones themselves: no copy
+            beta1, beta2 = group["betas"]
+            torch._fused_adamw_([master], [self.main_grads[i].view(-1)[a:b]], moments[:1], moments[1:], [],
+                                [st["step"]], lr=group["lr"], beta1=beta1, beta2=beta2,
+                                weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
+            for keep, new in zip(stored, moments):
                 if keep.dtype != torch.float32:
-                    keep.copy_(st[key])
-                st[key] = keep
-        if not self.remainders:
-            torch._foreach_copy_([self.params[i].data for i in chunk], [self.masters[i] for i in chunk])
-            return
-        # Split back; the ties of the whole chunk are found in one pass (one wait for the device).
-        masks = [split_into(self.masters[i].data, self.params[i].data, self.remainder[i]) for i in chunk]
-        found = torch.nonzero(torch.cat(masks)).flatten().cpu()
-        start = 0
-        for i in chunk:
-            n = self.params[i].numel()
-            lo, hi = torch.searchsorted(found, torch.tensor([start, start + n])).tolist()
-            self.ties[i] = found[lo:hi] - start
-            start += n
-            self.masters[i].data = torch.empty(0, dtype=torch.float32, device=self.params[i].device)
+                    keep.copy_(new)  # rounded to nearest
+            if not self.remainders:
+                weights.copy_(master)
+                continue
+            found.append(split_into(master, weights, self.remainder[i].view(-1)[a:b]))
+            pending.append((i, a, b))
+            size += b - a
+            if size >= self.CHUNK:
+                self._collect_ties(found, pending)
+                found, pending, size = [], [], 0
+        if pending:
+            self._collect_ties(found, pending)
+
+    def _collect_ties(self, masks: list, pieces: list) -> None:
+        """The new ties of these pieces from their masks: one nonzero and one copy of the boundaries back to
+        the host; the ties stay on the parameters' device (join_master indexes with them there)."""
+        where = torch.nonzero(torch.cat(masks)).flatten()
+        starts, offset = [], 0
+        for _, a, b in pieces:
+            starts += [offset, offset + b - a]
+            offset += b - a
+        bounds = torch.searchsorted(where, torch.tensor(starts, device=where.device)).tolist()
+        offset, parts = 0, {}
+        for (i, a, b), lo, hi in zip(pieces, bounds[::2], bounds[1::2]):
+            parts.setdefault(i, []).append(where[lo:hi] - offset + a)
+            offset += b - a
+        for i, new in parts.items():
+            kept = self.ties[i]
+            done = [a for j, a, _ in pieces if j == i]
+            lo, hi = min(done), max(b for j, _, b in pieces if j == i)
+            outside = kept[(kept < lo) | (kept >= hi)]  # ties of this parameter's slices in other chunks
+            self.ties[i] = torch.sort(torch.cat([outside, *new])).values
 
 
 class GroupsView:

@@ -2,7 +2,7 @@
 and the process's exit status for each way of ending.
 
 Exit status: 0 done (or stopped by a signal after a checkpoint was saved); 1 a checkpoint could not
-be written, or out of memory; 2 bad input (flags, data, a checkpoint that does not fit), reported
+be written, out of memory, or a CPU optimizer step failed; 2 bad input (flags, data, a checkpoint that does not fit), reported
 before anything large is allocated; 3 stopped by non-finite losses; 128 + N stopped by signal N
 without a checkpoint.
 """
@@ -26,7 +26,7 @@ EXIT_OUT_OF_MEMORY = 1
 EXIT_CPU_STEP_FAILED = 1
 
 # The failures a user acts on: one message on stderr and an exit status, no traceback (anything
-# else is a bug, and its traceback is what a bug report needs).
+# else is a bug, and its traceback is what a bug report needs; a failed CPU step prints its cause's).
 REPORTED = (ArgumentError, SaveError, torch.OutOfMemoryError, CpuStepError)
 
 

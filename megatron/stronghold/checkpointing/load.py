@@ -191,7 +191,7 @@ def load_weights_into_model(resume: Resume, model) -> None:
     state = resume.state
     try:
         missing, unexpected = model.load_state_dict(state["weights"], strict=False)
-    except Exception as exc:
+    except (RuntimeError, *USER_FIXABLE) as exc:  # torch's shape mismatch is a RuntimeError
         raise ArgumentError(f"cannot load the weights of checkpoint {state['path']}: {first_line(exc)}") from None
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -224,6 +224,7 @@ def load_checkpoint(resume: Resume, args, model, method, scheduler, scaler, log)
             _load_per_parameter(state["model"], state["optimizer"], model, method)
             method.load_extra_state(state)
         scheduler.load_state_dict(state["opt_param_scheduler"])
+        scheduler.step(increment=0)  # megatron-core sets the groups' values before it reads the weight decay
         scaler.load_state_dict(state["loss_scaler"])
     except ArgumentError:
         raise

@@ -202,8 +202,11 @@ class StreamingExecutor:
             try:
                 fut.result(timeout=1.0)
                 break
-            except concurrent.futures.TimeoutError:
-                if not self.worker.alive and not fut.done():  # nothing will ever complete it
+            except concurrent.futures.TimeoutError as exc:
+                if fut.done():  # the work itself raised a TimeoutError
+                    futures[i] = fut
+                    raise CpuStepError(f"the CPU optimizer step of {self._name(i)} failed: TimeoutError: {exc}") from exc
+                if not self.worker.alive:  # nothing will ever complete it
                     raise CpuStepError(f"the CPU optimizer thread stopped before {self._name(i)}'s step ran")
             except Exception as exc:
                 futures[i] = fut  # every later wait on this layer fails the same way

@@ -40,6 +40,11 @@ GPU_RESERVE = 5 * GiB // 2   # GPU bytes beyond the counted ones: cuBLAS workspa
 # Without a GPU both reserves above are too much: no CUDA libraries, workspaces or NCCL; a CPU run's
 # process holds about 1 GiB beyond the counted bytes (0.43 GiB measured for a tiny model).
 CPU_ONLY_SAVING = HOST_RESERVE + GPU_RESERVE - 1 * GiB
+# The resident optimizer rebuilds fp32 masters (from remainders) and widens bf16 moments a slice of at most
+# STEP_SLICE elements at a time (optim.ResidentOptimizer); a slice holds STEP_BYTES per element at once: the
+# master, two int32 temporaries of its join or split, both moments in fp32.
+STEP_SLICE = 1 << 26
+STEP_BYTES = 20
 ACHIEVED_FLOPS = 450e12      # FLOP/s an H200 sustains on a layer's matrix products and attention in bf16
                              # (Megatron's FLOPs count, the recompute's included)
 CPU_ADAM_RATE = 4e9          # parameters/s of the fused CPU AdamW (stronghold_ext) on a 16-core host, today's
@@ -146,10 +151,13 @@ def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = T
     # W slots of weights, the fp32 sum of the layer in backward, up to 2W gradients on their way to the
     # host (the executor waits for the copy of layer i + 2W before it lets go of layer i's)
     slots = (window * (c + 2 * costs.gradient_bytes) + 4) * P if streamed else 0
-    return (costs.other_params * costs.resident_bytes_per_param
-            + resident * P * costs.resident_bytes_per_param
-            + slots + resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute, on_host)
-            + costs.act_fixed + GPU_RESERVE)
+    activations = (resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute, on_host)
+                   + costs.act_fixed)
+    # The resident step runs after backward, when the activations are gone: its slice uses their room.
+    rebuilt = costs.master_bytes == 2 or costs.moment_bytes < 8
+    step = STEP_BYTES * min(STEP_SLICE, costs.other_params + resident * P) if rebuilt else 0
+    return ((costs.other_params + resident * P) * costs.resident_bytes_per_param + slots
+            + max(activations, step) + GPU_RESERVE)
 
 
 def boundary_host_bytes(costs: ModelCosts, resident: int) -> int:
