@@ -301,7 +301,12 @@ run_method() {
     run_logged "$log"
     status=$RUN_STATUS
     # into the log too: a run killed before its summary line still says how it ended
-    echo "$PROG: method $method exited with status $status" | tee -a "$log"
+    local how=""
+    if (( status > 128 )); then  # killed by a signal (the trainer itself exits 130 or 143 after Ctrl-C/SIGTERM)
+        how=" (signal SIG$(kill -l $(( status - 128 )) 2>/dev/null || echo $(( status - 128 ))))"
+        (( status == 137 )) && how=" (killed by SIGKILL: unless someone sent it, the kernel's out-of-memory killer stopped it for host memory; \`dmesg | grep -i oom\` tells)"
+    fi
+    echo "$PROG: method $method exited with status $status$how" | tee -a "$log"
     echo "$PROG: log: $log"
     return "$status"
 }

@@ -243,3 +243,22 @@ def test_a_signal_to_the_launcher_saves_and_ends_the_run(tmp_path, to_group, sig
     import psutil  # nothing of the run is left behind
 
     assert not [p.pid for p in psutil.process_iter(["cmdline"]) if str(save) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_run_killed_by_the_kernel_is_reported_by_name(tmp_path):
+    """SIGKILL to the training process (what the out-of-memory killer sends): the launcher names the
+    signal and its likely cause, in the terminal and at the end of the log."""
+    import signal
+
+    proc, lines = _start_and_wait_for_iteration(tmp_path, tmp_path / "ckpt")
+    children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "pretrain_gpt.py"], capture_output=True,
+                              text=True).stdout.split()
+    assert len(children) == 1, children
+    os.kill(int(children[0]), signal.SIGKILL)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 137, out[-3000:]
+    assert "exited with status 137 (killed by SIGKILL: unless someone sent it, the kernel's out-of-memory" in out
+    log = next(tmp_path.glob("log_stronghold_*.txt")).read_text()
+    assert "killed by SIGKILL" in log.splitlines()[-1]
+    from megatron.stronghold.logs import parse_log
+    assert parse_log(log).exit_status == 137  # tools/extract_results.py reads how a run ended

@@ -47,7 +47,7 @@ _FIELD = re.compile(r"\s*([^:|]+?):\s*([^|]+?)\s*\|")
 _PARAMS = re.compile(r"total parameters: (\d+) \(([\d.]+) B\)")
 # examples/run.sh appends this line to a run's log when the run ends, so that a log without a summary
 # still tells how the run ended (137: killed, usually by the kernel for want of host memory)
-_EXIT = re.compile(r"^examples/run\.sh: method \S+ exited with status (\d+)$")
+_EXIT = re.compile(r"^examples/run\.sh: method \S+ exited with status (\d+)(?: \(.*\))?$")  # (signal ...)
 
 
 def _number(text):
