@@ -36,7 +36,7 @@ from .boundaries import Boundaries
 from .cpu_worker import CpuStepError, CpuWorker, default_threads
 from .host_store import HostLayer, LayerLayout, _numel, gradient_dtype
 from .ownership import Ownership
-from .speculative import SpeculativeStep, may_step_early
+from .speculative import SpeculativeStep, may_step_early, undoable
 
 
 class StreamingExecutor:
@@ -96,12 +96,9 @@ class StreamingExecutor:
         self.link = {"host-to-device": 0, "device-to-host": 0}
         self.boundaries = Boundaries(self.num_layers, spill_boundaries, device, self.h2d, self.d2h, self.link)
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)  # a gradient in fp32
-        # bf16 Adam moments cannot be undone exactly: such layers guess only where no guess can be wrong
-        # but one that ends the run (speculative.may_step_early).
-        invertible = all(d == torch.float32 for d in args.moment_dtypes)
         # The undo of a guessed step needs the fp32 master beside the gradient when it is stored as remainders.
         remainders = dtype == torch.bfloat16 and args.store_param_remainders
-        self.master_scratch = torch.empty(self.layout.numel if remainders and invertible and overlap else 0,
+        self.master_scratch = torch.empty(self.layout.numel if remainders and undoable(args) and overlap else 0,
                                           dtype=torch.float32)
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
         threads = threads or default_threads()
@@ -111,6 +108,8 @@ class StreamingExecutor:
         # Seconds, for the log: CPU work (its own thread) and the main thread's waits for it.
         self.timers = {"cpu work": 0.0, "waits for cpu": 0.0, "copy waits": 0.0}
         self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
+        # bf16 Adam moments cannot be undone exactly: such layers guess only where no guess can be wrong
+        # but one that ends the run (speculative.may_step_early).
         self.speculation = SpeculativeStep(args.clip_grad, may_guess=overlap and may_step_early(args))
         # Each layer's gradient norm (after the data-parallel average) is taken on the compute device
         # as the gradient leaves it: the global norm is then known as soon as backward ends, without
