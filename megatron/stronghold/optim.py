@@ -272,7 +272,8 @@ class ResidentOptimizer:
             weights = param.data.view(-1)[a:b]
             if self.remainders:
                 ties = self.ties[i]
-                ties = ties[(ties >= a) & (ties < b)] - a
+                if (a, b) != (0, param.numel()):  # a slice of a large parameter (a mask: waits for the device)
+                    ties = ties[(ties >= a) & (ties < b)] - a
                 master = join_master(weights, self.remainder[i].view(-1)[a:b], ties)
             else:
                 master = self.masters[i].view(-1)[a:b]
@@ -311,9 +312,12 @@ class ResidentOptimizer:
             parts.setdefault(i, []).append(where[lo:hi] - offset + a)
             offset += b - a
         for i, new in parts.items():
+            lo = min(a for j, a, _ in pieces if j == i)
+            hi = max(b for j, _, b in pieces if j == i)
+            if (lo, hi) == (0, self.params[i].numel()):  # the whole parameter: nothing else to keep
+                self.ties[i] = torch.cat(new)
+                continue
             kept = self.ties[i]
-            done = [a for j, a, _ in pieces if j == i]
-            lo, hi = min(done), max(b for j, _, b in pieces if j == i)
             outside = kept[(kept < lo) | (kept >= hi)]  # ties of this parameter's slices in other chunks
             self.ties[i] = torch.sort(torch.cat([outside, *new])).values
 
