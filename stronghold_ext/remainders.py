@@ -38,6 +38,11 @@ def join_master(weights: torch.Tensor, remainder: torch.Tensor, ties: torch.Tens
     return out.copy_(bits.view(torch.float32))
 
 
+def ties_within(ties: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The ties of elements [start, end), as indices from start (ties of a larger tensor, sorted)."""
+    return ties[(ties >= start) & (ties < end)] - start
+
+
 def split_into(master: torch.Tensor, weights: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
     """Split an fp32 master into existing weights and remainder tensors; returns the flat mask of its
     ties (torch.nonzero of it gives the ties; left to the caller, since on a GPU it waits for the device)."""

@@ -16,7 +16,7 @@ import torch
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from stronghold_ext.remainders import join_master, split_into
+from stronghold_ext.remainders import join_master, split_into, ties_within
 
 from .checkpointing.format import entry_master, shape_mismatch
 from .planner.costs import STEP_SLICE
@@ -273,7 +273,7 @@ class ResidentOptimizer:
             if self.remainders:
                 ties = self.ties[i]
                 if (a, b) != (0, param.numel()):  # a slice of a large parameter (a mask: waits for the device)
-                    ties = ties[(ties >= a) & (ties < b)] - a
+                    ties = ties_within(ties, a, b)
                 master = join_master(weights, self.remainder[i].view(-1)[a:b], ties)
             else:
                 master = self.masters[i].view(-1)[a:b]

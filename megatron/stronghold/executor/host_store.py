@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from stronghold_ext import adamw_step
-from stronghold_ext.remainders import join_master, store_master
+from stronghold_ext.remainders import join_master, store_master, ties_within
 
 from ..checkpointing.format import shape_mismatch
 from ..optim import no_weight_decay
@@ -141,8 +141,8 @@ class HostLayer:
         if not self.remainders:
             return self.master[a:b]
         part = next(p for p in self.parts if p["span"][0] <= a and b <= p["span"][1])
-        ties = part["ties"] - (a - part["span"][0])
-        ties = ties[(ties >= 0) & (ties < b - a)]
+        rel = a - part["span"][0]
+        ties = ties_within(part["ties"], rel, rel + b - a)
         return join_master(self.weights[a:b], self.remainder[a:b], ties, out=out[a:b])
 
     # ----- gradient handling (runs on the CPU worker) -----
@@ -227,10 +227,9 @@ class HostLayer:
             entry = {"exp_avg": part["exp_avg"][rel:rel + n].view(shape),
                      "exp_avg_sq": part["exp_avg_sq"][rel:rel + n].view(shape), "step": part["step"]}
             if self.remainders:
-                ties = part["ties"]
                 entry.update(param=self.weights[off:off + n].view(shape),
                              master_remainder=self.remainder[off:off + n].view(shape),
-                             master_ties=ties[(ties >= rel) & (ties < rel + n)] - rel)
+                             master_ties=ties_within(part["ties"], rel, rel + n))
             else:
                 entry["param"] = self.master[off:off + n].view(shape)
             out[name] = entry
