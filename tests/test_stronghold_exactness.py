@@ -206,16 +206,26 @@ def test_bf16_moments_step_like_megatron_bit_for_bit():
     ("stronghold", 2, ("--clip-grad", "2.0")),  # ... in some: no layer may step before the norm is known
     ("stronghold", 2, ACCUMULATE),
     ("stronghold", 2, (*ACCUMULATE, "--resident-layers", "1")),  # the resident optimizer's bf16 moments
-    ("stronghold", 2, (*FP16, *ACCUMULATE)),  # overflow skips
     ("l2l", 1, ACCUMULATE),
 ])
 def test_bf16_moments_train_like_megatron(method, window, extra):
     flags = (*BF16_MOMENTS, *extra)
-    reference = baseline(3, flags)
-    if "--fp16" in extra:
-        assert any(reference.skipped) and not all(reference.skipped)
     got = run(method, 3, window, flags)
-    assert_same_training(reference, got, norm_rtol=BF16_MOMENTS_NORM_RTOL)
+    assert_same_training(baseline(3, flags), got, norm_rtol=BF16_MOMENTS_NORM_RTOL)
+    assert got.stats["layer steps"]["kept"] == got.stats["layer steps"]["redone"] == 0
+
+
+def test_bf16_moments_with_fp16_skip_the_same_iterations():
+    """fp16 with bf16 moments: the same overflow skips and loss scales as megatron-lm, and the losses
+    within test_fp16_overflow_skips_the_step_for_every_layer's fp16 bound (fp16 rounding, amplified by
+    the moments' bf16 rounding, parts the runs by 8e-6 to 1.1e-5 over 20 iterations, depending on what
+    ran before in the process)."""
+    flags = (*BF16_MOMENTS, *FP16, *ACCUMULATE)
+    reference = baseline(3, flags)
+    assert any(reference.skipped) and not all(reference.skipped)
+    got = run("stronghold", 3, 2, flags)
+    assert got.skipped == reference.skipped and got.loss_scales == reference.loss_scales
+    assert got.losses == pytest.approx(reference.losses, rel=1e-3)
     assert got.stats["layer steps"]["kept"] == got.stats["layer steps"]["redone"] == 0
 
 
