@@ -24,7 +24,6 @@ from stronghold_ext.remainders import join_master, store_master, ties_within
 
 from ..checkpointing.format import shape_mismatch
 from ..optim import no_weight_decay
-from .speculative import undoable
 
 
 @dataclass
@@ -128,7 +127,7 @@ class HostLayer:
                       for a, b in ((0, cut), (cut, n)) if b > a]
         # The speculative step's undo inverts an fp32 AdamW step; a moment rounded to bf16 loses what
         # the inverse needs, so such a layer never steps before the global norm is known.
-        self.invertible = undoable(args)
+        self.invertible = args.steps_undoable
 
     def nbytes(self) -> dict:
         n = self.layout.numel

@@ -18,21 +18,6 @@ import math
 import threading
 
 
-def undoable(args) -> bool:
-    """Whether a streamed layer's step can be undone: an fp32 AdamW step is inverted from its moments,
-    which a moment rounded to bf16 does not allow."""
-    return all(d.itemsize == 4 for d in args.moment_dtypes)
-
-
-def may_step_early(args) -> bool:
-    """Whether the run's streamed layers may guess at all. With bf16 moments (not undoable) a layer
-    guesses only where no guess can be wrong but one on non-finite gradients, after which the run stops
-    unsaved (RunGuard): no clipping, no fp16 loss-scale skips, --exit-on-nonfinite-iters 1."""
-    if undoable(args):
-        return True
-    return args.clip_grad == 0 and not args.fp16 and args.exit_on_nonfinite_iters == 1
-
-
 class SpeculativeStep:
     def __init__(self, clip_grad: float, may_guess: bool = True):
         """may_guess=False: never guess (L2L steps every layer after backward)."""

@@ -36,7 +36,7 @@ from .boundaries import Boundaries
 from .cpu_worker import CpuStepError, CpuWorker, default_threads
 from .host_store import HostLayer, LayerLayout, _numel, gradient_dtype
 from .ownership import Ownership
-from .speculative import SpeculativeStep, may_step_early, undoable
+from .speculative import SpeculativeStep
 
 
 class StreamingExecutor:
@@ -98,7 +98,7 @@ class StreamingExecutor:
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)  # a gradient in fp32
         # The undo of a guessed step needs the fp32 master beside the gradient when it is stored as remainders.
         remainders = dtype == torch.bfloat16 and args.store_param_remainders
-        self.master_scratch = torch.empty(self.layout.numel if remainders and undoable(args) and overlap else 0,
+        self.master_scratch = torch.empty(self.layout.numel if remainders and args.steps_undoable and overlap else 0,
                                           dtype=torch.float32)
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
         threads = threads or default_threads()
@@ -109,8 +109,8 @@ class StreamingExecutor:
         self.timers = {"cpu work": 0.0, "waits for cpu": 0.0, "copy waits": 0.0}
         self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
         # bf16 Adam moments cannot be undone exactly: such layers guess only where no guess can be wrong
-        # but one that ends the run (speculative.may_step_early).
-        self.speculation = SpeculativeStep(args.clip_grad, may_guess=overlap and may_step_early(args))
+        # but one that ends the run (Config.may_step_early).
+        self.speculation = SpeculativeStep(args.clip_grad, may_guess=overlap and args.may_step_early)
         # Each layer's gradient norm (after the data-parallel average) is taken on the compute device
         # as the gradient leaves it: the global norm is then known as soon as backward ends, without
         # waiting for the CPU work (see gradient_stats).
@@ -396,7 +396,7 @@ class StreamingExecutor:
         host = self.host[i]
         if guessed and not host.invertible:
             # bf16 moments guess only where the one wrong guess, on non-finite gradients, ends the run
-            # without a save (may_step_early): this layer's step stays, and is never used.
+            # without a save (Config.may_step_early): this layer's step stays, and is never used.
             return
         if guessed:
             host.undo_step(host.final_grad(self.scratch, inv_scale), hyper, self.master_scratch)

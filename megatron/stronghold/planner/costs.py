@@ -27,7 +27,6 @@ iteration, each at the rate below; plan.py combines them into the predicted iter
 
 from dataclasses import dataclass
 
-from ..executor.speculative import may_step_early
 from ..layer_shape import LayerShape
 
 GiB = 1024 ** 3
@@ -98,7 +97,7 @@ class ModelCosts:
                    data_parallel=args.data_parallel_size, fp16=bool(args.fp16),
                    remainders=bool(args.store_param_remainders),
                    moment_bytes=sum(d.itemsize for d in args.moment_dtypes),
-                   steps_early=may_step_early(args),
+                   steps_early=args.may_step_early,
                    layer_activations=shape.activation_bytes(c, s * b),
                    layer_forward_flops=shape.forward_flops(s * b, s) // tp)
 
