@@ -33,8 +33,9 @@
 #   capacity  the largest model at hidden 2048 and the paper's batch in the 10 B/param layout: one trial at
 #             the planner's capacity (tools/largest_model.py --start planner --max-layers planner)
 #   qwen14b   Qwen2.5-14B's shape (h5120, 48 layers, 40 heads, 8 query groups, ffn 13824, qkv bias, untied,
-#             vocabulary 152064, seq 4096), global batch 16, full recompute, bf16 moments: stronghold at
-#             QWEN_LAYERS (48) beside megatron-lm at the most layers its pre-flight check admits
+#             vocabulary 152064, seq 4096), global batch 16, full recompute, bf16 moments: QWEN_RUNS, each
+#             METHOD:LAYERS or METHOD:search (the most layers that train, from the planner's count down);
+#             default "stronghold:48 megatron-lm:search"
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-results/gpu}"
@@ -156,15 +157,19 @@ for s in "$@"; do
                   --seq-length 4096 --global-batch-size 16 --recompute-granularity full --bf16
                   --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
                   --train-iters "${QWEN_ITERS:-4}" --log-interval 1)
-            RESULTS_DIR="$OUT/qwen14b" bash examples/run.sh -m stronghold -l "${QWEN_LAYERS:-48}" -h 5120 -b 1 \
-                -w "${QWEN_WINDOW:-2}" -- \
-                "${qwen[@]}" 2>&1 | grep -E "total parameters|^plan|host store|start-up|iteration +[0-9]+/|summary|exited|error" |
-                sed "s/^/stronghold /" | tee -a "$OUT/qwen14b.txt"
-            "$PY" tools/largest_model.py --method megatron-lm --start planner --max-layers planner \
-                --hidden 5120 --heads 40 --seq 4096 --batch 1 --iters "${QWEN_ITERS:-4}" --timeout 400 \
-                --out "$OUT/qwen14b" -- "${qwen[@]}" 2>&1 | tee -a "$OUT/qwen14b.txt"
-            grep -h -E "total parameters|^plan|iteration +[0-9]+/|summary" "$OUT"/qwen14b/log_megatron-lm_* |
-                sed "s/^/megatron-lm /" | tee -a "$OUT/qwen14b.txt" ;;
+            for run in ${QWEN_RUNS:-stronghold:48 megatron-lm:search}; do
+                method=${run%%:*} layers=${run#*:}
+                if [[ "$layers" == search ]]; then
+                    "$PY" tools/largest_model.py --method "$method" --start planner --max-layers planner \
+                        --hidden 5120 --heads 40 --seq 4096 --batch 1 --iters "${QWEN_ITERS:-4}" --timeout 400 \
+                        --out "$OUT/qwen14b" -- "${qwen[@]}" 2>&1 | tee -a "$OUT/qwen14b.txt"
+                    continue
+                fi
+                RESULTS_DIR="$OUT/qwen14b" bash examples/run.sh -m "$method" -l "$layers" -h 5120 -b 1 \
+                    -w "${QWEN_WINDOW:-2}" -- "${qwen[@]}" 2>&1 |
+                    grep -E "total parameters|^plan|host store|start-up|iteration +[0-9]+/|summary|exited|error" |
+                    sed "s/^/$method L=$layers /" | tee -a "$OUT/qwen14b.txt"
+            done ;;
         *) echo "unknown stage $s" >&2; exit 2 ;;
     esac
 done
