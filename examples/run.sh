@@ -234,16 +234,24 @@ build_command() {
     CMD+=("${args[@]}" ${EXTRA[@]+"${EXTRA[@]}"})
 }
 
+# say TEXT: print a line to the terminal, if there still is one: after the run started, a closed terminal
+# (EIO) or a reader gone from a pipe (EPIPE; SIGPIPE is ignored) must not end the launcher.
+say() { { echo "$*"; } 2>/dev/null || true; }
+
 # run_logged LOG: run CMD with its output to the terminal and LOG; its exit status in RUN_STATUS.
 # The run gets a session of its own (setsid) and the launcher forwards SIGINT and SIGTERM to it, once
 # each: Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to the launcher or its group then
 # reach the run exactly once, and it saves and exits as a direct run does (a second signal stops it
-# at once), while tee ignores both and keeps the log complete to the last line.
+# at once). SIGHUP (the terminal closed, an ssh session dropped) is a SIGTERM: the run saves and exits.
+# tee ignores all of these and keeps writing the log when the terminal or a downstream pipe goes away
+# (GNU tee's --output-error=warn-nopipe), so the log is complete to the last line.
 run_logged() {
-    local log="$1" fifo pid tee_pid again
+    local log="$1" fifo pid tee_pid again tee_opts=()
+    tee --output-error=warn-nopipe /dev/null < /dev/null 2>/dev/null && tee_opts=(--output-error=warn-nopipe)
+    trap '' PIPE  # the launcher's own lines go through say()
     fifo="$(mktemp -u "${TMPDIR:-/tmp}/stronghold-run.XXXXXX")"
     mkfifo "$fifo"
-    ( trap '' INT TERM; exec tee "$log" < "$fifo" ) &
+    ( trap '' INT TERM HUP PIPE; exec tee ${tee_opts[@]+"${tee_opts[@]}"} "$log" < "$fifo" ) &
     tee_pid=$!
     if command -v setsid >/dev/null; then
         setsid "${CMD[@]}" > "$fifo" 2>&1 &
@@ -252,7 +260,7 @@ run_logged() {
     fi
     pid=$!
     trap 'kill -INT "$pid" 2>/dev/null' INT
-    trap 'kill -TERM "$pid" 2>/dev/null' TERM
+    trap 'kill -TERM "$pid" 2>/dev/null' TERM HUP
     set +e
     while :; do
         wait "$pid"
@@ -306,8 +314,9 @@ run_method() {
         how=" (signal SIG$(kill -l $(( status - 128 )) 2>/dev/null || echo $(( status - 128 ))))"
         (( status == 137 )) && how=" (killed by SIGKILL: unless someone sent it, the kernel's out-of-memory killer stopped it for host memory; \`dmesg | grep -i oom\` tells)"
     fi
-    echo "$PROG: method $method exited with status $status$how" | tee -a "$log"
-    echo "$PROG: log: $log"
+    echo "$PROG: method $method exited with status $status$how" >> "$log"
+    say "$PROG: method $method exited with status $status$how"
+    say "$PROG: log: $log"
     return "$status"
 }
 
@@ -333,7 +342,7 @@ main() {
         run_method "$m" || { status=$?; failed+=" $m"; }
     done
     if [[ -n "$failed" ]]; then
-        note "failed methods:$failed"
+        say "$PROG: failed methods:$failed" >&2
     fi
     return "$status"
 }

@@ -245,6 +245,51 @@ def test_a_signal_to_the_launcher_saves_and_ends_the_run(tmp_path, to_group, sig
     assert not [p.pid for p in psutil.process_iter(["cmdline"]) if str(save) in " ".join(p.info["cmdline"] or [])]
 
 
+def _assert_saved_and_logged_whole(tmp_path, save):
+    """The run saved, and its log ends with the launcher's exit line of a run that ended well."""
+    assert (save / "latest_checkpointed_iteration.txt").is_file()
+    (log,) = [p for p in tmp_path.iterdir() if LOG_NAME.match(p.name)]
+    text = log.read_text()
+    assert "successfully saved checkpoint" in text, text[-2000:]
+    assert text.rstrip().endswith("exited with status 0"), text[-2000:]
+
+
+def test_the_run_survives_its_terminal(tmp_path):
+    """The terminal closes (an ssh session drops): the launcher's process group gets SIGHUP and every
+    write to the terminal fails (EIO). The run saves and exits 0, and its log is whole."""
+    import pty
+    import signal
+    import time
+
+    master, terminal = pty.openpty()
+    save = tmp_path / "ckpt"
+    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path))
+    args = [*TINY_RUN[:-4], "--train-iters", "100000", "--log-interval", "1", "--save", str(save)]
+    proc = subprocess.Popen(["bash", RUN_SH, *args], env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=terminal, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    seen, deadline = b"", time.monotonic() + 120
+    while not re.search(rb" iteration\s+2/", seen) and time.monotonic() < deadline:
+        seen += os.read(master, 65536)
+    os.killpg(proc.pid, signal.SIGHUP)
+    os.close(master)  # the terminal is gone: writes to it fail from now on
+    assert proc.wait(timeout=300) == 0, seen.decode(errors="replace")[-2000:]
+    _assert_saved_and_logged_whole(tmp_path, save)
+
+
+def test_ctrl_c_on_a_piped_launcher_keeps_the_log_whole(tmp_path):
+    """`examples/run.sh ... | tee out` and Ctrl-C: SIGINT reaches the launcher and the reader of its pipe,
+    which dies. The run saves, the launcher exits 0, and its log keeps every line to the exit line."""
+    import signal
+
+    save = tmp_path / "ckpt"
+    proc, _ = _start_and_wait_for_iteration(tmp_path, save)
+    proc.stdout.close()  # the pipe's reader is gone
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal's foreground process group
+    assert proc.wait(timeout=300) == 0
+    _assert_saved_and_logged_whole(tmp_path, save)
+
+
 def test_a_run_killed_by_the_kernel_is_reported_by_name(tmp_path):
     """SIGKILL to the training process (what the out-of-memory killer sends): the launcher names the
     signal and its likely cause, in the terminal and at the end of the log."""
