@@ -226,8 +226,8 @@ build_command() {
     if (( HAS_GPU )) && ! has_extra --fp16 && ! has_extra --bf16; then args+=(--bf16); fi
     args+=(--offload-method "$method" --window-size "$WINDOW")
     if (( NPROC > 1 )); then
-        # `python -m torch.distributed.run` is torchrun, for the same interpreter.
-        CMD=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" pretrain_gpt.py)
+        # torchrun for the same interpreter, ending with its workers' status (megatron/stronghold/torchrun.py)
+        CMD=("$PY" -m megatron.stronghold.torchrun --standalone --nproc-per-node "$NPROC" pretrain_gpt.py)
     else
         CMD=("$PY" pretrain_gpt.py)
     fi
@@ -237,6 +237,12 @@ build_command() {
 # say TEXT: print a line to the terminal, if there still is one: after the run started, a closed terminal
 # (EIO) or a reader gone from a pipe (EPIPE; SIGPIPE is ignored) must not end the launcher.
 say() { { echo "$*"; } 2>/dev/null || true; }
+
+# forward SIGNAL: pass a signal on to the run: with torchrun, to its workers, which save and end well
+# (torchrun answers a signal with a traceback, status 1, and kills its workers 30 s later, save or not).
+forward() {
+    if (( NPROC > 1 )); then pkill -"$1" -P "$pid" 2>/dev/null; else kill -"$1" "$pid" 2>/dev/null; fi
+}
 
 # run_logged LOG: run CMD with its output to the terminal and LOG; its exit status in RUN_STATUS.
 # The run gets a session of its own (setsid) and the launcher forwards SIGINT and SIGTERM to it, once
@@ -259,8 +265,8 @@ run_logged() {
         "${CMD[@]}" > "$fifo" 2>&1 &
     fi
     pid=$!
-    trap 'kill -INT "$pid" 2>/dev/null' INT
-    trap 'kill -TERM "$pid" 2>/dev/null' TERM HUP
+    trap 'forward INT' INT
+    trap 'forward TERM' TERM HUP
     set +e
     while :; do
         wait "$pid"

@@ -108,7 +108,7 @@ def test_dry_run_all_and_torchrun(tmp_path):
     assert [flag_value(c, "--offload-method") for c in commands] == [
         "megatron-lm", "l2l", "zero-offload", "zero-infinity", "stronghold"]
     for command in commands:
-        assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+        assert command[1:5] == ["-m", "megatron.stronghold.torchrun", "--standalone", "--nproc-per-node"]
         assert flag_value(command, "--global-batch-size") == "8"  # 4 per process x 2
 
 
@@ -205,10 +205,10 @@ def test_optimizer_dtypes_not_built_are_refused_with_a_message(tmp_path, flags, 
     assert message in output and "Traceback" not in output
 
 
-def _start_and_wait_for_iteration(tmp_path, save):
+def _start_and_wait_for_iteration(tmp_path, save, launcher_args=()):
     """examples/run.sh in a process group of its own, once its run has logged an iteration."""
     env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path))
-    args = [*TINY_RUN[:-4], "--train-iters", "100000", "--log-interval", "1", "--save", str(save)]
+    args = [*launcher_args, *TINY_RUN[:-4], "--train-iters", "100000", "--log-interval", "1", "--save", str(save)]
     proc = subprocess.Popen(["bash", RUN_SH, *args], env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
@@ -288,6 +288,31 @@ def test_ctrl_c_on_a_piped_launcher_keeps_the_log_whole(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal's foreground process group
     assert proc.wait(timeout=300) == 0
     _assert_saved_and_logged_whole(tmp_path, save)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_a_data_parallel_launcher_saves_and_ends_the_run(tmp_path, signum):
+    """-n 2: the signal reaches both workers (not torchrun, which would answer it with a traceback and
+    kill them 30 s later); they stop after the same iteration, save, and the launcher exits 0."""
+    import signal
+
+    save = tmp_path / "ckpt"
+    proc, lines = _start_and_wait_for_iteration(tmp_path, save, ["-n", "2"])
+    os.killpg(proc.pid, getattr(signal, signum))
+    output = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "SignalException" not in output, output[-3000:]
+    _assert_saved_and_logged_whole(tmp_path, save)
+
+
+def test_bad_input_with_several_processes_is_one_message_and_status_2(tmp_path):
+    """Every rank refuses the same flags: the message once, no torchrun traceback, the launcher exits 2."""
+    flags = ["--use-precision-aware-optimizer", "--exp-avg-sq-dtype", "fp8"]
+    result = run_launcher(["-n", "2", *TINY_RUN, *flags], tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert output.count("error: --exp-avg-sq-dtype fp8 is not implemented here") == 1, output[-3000:]
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
 
 
 def test_a_run_killed_by_the_kernel_is_reported_by_name(tmp_path):

@@ -17,6 +17,7 @@ import torch
 
 from .arguments import ArgumentError, first_line
 from .checkpointing import SaveError, find_checkpoint, iteration_dir
+from .distributed import gather, is_first_rank
 from .executor.cpu_worker import CpuStepError
 
 EXIT_BAD_INPUT = 2
@@ -45,7 +46,10 @@ def report(exc: BaseException) -> int:
         status = EXIT_CPU_STEP_FAILED
     else:  # SaveError: disk full while saving, and the previous checkpoint stays
         message, status = str(exc), EXIT_BAD_INPUT if isinstance(exc, ArgumentError) else EXIT_SAVE_FAILED
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # Bad input is the same on every rank (the flags, the data, the checkpoint): rank 0 says it once for
+    # all (megatron/stronghold/torchrun.py names a rank that refused alone).
+    if status != EXIT_BAD_INPUT or is_first_rank():
+        print(f"error: {message}", file=sys.stderr, flush=True)
     return status
 
 
@@ -87,8 +91,8 @@ class RunGuard:
 
     def _handle(self, signum, frame):
         # No logging here: the handler may interrupt a print of the main thread.
-        if self.received is not None:  # asked twice: stop now
-            signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+        if self.received is not None:  # asked twice: stop now (SIG_DFL: the run may have inherited SIGINT
+            signal.signal(signum, signal.SIG_DFL)  # ignored, as `setsid CMD &` from a script starts it)
             signal.raise_signal(signum)
             return
         self.received = signum
@@ -129,10 +133,13 @@ class RunGuard:
         if args.save and (iteration == args.train_iters or exit_now
                           or (args.save_interval and iteration % args.save_interval == 0)):
             self._save(iteration)
-        if self.received is not None:
-            name = signal.Signals(self.received).name
+        # Ranks receive a signal at slightly different times: all stop after the same iteration, or one
+        # stopped alone would leave the others waiting in a collective.
+        received = next((r for r in gather(self.received) if r is not None), None)
+        if received is not None:
+            name = signal.Signals(received).name
             saved = bool(args.save) and self._save(iteration)
-            self.exit_code = 0 if saved else 128 + self.received
+            self.exit_code = 0 if saved else 128 + received
             self.log(f"received {name}: stopped after iteration {iteration}, "
                      + (f"checkpoint saved in {args.save}" if saved else "no checkpoint saved (no --save)"
                         if not args.save else "no checkpoint saved (loss not finite)"))
