@@ -244,6 +244,17 @@ forward() {
     if (( NPROC > 1 )); then pkill -"$1" -P "$pid" 2>/dev/null; else kill -"$1" "$pid" 2>/dev/null; fi
 }
 
+# watch_rss PID FILE: while PID runs, the resident host memory of it and its children (torchrun's
+# workers) in GiB, every 2 s, into FILE: the last figure before the kernel's out-of-memory killer.
+watch_rss() {
+    trap '' INT TERM HUP
+    while kill -0 "$1" 2>/dev/null; do
+        ps -o rss= -p "$1" --ppid "$1" 2>/dev/null | awk '{ kib += $1 } END { printf "%.1f\n", kib / 1048576 }' \
+            > "$2.new" && mv -f "$2.new" "$2"
+        sleep 2
+    done
+}
+
 # run_logged LOG: run CMD with its output to the terminal and LOG; its exit status in RUN_STATUS.
 # The run gets a session of its own (setsid) and the launcher forwards SIGINT and SIGTERM to it, once
 # each: Ctrl-C (SIGINT to the terminal's process group) or SIGTERM to the launcher or its group then
@@ -252,7 +263,7 @@ forward() {
 # tee ignores all of these and keeps writing the log when the terminal or a downstream pipe goes away
 # (GNU tee's --output-error=warn-nopipe), so the log is complete to the last line.
 run_logged() {
-    local log="$1" fifo pid tee_pid again tee_opts=()
+    local log="$1" fifo pid tee_pid watch_pid again tee_opts=()
     tee --output-error=warn-nopipe /dev/null < /dev/null 2>/dev/null && tee_opts=(--output-error=warn-nopipe)
     trap '' PIPE  # the launcher's own lines go through say()
     fifo="$(mktemp -u "${TMPDIR:-/tmp}/stronghold-run.XXXXXX")"
@@ -265,6 +276,9 @@ run_logged() {
         "${CMD[@]}" > "$fifo" 2>&1 &
     fi
     pid=$!
+    RSS_FILE="$fifo.rss"
+    watch_rss "$pid" "$RSS_FILE" &
+    watch_pid=$!
     trap 'forward INT' INT
     trap 'forward TERM' TERM HUP
     set +e
@@ -280,6 +294,8 @@ run_logged() {
     fi
     trap - INT TERM
     wait "$tee_pid"
+    kill "$watch_pid" 2>/dev/null
+    wait "$watch_pid" 2>/dev/null
     set -e
     rm -f "$fifo"
 }
@@ -318,8 +334,14 @@ run_method() {
     local how=""
     if (( status > 128 )); then  # killed by a signal (the trainer itself exits 130 or 143 after Ctrl-C/SIGTERM)
         how=" (signal SIG$(kill -l $(( status - 128 )) 2>/dev/null || echo $(( status - 128 ))))"
-        (( status == 137 )) && how=" (killed by SIGKILL: unless someone sent it, the kernel's out-of-memory killer stopped it for host memory; \`dmesg | grep -i oom\` tells)"
+        if (( status == 137 )); then
+            local rss total
+            rss="$(cat "$RSS_FILE" 2>/dev/null || echo "?")"
+            total="$(awk '/^MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo 2>/dev/null || echo "?")"
+            how=" (killed by SIGKILL: unless someone sent it, the kernel's out-of-memory killer stopped it for host memory; the last host RSS seen was $rss GiB of $total GiB; \`dmesg | grep -i oom\` tells)"
+        fi
     fi
+    rm -f "$RSS_FILE"
     echo "$PROG: method $method exited with status $status$how" >> "$log"
     say "$PROG: method $method exited with status $status$how"
     say "$PROG: log: $log"

@@ -328,6 +328,7 @@ def test_a_run_killed_by_the_kernel_is_reported_by_name(tmp_path):
     out = "".join(lines) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 137, out[-3000:]
     assert "exited with status 137 (killed by SIGKILL: unless someone sent it, the kernel's out-of-memory" in out
+    assert re.search(r"the last host RSS seen was \d+\.\d GiB of \d+\.\d GiB", out), out[-2000:]
     log = next(tmp_path.glob("log_stronghold_*.txt")).read_text()
     assert "killed by SIGKILL" in log.splitlines()[-1]
     from megatron.stronghold.logs import parse_log
