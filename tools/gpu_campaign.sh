@@ -36,6 +36,9 @@
 #             vocabulary 152064, seq 4096), global batch 16, full recompute, bf16 moments: QWEN_RUNS, each
 #             METHOD:LAYERS or METHOD:search (the most layers that train, from the planner's count down);
 #             default "stronghold:48 megatron-lm:search"
+#   zerobytes the host and GPU bytes DeepSpeed really holds per parameter: ZERO_METHODS (zero-offload
+#             zero-infinity) at ZERO_LAYERS (16 48) layers h2048, paper batch, 3 iterations each;
+#             zerobytes.txt: their summary lines (peak host RSS, peak GPU memory) for the pre-flight counts
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-results/gpu}"
@@ -169,6 +172,14 @@ for s in "$@"; do
                     -w "${QWEN_WINDOW:-2}" -- "${qwen[@]}" 2>&1 |
                     grep -E "total parameters|^plan|host store|start-up|iteration +[0-9]+/|summary|exited|error" |
                     sed "s/^/$method L=$layers /" | tee -a "$OUT/qwen14b.txt"
+            done ;;
+        zerobytes)
+            for m in ${ZERO_METHODS:-zero-offload zero-infinity}; do
+                for l in ${ZERO_LAYERS:-16 48}; do
+                    RESULTS_DIR="$OUT/zerobytes" bash examples/run.sh -m "$m" -l "$l" -- --train-iters 3 \
+                        --log-interval 1 2>&1 | grep -E "total parameters|summary|exited|error" |
+                        sed "s/^/$m L=$l /" | tee -a "$OUT/zerobytes.txt"
+                done
             done ;;
         *) echo "unknown stage $s" >&2; exit 2 ;;
     esac
