@@ -22,8 +22,6 @@ from megatron.stronghold.tokenizer import build_tokenizer  # noqa: E402
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import preprocess_data  # noqa: E402
 
-pytestmark = pytest.mark.unit
-
 EXTRA_DOC = "Unicode check: h\u00e9llo w\u00f6rld \u2014 \u00fcn\u00efc\u00f8d\u00e9 \u2713 \u4e2d\u6587 \U0001f600\n"
 
 
@@ -121,6 +119,7 @@ def _args(**kw):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_byte_preprocess_roundtrip(corpus, byte_prefix):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -134,6 +133,7 @@ def test_byte_preprocess_roundtrip(corpus, byte_prefix):
         assert bytes(ids[:-1]).decode("utf-8") == text  # byte-level: the ids are the UTF-8 bytes
 
 
+@pytest.mark.unit
 def test_null_tokenizer_preprocess(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -150,6 +150,7 @@ def test_null_tokenizer_preprocess(tmp_path):
     assert len(ds.document_indices) == 5  # 4 documents, one of them empty
 
 
+@pytest.mark.unit
 def test_preprocess_missing_input_clean_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "tools/preprocess_data.py", "--input", str(tmp_path / "nope.jsonl"),
@@ -162,6 +163,7 @@ def test_preprocess_missing_input_clean_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.unit
 def test_preprocess_bad_line_clean_error(tmp_path):
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"text": "ok"}\n{"other": "no text key"}\n')
@@ -171,11 +173,39 @@ def test_preprocess_bad_line_clean_error(tmp_path):
     assert not (tmp_path / "b_text_document.bin").exists()
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("value,kind", [("null", "null"), ("123", "a number"), ('["a", "b"]', "an array"),
+                                        ('{"a": "b"}', "an object")])
+def test_preprocess_refuses_a_value_that_is_not_a_string(tmp_path, capsys, value, kind):
+    """str() of the value would have made documents "None", "123", "['a', 'b']"."""
+    jsonl = tmp_path / "values.jsonl"
+    jsonl.write_text('{"text": "ok"}\n{"text": %s}\n' % value)
+    rc = preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(tmp_path / "v"),
+                               "--tokenizer-type", "ByteLevelTokenizer"])
+    assert rc == 2
+    assert f"{jsonl}:2: the value of 'text' is {kind}, not a string" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["values.jsonl"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("content", ["", "\n\n", '{"text": ""}\n'])
+def test_preprocess_refuses_an_input_without_documents(tmp_path, capsys, content):
+    """It wrote an index of no document, which training cannot open, and exited 0."""
+    jsonl = tmp_path / "empty.jsonl"
+    jsonl.write_text(content)
+    rc = preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(tmp_path / "e"),
+                               "--tokenizer-type", "ByteLevelTokenizer", "--append-eod"])
+    assert rc == 2
+    assert f"{jsonl}: no document with text under 'text'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl"]  # no .bin/.idx, no partial files
+
+
 # --------------------------------------------------------------------------------------------
 # checks and iterators
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_check_data_paths(tmp_path, byte_prefix):
     sdata.check_data_paths(_args(data_path=[byte_prefix]))
     sdata.check_data_paths(_args(data_path=["0.3", byte_prefix, "0.7", byte_prefix]))
@@ -222,6 +252,7 @@ def _check_batch(batch, args, vocab_size):
     assert int(batch["tokens"].min()) >= 0 and int(batch["tokens"].max()) < vocab_size
 
 
+@pytest.mark.unit
 def test_iterators_real_data(dist, corpus, byte_prefix, tmp_path):
     args = _args(data_path=[byte_prefix], data_cache_path=str(tmp_path / "cache"))
     tok = build_tokenizer(args)
@@ -261,6 +292,7 @@ def test_iterators_real_data(dist, corpus, byte_prefix, tmp_path):
     assert torch.equal(next(train2)["tokens"], _first_batches(args)[0]["tokens"])
 
 
+@pytest.mark.unit
 def test_determinism_and_seed(dist, byte_prefix, tmp_path):
     def run(seed, cache):
         args = _args(data_path=[byte_prefix], seed=seed, data_cache_path=str(tmp_path / cache))
@@ -274,6 +306,7 @@ def test_determinism_and_seed(dist, byte_prefix, tmp_path):
     assert not torch.equal(a[0]["tokens"], c[0]["tokens"])
 
 
+@pytest.mark.unit
 def test_data_parallel_slices(dist, byte_prefix, tmp_path):
     cache = str(tmp_path / "cache")
     whole = _first_batches(_args(data_path=[byte_prefix], data_cache_path=cache), n=4)
@@ -288,6 +321,7 @@ def test_data_parallel_slices(dist, byte_prefix, tmp_path):
             assert torch.equal(ranks[r][k]["tokens"], whole[2 * k + r]["tokens"])
 
 
+@pytest.mark.unit
 def test_weighted_blend(dist, byte_prefix, corpus, tmp_path):
     other = str(tmp_path / "copy_text_document")
     for ext in (".bin", ".idx"):
@@ -304,6 +338,7 @@ def test_weighted_blend(dist, byte_prefix, corpus, tmp_path):
     _check_batch(next(valid_iter), args, tok.vocab_size)
 
 
+@pytest.mark.unit
 def test_tiny_valid_split_disables_eval(dist, tmp_path):
     jsonl = tmp_path / "t.jsonl"
     _write_jsonl(jsonl, ["abcdefghij" * 20] * 5)
@@ -319,6 +354,7 @@ def test_tiny_valid_split_disables_eval(dist, tmp_path):
         sdata.build_data_iterators(bad, build_tokenizer(bad))
 
 
+@pytest.mark.unit
 def test_mock_data(dist, tmp_path):
     for kw in (dict(mock_data=True), dict(data_path=None), dict(data_path=[]),
                dict(mock_data=True, data_path=[str(tmp_path / "does_not_exist")])):
@@ -333,3 +369,114 @@ def test_mock_data(dist, tmp_path):
     tok = build_tokenizer(null_args)
     batch = _first_batches(null_args)[0]
     _check_batch(batch, null_args, tok.vocab_size)
+
+
+# --------------------------------------------------------------------------------------------
+# data checks (check_data): before the model is built, one line through pretrain_gpt.py
+# --------------------------------------------------------------------------------------------
+
+
+def _write_index(prefix, documents, dtype=numpy.uint16):
+    """A .bin/.idx pair of these documents (lists of ids), written by megatron-core's builder."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for ids in documents:
+        builder.add_document(numpy.asarray(ids, dtype=dtype), [len(ids)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def _bad_data(case, d, good):
+    """(args for _args, the message) for one way the data can be wrong; `good` is a byte-level prefix."""
+    bad = str(d / "bad_text_document")
+    if case == "truncated .bin":
+        shutil.copy(good + ".idx", bad + ".idx")
+        with open(good + ".bin", "rb") as src, open(bad + ".bin", "wb") as dst:
+            data = src.read()
+            dst.write(data[:len(data) // 2])
+        return dict(data_path=[bad]), (f"{bad}.bin has {len(data) // 2} bytes, but {bad}.idx describes "
+                                       f"{len(data)} bytes: a truncated .bin, or an .idx of another corpus")
+    if case == ".idx of another corpus":
+        _write_index(str(d / "other"), [[1, 2, 3], [4, 5]])
+        shutil.copy(good + ".bin", bad + ".bin")
+        shutil.copy(str(d / "other.idx"), bad + ".idx")
+        return dict(data_path=[bad]), f"{bad}.idx describes 10 bytes: an .idx of another corpus"
+    if case == "ids beyond the vocabulary":  # byte-level data (eod 256) read with 101 ids
+        return (dict(data_path=[good], tokenizer_type="NullTokenizer", vocab_size=100),
+                f"{good}.bin holds token id 256, but the NullTokenizer vocabulary has 101 ids (0..100): the data "
+                f"was tokenized with another tokenizer; give that one with --tokenizer-type and --vocab-size")
+    if case == "--split abc":
+        return dict(data_path=[good], split="abc"), "--split 'abc': give the train,valid,test parts"
+    assert case == "empty dataset"
+    _write_index(bad, [])
+    return dict(data_path=[bad]), f"{bad}.idx: the dataset is empty"
+
+
+BAD_DATA = ["truncated .bin", ".idx of another corpus", "ids beyond the vocabulary", "--split abc", "empty dataset"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_check_data_refuses_bad_data(tmp_path, byte_prefix, case):
+    kw, message = _bad_data(case, tmp_path, byte_prefix)
+    args = _args(**kw, data_cache_path=str(tmp_path / "cache"))
+    with pytest.raises(ValueError) as refused:
+        sdata.check_data(args, build_tokenizer(args))
+    assert message in str(refused.value)
+    sdata.check_data(_args(data_path=[byte_prefix]), build_tokenizer(_args()))  # the good data passes
+
+
+@pytest.mark.unit
+def test_ids_below_the_padded_vocabulary_are_refused_too(tmp_path):
+    """Ids 0..100 with a 51-id vocabulary fit the padded embedding (128 rows): no crash, but dummy rows
+    would be trained. The largest id is computed once and kept in the cache directory."""
+    prefix = _write_index(str(tmp_path / "ids"), [[1, 2, 99, 100], [7, 100]])
+    cache = tmp_path / "cache"
+    small = _args(data_path=[prefix], tokenizer_type="NullTokenizer", vocab_size=50, data_cache_path=str(cache))
+    with pytest.raises(ValueError, match="holds token id 100, but the NullTokenizer vocabulary has 51 ids"):
+        sdata.check_data(small, build_tokenizer(small))
+    fits = _args(data_path=[prefix], tokenizer_type="NullTokenizer", vocab_size=100, data_cache_path=str(cache))
+    sdata.check_data(fits, build_tokenizer(fits))
+
+    [record] = cache.glob("ids.bin-*.max_token_id")
+    assert record.read_text() == "100"
+    record.write_text("7")  # the record is what a later run reads, instead of the .bin
+    sdata.check_data(small, build_tokenizer(small))
+    os.utime(prefix + ".bin", ns=(0, 0))  # a changed .bin is scanned again
+    with pytest.raises(ValueError, match="holds token id 100"):
+        sdata.check_data(small, build_tokenizer(small))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("split,message", [
+    ("abc", "give the train,valid,test parts"), ("-1,0,0", "give the train,valid,test parts"),
+    ("1,2,3,4", "give the train,valid,test parts"), ("1e-3,1,0", "give the train,valid,test parts"),
+    ("0,0,0", "all parts are zero"), ("0,100,0", "leaves no training data"),
+])
+def test_check_data_refuses_bad_splits(byte_prefix, split, message):
+    args = _args(data_path=[byte_prefix], split=split)
+    with pytest.raises(ValueError, match=message):
+        sdata.check_data(args, build_tokenizer(args))
+    for good in ("969,30,1", "99, 1", "100", "0.8,.2"):
+        args = _args(data_path=[byte_prefix], split=good)
+        sdata.check_data(args, build_tokenizer(args))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_pretrain_gpt_refuses_bad_data_in_one_line(tmp_path, byte_prefix, case):
+    kw, message = _bad_data(case, tmp_path, byte_prefix)
+    flags = ["--data-path", *kw["data_path"], "--split", kw.get("split", "100,0,0"),
+             "--tokenizer-type", kw.get("tokenizer_type", "ByteLevelTokenizer")]
+    if "vocab_size" in kw:
+        flags += ["--vocab-size", str(kw["vocab_size"])]
+    proc = subprocess.run(
+        [sys.executable, "pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+         "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size",
+         "2", "--train-iters", "2", "--lr", "1e-4", *flags],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "total parameters" not in proc.stdout  # before the model

@@ -46,7 +46,8 @@ class Encoder:
         return [self.encode(line) for line in lines]
 
     def encode(self, line):
-        """JSON line -> ({key: ids}, n_bytes); (None, n) for a blank line, ("error", message) for a bad one."""
+        """JSON line -> ({key: ids}, n_bytes); (None, n) for a blank line, ("error", message) for a bad one
+        (not JSON, not an object, a key missing or its value not a string)."""
         n_bytes = len(line.encode("utf-8"))
         if not line.strip():
             return None, n_bytes
@@ -60,7 +61,9 @@ class Encoder:
         for key in self.args.json_keys:
             if key not in data:
                 return ("error", f"missing JSON key {key!r}"), n_bytes
-            text = data[key] if isinstance(data[key], str) else str(data[key])
+            text = data[key]
+            if not isinstance(text, str):  # str() would make documents "None", "123", "['a', 'b']"
+                return ("error", f"the value of {key!r} is {_json_kind(text)}, not a string"), n_bytes
             try:
                 doc_ids = list(Encoder.tokenizer.tokenize(text)) if text else []
             except ValueError as err:  # e.g. NullTokenizer's input is not a list of ids
@@ -69,6 +72,17 @@ class Encoder:
                 doc_ids.append(Encoder.tokenizer.eod)
             ids[key] = doc_ids
         return ids, n_bytes
+
+
+def _json_kind(value) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def get_args(argv=None):
@@ -172,6 +186,7 @@ def main(argv=None) -> int:
     partial = {key: (prefix + ".bin.partial", prefix + ".idx.partial") for key, prefix in prefixes.items()}
     builders = {key: IndexedDatasetBuilder(partial[key][0], dtype=dtype) for key in args.json_keys}
     progress = _Progress(args.log_interval)
+    tokens = collections.Counter()  # per key
     try:
         with open(args.input, "r", encoding="utf-8") as lines, \
                 contextlib.closing(_encoded_documents(Encoder(args), lines, args.workers)) as encoded:
@@ -185,6 +200,11 @@ def main(argv=None) -> int:
                     ids = doc[key]
                     builders[key].add_document(numpy.asarray(ids, dtype=dtype), [len(ids)] if ids else [])
                 progress.add(n_bytes, sum(len(ids) for ids in doc.values()), True)
+                tokens.update({key: len(ids) for key, ids in doc.items()})
+        for key in args.json_keys:  # an index with no token is a dataset training cannot open
+            if not tokens[key]:
+                raise ValueError(f"{args.input}: no document with text under {key!r} "
+                                 f"({progress.documents} documents read): nothing to write")
         for key, builder in builders.items():
             builder.finalize(partial[key][1])
     except (ValueError, UnicodeDecodeError) as err:

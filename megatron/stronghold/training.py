@@ -94,13 +94,14 @@ def train(args: Config, observer=None) -> History:
 
 
 def _train(args: Config, found, observer, closing: contextlib.ExitStack) -> History:
-    from .data import build_data_iterators, check_data_paths
+    from .data import build_data_iterators, check_data, check_data_paths
     from .tokenizer import build_tokenizer
 
     try:
         check_data_paths(args)
         log(f"> building {args.tokenizer_type} tokenizer ...")
         tokenizer = build_tokenizer(args)
+        check_data(args, tokenizer, log)  # the data matches its index and the vocabulary: before the model is built
     except ValueError as exc:
         raise arguments.ArgumentError(str(exc)) from None
     vocab = Vocabulary.of(tokenizer, args)
