@@ -14,14 +14,18 @@ from megatron.stronghold.executor.cpu_worker import CpuWorker
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def executor():
+def _executor(*flags):
     args = arguments.parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-                                 "--seq-length", "16", "--micro-batch-size", "2", "--mock-data"])
+                                 "--seq-length", "16", "--micro-batch-size", "2", "--mock-data", *flags])
     distributed.init_distributed(torch.device("cpu"))
     model = model_lib.build_model(args, 128)
-    ex = StreamingExecutor(list(model.decoder.layers)[1:], 2, torch.float32, torch.device("cpu"), args,
-                           log=lambda *_: None)
+    return StreamingExecutor(list(model.decoder.layers)[1:], 2, torch.float32, torch.device("cpu"), args,
+                             log=lambda *_: None)
+
+
+@pytest.fixture
+def executor():
+    ex = _executor()
     yield ex
     ex.shutdown()
 
@@ -89,20 +93,15 @@ def _hyperparameters(executor):
         group.update(lr=1e-3, weight_decay=0.0)
 
 
-def test_no_guessing_in_the_iteration_after_clipping(executor):
+def test_with_clipping_every_layer_waits_for_the_norm(executor):
     _hyperparameters(executor)
-    decided, _, _ = _iteration(executor, [4.0, 0.01, 0.01])  # layer 0 takes the norm over clip-grad 1.0
-    assert decided == {2: "guess", 1: "guess", 0: "wait"}
-    executor.finish_step(0.25, skip=False)  # clipped
-    # The next iteration's norms stay far under the threshold, yet no layer steps before the
-    # coefficient is published: clipping tends to fire on runs of iterations.
+    # Norms far under clip-grad 1.0: still no layer steps before the coefficient is published.
     decided, stepped, _ = _iteration(executor, [0.01] * 3)
     assert decided == {2: "wait", 1: "wait", 0: "wait"} and stepped == [False] * 3
     executor.finish_step(1.0, skip=False)
-    # Not clipped: the next iteration guesses again, each layer stepping as its gradient lands.
-    decided, stepped, _ = _iteration(executor, [0.01] * 3)
-    assert decided == {2: "guess", 1: "guess", 0: "guess"} and stepped == [True] * 3
-    executor.finish_step(1.0, skip=False)
+    executor._wait_all()
+    assert executor.speculation.counts == {"kept": 0, "deferred": 3}
+    assert all(h.parts[0]["step"] == 1 for h in executor.host)
 
 
 def _run_in_order(worker, arrivals, ready=None):
@@ -211,23 +210,18 @@ def test_global_norm_does_not_wait_for_cpu_steps():
     assert ex.speculation.counts["deferred"] == 3  # stepped by their own CPU work with the published coefficient
 
 
-def test_guesses_follow_arrival_order_not_the_worker_order(executor):
+def test_guesses_follow_arrival_order_not_the_worker_order():
     # Backward hands layers over 2, 1, 0; the worker, held busy meanwhile, then takes layer 0 first.
     # Each layer's guess must count the norms of the layers handed over before it and its own, never
-    # those the worker happened to run first nor those that arrived after it, or a run's guesses (and
-    # their inexact undo/redo) would depend on thread timing.
-    _hyperparameters(executor)
-    # Layer 2's norm alone is over clip-grad 1.0: nothing arriving after it may guess.
-    decided, stepped, ran = _iteration(executor, [0.01, 0.01, 2.0])
-    assert ran == [0, 1, 2]  # lowest layer first: not the order the norms arrived in
-    assert decided == {2: "wait", 1: "wait", 0: "wait"} and stepped == [False] * 3
-    executor.finish_step(1.0 / 2.0, skip=False)
-    # The iteration after a clipped one does not guess: one unclipped in between.
-    _iteration(executor, [0.01] * 3)
-    executor.finish_step(1.0, skip=False)
-    # Layer 0, the last to arrive and the first the worker takes, is the one over the threshold:
-    # layers 2 and 1 guessed on what had arrived before it.
-    decided, stepped, ran = _iteration(executor, [2.0, 0.01, 0.01])
-    assert ran == [0, 1, 2]
-    assert decided == {2: "guess", 1: "guess", 0: "wait"} and stepped == [False, True, True]
-    executor.finish_step(1.0 / 2.0, skip=False)
+    # those the worker happened to run first nor those that arrived after it, or a run's guesses would
+    # depend on thread timing. Without clipping a layer waits only behind a non-finite norm.
+    executor = _executor("--clip-grad", "0")
+    try:
+        _hyperparameters(executor)
+        decided, stepped, ran = _iteration(executor, [0.01, float("inf"), 0.01])
+        assert ran == [0, 1, 2]  # lowest layer first: not the order the norms arrived in
+        assert decided == {2: "guess", 1: "wait", 0: "wait"} and stepped == [False, False, True]
+        executor.finish_step(1.0, skip=True)
+        assert executor.speculation.counts == {"kept": 1, "deferred": 2}
+    finally:
+        executor.shutdown()

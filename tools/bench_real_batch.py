@@ -90,15 +90,10 @@ def run(label, method, layers, micro, extra, tree, iters, out, baseline_tree, ov
     row["median iteration (ms)"] = statistics.median(times)
     row["TFLOP/s"] = statistics.median(log.series("TFLOP/s per GPU")[2:])
     row["samples/s"] = statistics.median(log.series("samples per second")[2:])
-    plan = re.search(r"predicted iteration \(ms\): (\d+) \| predicted iteration when clipping defers the CPU "
-                     r"steps \(ms\): (\d+)", proc.stdout)
+    plan = re.search(r"predicted iteration \(ms\): (\d+)", proc.stdout)
     if plan:
-        row["predicted (ms)"], row["predicted if clipping defers (ms)"] = int(plan.group(1)), int(plan.group(2))
-        steps = log.summary
-        # The prediction that applies: the CPU steps were deferred (clipping fired) on most layer steps
-        deferred = steps.get("layer steps deferred", 0) > steps.get("layer steps kept", 0)
-        row["applies"] = row["predicted if clipping defers (ms)"] if deferred else row["predicted (ms)"]
-        row["measured / predicted"] = round(row["median iteration (ms)"] / row["applies"], 3)
+        row["predicted (ms)"] = int(plan.group(1))
+        row["measured / predicted"] = round(row["median iteration (ms)"] / row["predicted (ms)"], 3)
     plan_line = re.search(r"^plan \|.*$", proc.stdout, re.M)
     row["plan"] = plan_line.group(0) if plan_line else ""
     for key in ("peak GPU memory (GiB)", "peak host RSS (GiB)", "host-to-device (MiB/iter)", "device-to-host (MiB/iter)",
@@ -106,7 +101,7 @@ def run(label, method, layers, micro, extra, tree, iters, out, baseline_tree, ov
         if key in log.summary:
             row[key] = log.summary[key]
     print(f"{label}: median {row['median iteration (ms)']:.0f} ms, {row['TFLOP/s']:.0f} TFLOP/s"
-          + (f", predicted {row['applies']} ms" if plan else ""), flush=True)
+          + (f", predicted {row['predicted (ms)']} ms" if plan else ""), flush=True)
     return row
 
 
@@ -144,7 +139,7 @@ def verdicts(case, rows):
         if "measured / predicted" in r:
             ok = 0.75 <= r["measured / predicted"] <= 1.25
             out.append(f"case {case}: {r['label']}: measured {r['median iteration (ms)']:.0f} ms, predicted "
-                       f"{r['applies']} ms, ratio {r['measured / predicted']} ({'within' if ok else 'OUTSIDE'} +-25%)")
+                       f"{r['predicted (ms)']} ms, ratio {r['measured / predicted']} ({'within' if ok else 'OUTSIDE'} +-25%)")
     return out
 
 

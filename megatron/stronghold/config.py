@@ -146,19 +146,10 @@ class Config:
         return DTYPES[self.exp_avg_dtype], DTYPES[self.exp_avg_sq_dtype]
 
     @property
-    def steps_undoable(self) -> bool:
-        """Whether a streamed layer's speculative step can be undone: an fp32 AdamW step is inverted from
-        its moments, which a moment rounded to bf16 does not allow."""
-        return all(d.itemsize == 4 for d in self.moment_dtypes)
-
-    @property
     def may_step_early(self) -> bool:
-        """Whether the run's streamed layers may guess at all (executor/speculative.py). Without an undo
-        (bf16 moments) a layer guesses only where no guess can be wrong but one on non-finite gradients,
-        after which the run stops unsaved (RunGuard): no clipping, no fp16 loss-scale skips,
-        --exit-on-nonfinite-iters 1."""
-        if self.steps_undoable:
-            return True
+        """Whether streamed layers step as their gradients arrive (executor/speculative.py): where the
+        global norm cannot change a step (no clipping, no fp16 loss scaling) and the one wrong guess,
+        on non-finite gradients, ends the run without a save (--exit-on-nonfinite-iters 1)."""
         return self.clip_grad == 0 and not self.fp16 and self.exit_on_nonfinite_iters == 1
 
     @classmethod

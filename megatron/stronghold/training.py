@@ -287,7 +287,7 @@ def log_summary(args, method, history, device) -> None:
     # What crossed the link per iteration (evaluation included), in MiB: 2 loads and 1 gradient per
     # streamed layer and step, whatever the number of micro-batches.
     extra.update({f"{k} (MiB/iter)": float(v) / n / 2 ** 20 for k, v in stats.get("link", {}).items()})
-    # How the CPU steps went: guessed during backward and kept / redone, or deferred (clipping fired).
+    # How the CPU steps went: taken as gradients arrived (kept), or after the global norm (deferred).
     extra.update({f"layer steps {k}": v for k, v in stats.get("layer steps", {}).items()})
     if device.type == "cuda":
         # Each retry frees the allocator's cached blocks and synchronises the device: a model at the

@@ -63,7 +63,7 @@ def test_bf16_matches_megatron_within_bf16_noise():
 
 def test_bf16_remainders_change_no_bit_on_gpu():
     """The default bf16 host store (master as weights plus remainder) trains bit for bit as the whole
-    fp32 master, clipping's undo included."""
+    fp32 master, with clipping."""
     split = run("stronghold", 4, ("--bf16", "--clip-grad", "0.5"))
     whole = run("stronghold", 4, ("--bf16", "--clip-grad", "0.5", "--no-store-param-remainders"))
     assert split.losses == whole.losses and split.grad_norms == whole.grad_norms

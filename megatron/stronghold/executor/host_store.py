@@ -125,9 +125,6 @@ class HostLayer:
                        "exp_avg_sq": torch.zeros(b - a, dtype=exp_avg_sq_dtype),
                        "ties": torch.zeros(0, dtype=torch.int64)}
                       for a, b in ((0, cut), (cut, n)) if b > a]
-        # The speculative step's undo inverts an fp32 AdamW step; a moment rounded to bf16 loses what
-        # the inverse needs, so such a layer never steps before the global norm is known.
-        self.invertible = args.steps_undoable
 
     def nbytes(self) -> dict:
         n = self.layout.numel
@@ -135,26 +132,7 @@ class HostLayer:
         master = 0 if self.master is self.weights else 2 * n if self.remainders else 4 * n
         return {"pinned": self.block.tensor.numel(), "pageable": master + state}
 
-    def _master(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
-        """The fp32 master of span [a, b): a view, or (remainders) reconstructed into out[a:b]."""
-        if not self.remainders:
-            return self.master[a:b]
-        part = next(p for p in self.parts if p["span"][0] <= a and b <= p["span"][1])
-        rel = a - part["span"][0]
-        ties = ties_within(part["ties"], rel, rel + b - a)
-        return join_master(self.weights[a:b], self.remainder[a:b], ties, out=out[a:b])
-
     # ----- gradient handling (runs on the CPU worker) -----
-
-    def final_grad(self, scratch: torch.Tensor, inv_scale: float) -> torch.Tensor:
-        """This step's unscaled fp32 gradient (a view of scratch unless no conversion is needed)."""
-        g = self.grad
-        if g.dtype == torch.float32 and inv_scale == 1.0:
-            return g
-        g = scratch[:self.layout.numel].copy_(g)
-        if inv_scale != 1.0:
-            g.mul_(inv_scale)  # in fp32, as Megatron unscales its fp32 main grads
-        return g
 
     def step(self, hyper: dict, grad_scale: float, scratch: torch.Tensor) -> None:
         """AdamW on gradient x grad_scale (loss unscale x clip coefficient), new weights out.
@@ -176,36 +154,6 @@ class HostLayer:
                               ties=part["ties"] if self.remainders else None)
             if self.remainders:
                 part["ties"] = ties
-
-    def undo_step(self, grad: torch.Tensor, hyper: dict, scratch: torch.Tensor) -> None:
-        """Invert the last AdamW step given the gradient it used (exact up to rounding; fp32 moments
-        only, see `invertible`). scratch: an fp32 buffer of the layer's size for the master.
-
-        Used when the global gradient norm, known only after every layer has stepped, turns out to
-        need clipping, or an overflow elsewhere means the step must be skipped.
-        """
-        if not self.invertible:
-            raise RuntimeError("a step with bf16 Adam moments cannot be undone (it must not be guessed)")
-        beta1, beta2 = self.betas
-        for part in self.parts:
-            a, b = part["span"]
-            lr, wd = hyper[part["wd_mult"]]
-            g, p = grad[a:b], self._master(a, b, scratch)
-            step = float(part["step"])
-            m, v = part["exp_avg"], part["exp_avg_sq"]
-            bias1 = 1 - beta1 ** step
-            bias2_sqrt = (1 - beta2 ** step) ** 0.5
-            denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
-            p.addcdiv_(m, denom, value=lr / bias1)
-            if wd != 0.0:
-                p.div_(1 - lr * wd)
-            v.addcmul_(g, g, value=-(1 - beta2)).div_(beta2).clamp_(min=0.0)
-            m.add_(g, alpha=-(1 - beta1)).div_(beta1)
-            part["step"] -= 1
-            if self.remainders:
-                part["ties"] = store_master(p, self.weights[a:b], self.remainder[a:b])
-        if self.master is not None and self.weights is not self.master:
-            self.weights.copy_(self.master)
 
     # ----- checkpoints -----
 

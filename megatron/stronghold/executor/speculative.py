@@ -1,15 +1,18 @@
-"""The speculative CPU step: when each streamed layer's optimizer step may run.
+"""The speculative CPU step: when each streamed layer's optimizer step runs.
 
-The global gradient norm, which clipping needs, is known only once every layer's gradient is in;
-waiting for it would serialise every CPU step behind backward. So a layer steps as soon as its
-gradient arrives, a guess that clipping will not fire, while the running sum of squares over the
-layers that arrived so far (backward order: L-1 down to i) stays under the clip threshold. When
-the step's coefficient is published (publish) a wrong guess is undone and redone exactly, and a
-layer that waited steps then. The rule depends on the arrival order alone, so a run makes the same
-guesses whatever the thread timing; where the coefficient is already published, a layer deciding
-late repeats exactly what the final step would do. After an iteration that clipped, the next one
-does not guess at all (clipping tends to fire on runs of iterations, and a wrong guess costs an
-undo and a redo where waiting costs nothing extra).
+A step needs the global gradient norm (clipping, fp16's overflow check), known only once every layer's
+gradient is in; waiting for it serialises every streamed layer's CPU step behind backward, which is
+what bounds an iteration where the CPU step is the floor (small batches). So where the norm cannot
+change a step, a layer steps as soon as its gradient arrives: no clipping (`--clip-grad 0`), no fp16
+loss scaling, and `--exit-on-nonfinite-iters 1` (Config.may_step_early). There the one guess that can
+be wrong is on non-finite gradients, after which the run stops without a save, so a guessed step is
+never undone. Everywhere else a layer waits for the norm and steps with it.
+
+Why not guess and undo: the inverse of an AdamW step is exact only up to rounding (a moment stored in
+bf16 loses even that), so an undone step would part from megatron-lm's bit by bit; keeping what an
+exact undo needs is a second copy of the state of every layer that guessed (12 to 16 B per parameter
+of host memory), where waiting costs time only while the CPU step bounds the iteration
+(docs/measurements-2026-12-07-layouts.md).
 
 This holds decisions only (no tensors), so tests can script the norms.
 """
@@ -19,32 +22,29 @@ import threading
 
 
 class SpeculativeStep:
-    def __init__(self, clip_grad: float, may_guess: bool = True):
-        """may_guess=False: never guess (L2L steps every layer after backward)."""
-        self.clip_grad = clip_grad
+    def __init__(self, may_guess: bool):
+        """may_guess: the run's Config.may_step_early (False for L2L, which steps after backward)."""
         self.may_guess = may_guess
-        self.guessing = may_guess  # whether this iteration may guess (the last one did not clip)
-        # How each layer's step of this iteration was decided: "guess" (stepped before the norm was
-        # known) or "wait" (left to the final step); guarded by lock, since the CPU worker decides
-        # while the main thread publishes.
+        # How each layer's step of this iteration was decided: "guess" (stepped on arrival) or "wait"
+        # (left to the final step); guarded by lock, since the CPU worker decides while the main
+        # thread publishes.
         self.lock = threading.Lock()
         self.decided = {}
         self.final = None  # (iteration, clip coefficient, skip) once published
-        # Layer steps: guessed and kept, guessed and redone, deferred to the final step.
-        self.counts = {"kept": 0, "redone": 0, "deferred": 0}
+        # Layer steps: taken on arrival, or deferred to the final step.
+        self.counts = {"kept": 0, "deferred": 0}
 
-    def decide(self, layer: int, arrived_sumsq: float, iteration: int, may_guess: bool):
-        """For a layer whose gradient arrived: (guess now?, the published (coeff, skip) or None).
+    def decide(self, layer: int, arrived_sumsq: float, iteration: int):
+        """For a layer whose gradient arrived: (step now?, the published (coeff, skip) or None).
         arrived_sumsq: the unscaled sum of squares of this layer and every layer that arrived before
-        it; may_guess: the `guessing` flag as it was when the layer's work was queued."""
-        guess = (may_guess and self.may_guess and math.isfinite(arrived_sumsq)
-                 and not (self.clip_grad > 0 and math.sqrt(arrived_sumsq) + 1.0e-6 > self.clip_grad))
+        it (a non-finite one waits: its iteration will be skipped)."""
+        guess = self.may_guess and math.isfinite(arrived_sumsq)
         with self.lock:
             final = self.final[1:] if self.final is not None and self.final[0] == iteration else None
             if final is None:
                 self.decided[layer] = "guess" if guess else "wait"
             else:
-                self._count(guess, *final)
+                self._count(guess)
         return guess, final
 
     def publish(self, iteration: int, clip_coeff: float, skip: bool) -> dict:
@@ -53,15 +53,15 @@ class SpeculativeStep:
         with self.lock:
             self.final = (iteration, clip_coeff, skip)
             decided, self.decided = self.decided, {}
-            self.guessing = self.may_guess and clip_coeff == 1.0
             for d in decided.values():
-                self._count(d == "guess", clip_coeff, skip)
+                self._count(d == "guess")
         return decided
 
     @staticmethod
     def needs_final_step(guessed: bool, clip_coeff: float, skip: bool) -> bool:
-        """A wrong guess is undone and redone; a layer that waited steps unless the iteration is skipped."""
-        return skip or clip_coeff != 1.0 if guessed else not skip
+        """A layer that waited steps unless the iteration is skipped; a guessed one has stepped (where
+        it may guess, the coefficient is always 1, and a skip ends the run unsaved)."""
+        return not guessed and not skip
 
-    def _count(self, guessed: bool, clip_coeff: float, skip: bool) -> None:
-        self.counts[("redone" if skip or clip_coeff != 1.0 else "kept") if guessed else "deferred"] += 1
+    def _count(self, guessed: bool) -> None:
+        self.counts["kept" if guessed else "deferred"] += 1

@@ -10,10 +10,8 @@ their copies, and the CPU work a finished gradient starts:
   after its forward kernels are queued, queues the load of i + W into the same slot behind the
   event "slot free". offload(i, grad), after its backward, sends the step's gradient to the pinned
   host buffer on the D2H stream, queues the layer's CPU step and loads i - W into the slot.
-- the CPU step is speculative (speculative.py decides when each layer steps): a layer steps as soon
-  as its gradient arrives while the running norm stays under the clip threshold; if clipping fires
-  after all, or an overflow skips the iteration, those steps are undone exactly and redone from the
-  kept gradients (HostLayer.undo_step).
+- the CPU step (speculative.py decides when each layer steps): as soon as its gradient arrives where
+  the global norm cannot change the step (no clipping, no fp16), else once the norm is known.
 - data parallel, each streamed layer has one owner rank (ownership.py).
 - the next iteration's load of a layer waits for that layer's CPU work (a host wait on a future,
   the one true dependency); everything on the GPU is ordered by events only.
@@ -96,10 +94,6 @@ class StreamingExecutor:
         self.link = {"host-to-device": 0, "device-to-host": 0}
         self.boundaries = Boundaries(self.num_layers, spill_boundaries, device, self.h2d, self.d2h, self.link)
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)  # a gradient in fp32
-        # The undo of a guessed step needs the fp32 master beside the gradient when it is stored as remainders.
-        remainders = dtype == torch.bfloat16 and args.store_param_remainders
-        self.master_scratch = torch.empty(self.layout.numel if remainders and args.steps_undoable and overlap else 0,
-                                          dtype=torch.float32)
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
         threads = threads or default_threads()
         # Lowest layer first: each layer's norm is known on arrival (taken on the device), so the
@@ -108,9 +102,7 @@ class StreamingExecutor:
         # Seconds, for the log: CPU work (its own thread) and the main thread's waits for it.
         self.timers = {"cpu work": 0.0, "waits for cpu": 0.0, "copy waits": 0.0}
         self.schedule_groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
-        # bf16 Adam moments cannot be undone exactly: such layers guess only where no guess can be wrong
-        # but one that ends the run (Config.may_step_early).
-        self.speculation = SpeculativeStep(args.clip_grad, may_guess=overlap and args.may_step_early)
+        self.speculation = SpeculativeStep(may_guess=overlap and args.may_step_early)
         # Each layer's gradient norm (after the data-parallel average) is taken on the compute device
         # as the gradient leaves it: the global norm is then known as soon as backward ends, without
         # waiting for the CPU work (see gradient_stats).
@@ -300,7 +292,7 @@ class StreamingExecutor:
             self.sumsq_host[i] = self.sumsq_device[i]
         self.link["device-to-host"] += host_grad.numel() * host_grad.element_size()
         future = self.worker.submit(i, self._cpu_work, i, copied, self.inv_scale, self._hyperparameters(),
-                                    self.iteration, self.speculation.guessing,
+                                    self.iteration,
                                     ready=copied.query if copied is not None else None)
         self.grad_pending[i] = self.weight_pending[i] = future
 
@@ -332,23 +324,23 @@ class StreamingExecutor:
         finally:
             self.timers[name] += time.perf_counter() - start
 
-    def _cpu_work(self, i, copied, inv_scale, hyper, iteration, may_guess):
+    def _cpu_work(self, i, copied, inv_scale, hyper, iteration):
         if copied is not None:
             with self._timed("copy waits"):
                 copied.synchronize()
         with self._timed("cpu work"):
-            self._update(i, inv_scale, hyper, iteration, may_guess)
+            self._update(i, inv_scale, hyper, iteration)
 
-    def _update(self, i, inv_scale, hyper, iteration, may_guess):
+    def _update(self, i, inv_scale, hyper, iteration):
         """Step layer i now if speculative.py says it may, or with the published coefficient."""
         host = self.host[i]
         # Layers i..L-1 arrived up to now; their norms landed before i's (one copy stream, in order).
         arrived = float(self.sumsq_host[i:].sum()) * inv_scale * inv_scale  # the scale is a power of two
-        guess, final = self.speculation.decide(i, arrived, iteration, may_guess)
+        guess, final = self.speculation.decide(i, arrived, iteration)
         if guess:
             host.step(hyper, inv_scale, self.scratch)
         if final is not None and self.speculation.needs_final_step(guess, *final):
-            self._make_final(i, guess, *final, hyper, inv_scale)
+            self._make_final(i, *final, hyper, inv_scale)
 
     # ----- the step -----
 
@@ -369,17 +361,16 @@ class StreamingExecutor:
         return total, math.isfinite(total)
 
     def finish_step(self, clip_coeff: float, skip: bool) -> None:
-        """Make the step final: redo guessed steps that were wrong, take the deferred ones. Layers
-        whose CPU work has not decided yet step with the published coefficient when it runs."""
+        """Make the step final: the deferred layers step. Layers whose CPU work has not decided yet
+        step with the published coefficient when it runs."""
         hyper, inv_scale = self._hyperparameters(), self.inv_scale
         decided = self.speculation.publish(self.iteration, clip_coeff, skip)
         for i in range(self.num_layers):  # forward order: layer 0 is needed first
-            guessed = decided.get(i) == "guess"
-            if i in decided and self.speculation.needs_final_step(guessed, clip_coeff, skip):
+            if i in decided and self.speculation.needs_final_step(decided[i] == "guess", clip_coeff, skip):
                 # The one worker thread runs it after the layer's own CPU work, which has started;
                 # it looks at that work's outcome first, so a failure there is never built upon.
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
-                    i, self._finish_layer, i, self.weight_pending[i], guessed, clip_coeff, skip, hyper, inv_scale)
+                    i, self._finish_layer, i, self.weight_pending[i], clip_coeff, skip, hyper, inv_scale)
         self.iteration += 1
         if not self.overlap:
             self._wait_all()
@@ -392,16 +383,10 @@ class StreamingExecutor:
         with self._timed("cpu work"):
             self._make_final(i, *args)
 
-    def _make_final(self, i, guessed, clip_coeff, skip, hyper, inv_scale):
+    def _make_final(self, i, clip_coeff, skip, hyper, inv_scale):
+        # inv_scale is a power of two: (g * inv_scale) * clip == g * (inv_scale * clip)
         host = self.host[i]
-        if guessed and not host.invertible:
-            # bf16 moments guess only where the one wrong guess, on non-finite gradients, ends the run
-            # without a save (Config.may_step_early): this layer's step stays, and is never used.
-            return
-        if guessed:
-            host.undo_step(host.final_grad(self.scratch, inv_scale), hyper, self.master_scratch)
         if not skip:
-            # inv_scale is a power of two: (g * inv_scale) * clip == g * (inv_scale * clip)
             host.step(hyper, inv_scale * clip_coeff, self.scratch)
 
     # ----- checkpoints -----

@@ -145,14 +145,6 @@ class StreamingMethod(MegatronLM):
     def part_owners(self) -> list:
         return sorted(set(self.executor.owner))
 
-    def extra_state(self) -> dict:
-        # whether the next iteration may step layers before the global norm is known (streaming.py)
-        return {"stronghold_guess_next_step": bool(self.executor.speculation.guessing)}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "stronghold_guess_next_step" in state:
-            self.executor.speculation.guessing = bool(state["stronghold_guess_next_step"])
-
     # ----- the rest -----
 
     def watch(self, observer) -> None:

@@ -174,9 +174,8 @@ def host_bytes(costs: ModelCosts, resident: int, on_host: bool = False) -> int:
     is built."""
     owned = -(-(costs.layers - resident) // costs.data_parallel)  # this rank's share of the streamed layers
     built = 4 * ((owned + 1) * costs.layer_params + costs.other_params)  # + 1: the layer being built
-    # + the executor's fp32 scratch of one layer (a gradient), and one more for the master where remainders
-    # are undone (stronghold_ext/remainders.py)
-    scratch = 4 * costs.layer_params * (2 if costs.remainders and costs.moment_bytes == 8 else 1)
+    # + the executor's fp32 scratch of one layer (a gradient)
+    scratch = 4 * costs.layer_params
     store = owned * costs.layer_params * costs.host_bytes_per_param + scratch
     return max(built, store + (boundary_host_bytes(costs, resident) if on_host else 0)) + HOST_RESERVE
 

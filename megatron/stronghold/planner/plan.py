@@ -30,7 +30,6 @@ class Plan:
     predicted_s: float
     gpu_free: int | None = None  # bytes the plan was made for; None without a GPU
     streamed_recompute: bool = True  # streamed layers keep only their inputs and run again in backward
-    predicted_deferred_s: float = 0.0  # the iteration when clipping fires and the CPU steps wait for the norm
     boundary_bytes: int = 0
     boundaries_on_host: bool = False  # the boundaries wait in pinned host memory (boundary_bytes there)
 
@@ -45,8 +44,7 @@ class Plan:
                 f"CPU optimizer threads: {self.threads} | host store: {costs.host_bytes_per_param} B/param | "
                 f"resident: {costs.resident_bytes_per_param} B/param | GPU: {self.gpu_bytes / GiB:.1f} GiB"
                 f"{'' if self.gpu_free is None else f' of {self.gpu_free / GiB:.1f} free'} | host: {self.host_bytes / GiB:.1f} GiB | "
-                f"predicted iteration (ms): {self.predicted_s * 1e3:.0f} | "
-                f"predicted iteration when clipping defers the CPU steps (ms): {self.predicted_deferred_s * 1e3:.0f} |")
+                f"predicted iteration (ms): {self.predicted_s * 1e3:.0f} |")
 
 
 class DoesNotFit(ValueError):
@@ -54,11 +52,12 @@ class DoesNotFit(ValueError):
 
 
 def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_recompute: bool = True,
-                      deferred: bool = False, on_host: bool = False) -> float:
-    """A model, not a measurement. The CPU steps and copies overlap the GPU work: the step takes the
-    largest of compute, link and CPU time, plus what cannot overlap (layer 0 steps last and is loaded
-    first). When clipping fires, no step starts before the global norm is known: the CPU work then
-    overlaps only the next forward pass through the streamed layers."""
+                      on_host: bool = False) -> float:
+    """A model, not a measurement. Where layers step as their gradients arrive (costs.steps_early) the
+    CPU steps and copies overlap the GPU work: the step takes the largest of compute, link and CPU
+    time, plus what cannot overlap (layer 0 steps last and is loaded first). Otherwise no step starts
+    before the global norm is known: the CPU work then overlaps only the next forward pass through the
+    streamed layers."""
     compute = compute_seconds(costs, resident, streamed_recompute)
     streamed = costs.layers - resident
     if not streamed:
@@ -68,7 +67,7 @@ def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_re
     link = link_seconds(costs, resident, window)
     if on_host:  # the boundaries cross the link once each way too
         link += boundary_host_bytes(costs, resident) / PCIE_RATE
-    if deferred or not costs.steps_early:
+    if not costs.steps_early:
         forward = overlapped_forward_seconds(costs, resident)
         return max(compute + max(0.0, cpu - forward), link) + one_layer
     return max(compute, link, cpu) + one_layer
@@ -81,7 +80,7 @@ def optimizer_threads(costs: ModelCosts, resident: int, cores: int) -> int:
     steps then bound the iteration, and more threads shorten it. Otherwise half: the main thread
     launches the GPU work, and beside an optimizer thread on every other core it slows down. With
     several small micro-batches it launches many short kernels, and the slowdown outweighs faster
-    CPU steps even when clipping defers them all to the end of backward; with few streamed layers
+    CPU steps even when they all wait for the global norm; with few streamed layers
     their steps hide behind the GPU work with half the cores as well as with all.
     """
     cpu = cpu_step_seconds(costs, resident)
@@ -123,7 +122,6 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
                     kept = boundary_host_bytes(costs, r) if on_host else costs.streamed_activations(L - r, recompute)
                     return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h,
                                 predicted_seconds(costs, r, w, recompute, on_host=on_host), gpu_free, recompute,
-                                predicted_seconds(costs, r, w, recompute, deferred=True, on_host=on_host),
                                 kept, on_host)
     r = min(resident, L) if resident is not None else 0
     w = _window(costs, r, window)
