@@ -271,20 +271,30 @@ def test_a_cpu_run_reserves_what_a_cpu_process_holds():
         make_plan(tiny, gpu_free=None, host_free=GiB // 2)
 
 
+QWEN_14B = ["--hidden-size", "5120", "--num-attention-heads", "40", "--group-query-attention", "--num-query-groups",
+            "8", "--ffn-hidden-size", "13824", "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type",
+            "rope", "--disable-bias-linear", "--add-qkv-bias", "--untie-embeddings-and-output-weights", "--seq-length",
+            "4096", "--micro-batch-size", "1", "--global-batch-size", "16", "--recompute-granularity", "full",
+            "--bf16", "--tokenizer-type", "NullTokenizer", "--vocab-size", "152063", *BF16_MOMENTS]
+
+
 @pytest.mark.parametrize("layers, peak", [(14, 64.706), (16, 70.945)])
 def test_gpu_count_meets_a_measured_peak_with_a_large_vocabulary(layers, peak):
     """megatron-lm, Qwen2.5-14B's shape at 14 and 16 layers (vocabulary 152064, sequence 4096, bf16 moments),
     on an H100: peaks of 64.71 and 70.95 GiB allocated (results/h100/2026-12-07-qwen14b/). The count without
-    its reserve must not fall below a peak, and stay within 1.5% above it: the logits (3.5 GiB here) and the
-    recomputed layer's activations are part of it."""
-    qwen = ["--num-layers", str(layers), "--hidden-size", "5120", "--num-attention-heads", "40", "--group-query-attention",
-            "--num-query-groups", "8", "--ffn-hidden-size", "13824", "--normalization", "RMSNorm", "--swiglu",
-            "--position-embedding-type", "rope", "--disable-bias-linear", "--add-qkv-bias",
-            "--untie-embeddings-and-output-weights", "--seq-length", "4096", "--micro-batch-size", "1",
-            "--global-batch-size", "16", "--recompute-granularity", "full", "--bf16", "--tokenizer-type",
-            "NullTokenizer", "--vocab-size", "152063", *BF16_MOMENTS]
+    its reserve must not fall below a peak, and stays within 8% above it: the logits' allocator room
+    (costs.ModelCosts.act_fixed) is 4.4 GiB of it here."""
     from megatron.stronghold.planner.costs import GPU_RESERVE, gpu_bytes
 
-    c = ModelCosts.of(arguments.parse_args(qwen), 152064)
+    c = ModelCosts.of(arguments.parse_args(["--num-layers", str(layers), *QWEN_14B]), 152064)
     counted = (gpu_bytes(c, layers, 0) - GPU_RESERVE) / GiB
-    assert peak <= counted <= 1.015 * peak
+    assert peak <= counted <= 1.08 * peak
+
+
+def test_qwen14b_plan_on_an_h100_keeps_the_placement_that_trained():
+    """Qwen2.5-14B's 48 layers on an H100 (78.7 GiB free, about 120 GiB host), W=2: 5 resident layers
+    trained (peak 65.2 GiB allocated); a tighter count planned 7 and ran out of memory with 9.1 GiB reserved
+    but unallocated (results/h100/2026-12-07-qwen14b/)."""
+    c = ModelCosts.of(arguments.parse_args(["--num-layers", "48", *QWEN_14B]), 152064)
+    plan = make_plan(c, gpu_free=int(78.7 * GiB), host_free=120 * GiB, window=2)
+    assert 0 < plan.resident <= 5

@@ -63,7 +63,12 @@ class ModelCosts:
     other_params: int
     compute_bytes: int
     hidden_state: int  # bytes of one micro-batch's hidden state (c s b h)
-    act_fixed: int  # the logits of one micro-batch: in the compute dtype and in fp32 for the cross entropy
+    # The logits of one micro-batch: (3 * 4 + c) B each. The allocated peak holds about 6 (compute dtype and
+    # fp32 in the cross entropy); the rest is room the allocator cannot reuse around these large transient
+    # tensors. On an H100, Qwen2.5-14B's 48 layers planned with 6 B per logit (7 resident layers) ran out
+    # of memory with 9.1 GiB reserved but unallocated; with 14 (5 resident) they trained at a 65.2 GiB peak
+    # (results/h100/2026-12-07-qwen14b/).
+    act_fixed: int
     tokens: int  # per micro-batch
     recompute: bool  # the user's --recompute-granularity full
     microbatches: int
@@ -91,7 +96,7 @@ class ModelCosts:
         if args.position_embedding_type == "learned_absolute":
             other += args.max_position_embeddings * h
         return cls(layers=args.num_layers, layer_params=shape.params(), other_params=other, compute_bytes=c,
-                   hidden_state=c * s * b * h // tp, act_fixed=(4 + c) * s * b * vocab_size // tp, tokens=s * b,
+                   hidden_state=c * s * b * h // tp, act_fixed=(3 * 4 + c) * s * b * vocab_size // tp, tokens=s * b,
                    recompute=args.recompute_granularity == "full", microbatches=args.num_microbatches,
                    seq_length=s, hidden=h, vocab=vocab_size // tp,
                    data_parallel=args.data_parallel_size, fp16=bool(args.fp16),
@@ -150,10 +155,8 @@ def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = T
     # W slots of weights, the fp32 sum of the layer in backward, up to 2W gradients on their way to the
     # host (the executor waits for the copy of layer i + 2W before it lets go of layer i's)
     slots = (window * (c + 2 * costs.gradient_bytes) + 4) * P if streamed else 0
-    # A resident layer recomputed in backward holds one layer's activations meanwhile.
-    recomputing = costs.layer_activations if costs.recompute and resident else 0
-    activations = (resident * costs.act_per_layer + recomputing
-                   + costs.streamed_activations(streamed, recompute, on_host) + costs.act_fixed)
+    activations = (resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute, on_host)
+                   + costs.act_fixed)
     # The resident step runs after backward, when the activations are gone: its slice uses their room.
     rebuilt = costs.master_bytes == 2 or costs.moment_bytes < 8
     step = STEP_BYTES * min(STEP_SLICE, costs.other_params + resident * P) if rebuilt else 0
