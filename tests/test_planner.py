@@ -203,8 +203,8 @@ def test_capacity_per_method_is_the_edge_of_its_preflight_check():
 
 
 def test_zero_baselines_are_bound_by_deepspeeds_host_bytes():
-    """DeepSpeed's CPU optimizer keeps 16 B per parameter on the host (ZeRO-Infinity 2 more for the
-    offloaded parameters): with 120 GiB of host both fall between megatron-lm and stronghold."""
+    """DeepSpeed keeps 18 B per parameter on the host for ZeRO-Offload at bf16 without accumulation, 22 for
+    ZeRO-Infinity: with 120 GiB of host both fall between megatron-lm and stronghold."""
     c = costs(1, "--recompute-granularity", "full")
     gpu, host = 80 * GiB, 120 * GiB
     at = lambda layers: ModelCosts(**{**c.__dict__, "layers": layers})  # noqa: E731
@@ -213,8 +213,23 @@ def test_zero_baselines_are_bound_by_deepspeeds_host_bytes():
     zero_check(at(offload), gpu, host, "zero-offload")
     with pytest.raises(DoesNotFit, match=r"zero-offload needs at least [\d.]+ GiB host \+ [\d.]+ GiB GPU"):
         zero_check(at(offload + 1), gpu, host, "zero-offload")
-    assert ((offload + 1) * c.layer_params + c.other_params) * 16 > host  # the host is what ran out
+    assert ((offload + 1) * c.layer_params + c.other_params) * 18 > host  # the host is what ran out
     assert layers_that_fit(c, gpu, host, "megatron-lm") < infinity < offload < layers_that_fit(c, gpu, host)
+
+
+def test_zero_offload_refuses_the_llama2_7b_shape_that_the_kernel_killed():
+    """ZeRO-Offload, Llama-2-7B's shape (6.74 B), 16 micro-batches per step, on an H100 80 GB whose host had
+    125 GiB available: admitted at 16 B/param, it was killed for host memory at its first iteration
+    (DeepSpeed's accumulated-gradient buffers come then). Now refused before anything is allocated."""
+    llama2 = arguments.parse_args([
+        "--num-layers", "32", "--hidden-size", "4096", "--num-attention-heads", "32", "--ffn-hidden-size", "11008",
+        "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear",
+        "--untie-embeddings-and-output-weights", "--seq-length", "4096", "--micro-batch-size", "1",
+        "--global-batch-size", "16", "--recompute-granularity", "full", "--bf16", "--offload-method", "zero-offload"])
+    c = ModelCosts.of(llama2, 32000)
+    assert 6.7e9 < c.layers * c.layer_params + c.other_params < 6.8e9
+    with pytest.raises(DoesNotFit, match=r"zero-offload needs at least 125.\d GiB host .* 20 B per parameter"):
+        zero_check(c, int(78.7 * GiB), 125 * GiB, "zero-offload")
 
 
 def test_a_model_that_cannot_fit_is_refused_with_the_numbers():

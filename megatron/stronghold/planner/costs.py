@@ -183,16 +183,30 @@ def host_bytes(costs: ModelCosts, resident: int, on_host: bool = False) -> int:
     return max(built, store + (boundary_host_bytes(costs, resident) if on_host else 0)) + HOST_RESERVE
 
 
-# What DeepSpeed surely keeps per parameter in the ZeRO baselines (one rank): on the host the fp32
-# master, both Adam moments and the fp32 gradient partition of its CPU optimizer (16 B), plus the
-# compute-dtype parameters for ZeRO-Infinity, which offloads them too; on the GPU the compute-dtype
-# parameters for ZeRO-Offload. Lower bounds: DeepSpeed's buffers come on top.
+# What DeepSpeed allocates per parameter on the host in the ZeRO baselines (one rank), read from its
+# sources (deepspeed 0.19.8, runtime/zero/) with our configs (methods/zero_configs.py: pinned buffers,
+# fp32 gradient accumulation):
+# - ZeRO-Offload (stage_1_and_2.py): the fp32 master, both Adam moments and the fp32 gradient of its CPU
+#   optimizer (16 B), a pinned compute-dtype copy of the parameters (param_buffer_of_bit16_for_cpu_offload),
+#   and with gradient accumulation a compute-dtype buffer of the accumulated gradients
+#   (accumulated_grads_in_cpu, allocated at the first backward: a 6.7 B model admitted at 16 B/param was
+#   killed for host memory at its first iteration on a 125 GiB host).
+# - ZeRO-Infinity (stage3.py): the fp32 master, moments and the optimizer's fp32 gradient (16 B), the fp32
+#   gradient partitions (grad_partitions_flat_buffer, 4 B) and the offloaded compute-dtype parameters.
+# On the GPU, ZeRO-Offload keeps the compute-dtype parameters. Lower bounds: smaller buffers come on top.
+def zero_host_bytes_per_param(costs: ModelCosts, method: str) -> int:
+    c = costs.compute_bytes
+    if method == "zero-infinity":
+        return 16 + 4 + c
+    return 16 + c + (c if costs.microbatches > 1 else 0)
+
+
 def zero_bytes(costs: ModelCosts, method: str) -> tuple:
     """(host bytes, GPU bytes) that a ZeRO baseline certainly needs."""
     params = costs.layers * costs.layer_params + costs.other_params
-    offloads_params = method == "zero-infinity"
-    host = params * (16 + (costs.compute_bytes if offloads_params else 0))
-    gpu = (0 if offloads_params else params * costs.compute_bytes) + costs.layers * costs.act_per_layer + costs.act_fixed
+    host = params * zero_host_bytes_per_param(costs, method)
+    gpu = ((0 if method == "zero-infinity" else params * costs.compute_bytes) + costs.layers * costs.act_per_layer
+           + costs.act_fixed)
     return host, gpu
 
 

@@ -5,7 +5,7 @@ cannot fit the memory this machine has, with the numbers; and the most layers ea
 import os
 
 from ..arguments import ZERO_METHODS
-from .costs import GPU_RESERVE, GiB, ModelCosts, gpu_bytes, zero_bytes
+from .costs import GPU_RESERVE, GiB, ModelCosts, gpu_bytes, zero_bytes, zero_host_bytes_per_param
 from .plan import DoesNotFit, make_plan
 
 
@@ -55,8 +55,8 @@ def zero_check(costs: ModelCosts, gpu_free, host_free: int, method: str) -> None
     if host > host_free or gpu > gpu_free:
         raise DoesNotFit(
             f"the model does not fit: {method} needs at least {host / GiB:.1f} GiB host + {gpu / GiB:.1f} GiB GPU "
-            f"for {params / 1e9:.2f} B parameters (DeepSpeed's CPU optimizer alone keeps 16 B per parameter "
-            f"on the host), and this machine has {host_free / GiB:.1f} GiB host and {gpu_free / GiB:.1f} GiB GPU "
+            f"for {params / 1e9:.2f} B parameters (DeepSpeed keeps {zero_host_bytes_per_param(costs, method)} B per "
+            f"parameter on the host here), and this machine has {host_free / GiB:.1f} GiB host and {gpu_free / GiB:.1f} GiB GPU "
             f"available. Use fewer layers (--num-layers) or --offload-method stronghold.")
 
 
