@@ -305,6 +305,17 @@ def test_a_signal_to_a_data_parallel_launcher_saves_and_ends_the_run(tmp_path, s
     _assert_saved_and_logged_whole(tmp_path, save)
 
 
+def test_three_processes_train_a_tiny_model_on_a_cpu(tmp_path):
+    """The host reserve follows the device: -n 3 of a 126 k-parameter model runs on a CPU (it was once
+    refused for "needing 8.5 GiB of host memory")."""
+    result = run_launcher(["-n", "3", "-m", "megatron-lm", "-l", "2", "-h", "64", "-b", "1", "--",
+                           "--num-attention-heads", "4", "--seq-length", "32", "--max-position-embeddings", "32",
+                           "--train-iters", "2"], tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert re.search(r" iteration\s+2/\s+2 \|", output), output[-3000:]
+
+
 def test_bad_input_with_several_processes_is_one_message_and_status_2(tmp_path):
     """Every rank refuses the same flags: the message once, no torchrun traceback, the launcher exits 2."""
     flags = ["--use-precision-aware-optimizer", "--exp-avg-sq-dtype", "fp8"]
