@@ -194,6 +194,8 @@ def test_values_the_scheduler_would_assert_on_are_refused_with_a_message(tmp_pat
     (["--exp-avg-dtype", "bf16"], "--exp-avg-dtype bf16 needs --use-precision-aware-optimizer"),
     (["--use-precision-aware-optimizer", "--exp-avg-sq-dtype", "fp8"],
      "--exp-avg-sq-dtype fp8 is not implemented here; choose one of fp32, bf16"),
+    (["--use-precision-aware-optimizer", "--main-grads-dtype", "bf16"],  # TINY_RUN is fp32 on a CPU
+     "--main-grads-dtype bf16 needs --bf16"),
     (["--offload-method", "zero-offload", "--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16"],
      "zero-offload keeps DeepSpeed's own optimizer states; the precision-aware optimizer is built for "
      "megatron-lm, l2l, stronghold"),

@@ -100,15 +100,16 @@ def test_host_store_bytes_per_parameter_are_the_planners(flags, expected):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("flags", [("--bf16",), ("--bf16", "--no-store-param-remainders"), ("--bf16", *BF16_MOMENTS),
-                                   BF16_MOMENTS])
-def test_resident_optimizer_bytes_per_parameter_are_the_planners(flags):
+@pytest.mark.parametrize("flags,expected", [
+    (("--bf16",), 16), (("--bf16", "--no-store-param-remainders"), 18), (("--bf16", *BF16_MOMENTS), 12),
+    (BF16_MOMENTS, 12), (("--bf16", *BF16_MOMENTS, "--main-grads-dtype", "bf16"), 10)])
+def test_resident_optimizer_bytes_per_parameter_are_the_planners(flags, expected):
     """What the planner counts per resident parameter is what the megatron-lm step holds after its first
     step: weights, master, main grad and moments (fp32 moments are allocated by torch at that step)."""
     from megatron.stronghold.planner.costs import ModelCosts
 
     args = arguments.parse_args([*TINY, "--train-iters", "1", *flags])
-    expected = ModelCosts.of(args, 128).resident_bytes_per_param
+    assert ModelCosts.of(args, 128).resident_bytes_per_param == expected
     distributed.init_distributed(torch.device("cpu"))
     method = methods.build(args, None, build_model_for(args), torch.device("cpu"), args.params_dtype, None, print)
     opt = method.resident
@@ -118,6 +119,7 @@ def test_resident_optimizer_bytes_per_parameter_are_the_planners(flags):
                + [v for st in opt.optimizer.state.values() for k, v in st.items() if k != "step"]}
     held = sum(t.untyped_storage().nbytes() for t in tensors.values())  # fp32: the master is the weight
     assert held == expected * sum(p.numel() for p in opt.params)
+    assert all(g.dtype == args.main_grads_torch_dtype for g in opt.main_grads)
 
 
 def build_model_for(args):

@@ -17,7 +17,7 @@ ZERO_METHODS = ("zero-offload", "zero-infinity")  # the DeepSpeed baselines
 STREAMING_METHODS = ("stronghold", "l2l")          # layers stream through a GPU window
 # Megatron-LM's choices for the precision-aware optimizer's dtypes, and those built here.
 PRECISION_DTYPES = ("fp32", "fp16", "bf16", "fp8")
-BUILT_DTYPES = {"exp_avg_dtype": ("fp32", "bf16"), "exp_avg_sq_dtype": ("fp32", "bf16"), "main_grads_dtype": ("fp32",)}
+BUILT_DTYPES = {"exp_avg_dtype": ("fp32", "bf16"), "exp_avg_sq_dtype": ("fp32", "bf16"), "main_grads_dtype": ("fp32", "bf16")}
 
 
 class ArgumentError(ValueError):
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Let --exp-avg-dtype, --exp-avg-sq-dtype and --main-grads-dtype take other values than "
                    "fp32 (megatron-lm, stronghold, l2l).")
     for name, what in (("exp-avg", "Adam's first moment"), ("exp-avg-sq", "Adam's second moment"),
-                       ("main-grads", "the resident parameters' gradient accumulation buffers")):
+                       ("main-grads", "the gradients summed over a step's micro-batches on the GPU")):
         g.add_argument(f"--{name}-dtype", choices=PRECISION_DTYPES, default="fp32",
                        help=f"dtype of {what} (with --use-precision-aware-optimizer). A bf16 moment is updated "
                        "in fp32 from its stored value and stored rounded to nearest, on the CPU and the GPU alike.")
@@ -376,6 +376,8 @@ def _validate_optimizer_precision(args) -> None:
         if value not in BUILT_DTYPES[name]:
             raise ArgumentError(f"--{name.replace('_', '-')} {value} is not implemented here; choose one of "
                                 f"{', '.join(BUILT_DTYPES[name])}")
+    if args.main_grads_dtype == "bf16" and not args.bf16:
+        raise ArgumentError("--main-grads-dtype bf16 needs --bf16 (the gradients it sums are the bf16 ones)")
     if lowered and args.offload_method in ZERO_METHODS:
         raise ArgumentError(f"{' '.join(lowered)}: {args.offload_method} keeps DeepSpeed's own optimizer "
                             f"states; the precision-aware optimizer is built for "

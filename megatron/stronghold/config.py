@@ -146,6 +146,11 @@ class Config:
         return DTYPES[self.exp_avg_dtype], DTYPES[self.exp_avg_sq_dtype]
 
     @property
+    def main_grads_torch_dtype(self) -> torch.dtype:
+        """What a step's gradients are summed in on the GPU over its micro-batches (Megatron's main grads)."""
+        return DTYPES[self.main_grads_dtype]
+
+    @property
     def may_step_early(self) -> bool:
         """Whether streamed layers step as their gradients arrive (executor/speculative.py): where the
         global norm cannot change a step (no clipping, no fp16 loss scaling) and the one wrong guess,

@@ -111,7 +111,8 @@ class ResidentOptimizer:
             self.ties = [torch.zeros(0, dtype=torch.int64, device=p.device) for p in self.params]
         else:
             self.masters = [p.detach() if self.same_dtype else p.detach().float() for p in self.params]
-        self.main_grads = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.main_grads = [torch.zeros_like(p, dtype=args.main_grads_torch_dtype) for p in self.params]
+        self.narrow_grads = args.main_grads_torch_dtype != torch.float32
         self.counted = [counts_in_norm(p) for p in self.params]
         decay = [m for (n, p), m in zip(named_params, self.masters) if not no_weight_decay(n, p)]
         nodecay = [m for (n, p), m in zip(named_params, self.masters) if no_weight_decay(n, p)]
@@ -166,7 +167,10 @@ class ResidentOptimizer:
         if inv_scale != 1.0:
             torch._foreach_mul_(self.main_grads, inv_scale)
         counted = [g for g, c in zip(self.main_grads, self.counted) if c]
-        norms = torch._foreach_norm(counted) if counted else [torch.zeros((), device=self.main_grads[0].device)]
+        # bf16 main grads: their norm in fp32, as the streamed layers' (executor._take_norm)
+        wide = {"dtype": torch.float32} if self.narrow_grads else {}
+        norms = (torch._foreach_norm(counted, 2, **wide) if counted
+                 else [torch.zeros((), device=self.main_grads[0].device)])
         sumsq = torch.stack(norms).square().sum()
         return sumsq, ~torch.isfinite(sumsq)
 
@@ -228,11 +232,15 @@ class ResidentOptimizer:
 
     def step(self, clip_coeff: float, skip: bool) -> None:
         if not skip and self.optimizer is not None:
-            if clip_coeff != 1.0:
-                torch._foreach_mul_(self.main_grads, clip_coeff)
-            if self.narrow_moments or self.remainders:
+            if self.narrow_grads:  # bf16 main grads: widened and clipped in fp32 a slice at a time, as the
+                self._step_in_pieces(clip_coeff)  # CPU kernel scales a bf16 gradient
+            elif self.narrow_moments or self.remainders:
+                if clip_coeff != 1.0:
+                    torch._foreach_mul_(self.main_grads, clip_coeff)
                 self._step_in_pieces()
             else:
+                if clip_coeff != 1.0:
+                    torch._foreach_mul_(self.main_grads, clip_coeff)
                 for m, g in zip(self.masters, self.main_grads):
                     m.grad = g
                 self.optimizer.step()
@@ -254,7 +262,7 @@ class ResidentOptimizer:
                 for a in range(0, n, self.CHUNK):
                     yield group, i, a, min(n, a + self.CHUNK)
 
-    def _step_in_pieces(self) -> None:
+    def _step_in_pieces(self, clip_coeff: float = 1.0) -> None:
         """torch's fused AdamW (what optimizer.step() runs) a slice at a time: the fp32 master rebuilt from
         the weights and remainder, bf16 moments widened, then split and rounded back. The ties of about
         CHUNK elements are found in one pass, so the step waits for the device once per chunk."""
@@ -280,7 +288,12 @@ class ResidentOptimizer:
             stored = [st[k].view(-1)[a:b] for k in ("exp_avg", "exp_avg_sq")]
             moments = [t.float() for t in stored]  # the fp32 ones themselves: no copy
             beta1, beta2 = group["betas"]
-            torch._fused_adamw_([master], [self.main_grads[i].view(-1)[a:b]], moments[:1], moments[1:], [],
+            grad = self.main_grads[i].view(-1)[a:b]
+            if self.narrow_grads:  # bf16 main grads widened (and clipped) in fp32
+                grad = grad.float()
+                if clip_coeff != 1.0:
+                    grad.mul_(clip_coeff)
+            torch._fused_adamw_([master], [grad], moments[:1], moments[1:], [],
                                 [st["step"]], lr=group["lr"], beta1=beta1, beta2=beta2,
                                 weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
             for keep, new in zip(stored, moments):

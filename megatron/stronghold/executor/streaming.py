@@ -94,6 +94,7 @@ class StreamingExecutor:
         self.link = {"host-to-device": 0, "device-to-host": 0}
         self.boundaries = Boundaries(self.num_layers, spill_boundaries, device, self.h2d, self.d2h, self.link)
         self.scratch = torch.empty(self.layout.numel, dtype=torch.float32)  # a gradient in fp32
+        self.main_grads_dtype = args.main_grads_torch_dtype
         fused_adamw()  # compile (or load) the fused CPU kernel now, not in the middle of a step
         threads = threads or default_threads()
         # Lowest layer first: each layer's norm is known on arrival (taken on the device), so the
@@ -239,9 +240,10 @@ class StreamingExecutor:
             self.load(i + self.window)
 
     def new_gradient(self) -> torch.Tensor:
-        """A zeroed fp32 buffer (the layer's flat layout) that a layer's gradient is summed in over
-        the step's micro-batches on the device, as Megatron sums its fp32 main grads."""
-        return torch.zeros(self.layout.numel, dtype=torch.float32, device=self.device)
+        """A zeroed buffer (the layer's flat layout) that a layer's gradient is summed in over the
+        step's micro-batches on the device, as Megatron sums its main grads (fp32; bf16 with
+        --main-grads-dtype bf16)."""
+        return torch.zeros(self.layout.numel, dtype=self.main_grads_dtype, device=self.device)
 
     def gradient_views(self, flat: torch.Tensor):
         return self.layout.views(flat)

@@ -79,6 +79,7 @@ class ModelCosts:
     fp16: bool
     remainders: bool  # a streamed bf16 master stored as its weight plus a 2-byte remainder
     moment_bytes: int  # bytes of both Adam moments per parameter: 8, 6 or 4
+    main_grad_bytes: int  # a step's gradient summed over its micro-batches on the GPU: 4, or 2 in bf16
     steps_early: bool  # streamed layers may step before the global norm is known (executor/speculative.py)
     layer_activations: int  # A: bytes one layer keeps of one micro-batch without recompute
     layer_forward_flops: int  # one layer's forward over one micro-batch
@@ -102,6 +103,7 @@ class ModelCosts:
                    data_parallel=args.data_parallel_size, fp16=bool(args.fp16),
                    remainders=bool(args.store_param_remainders),
                    moment_bytes=sum(d.itemsize for d in args.moment_dtypes),
+                   main_grad_bytes=args.main_grads_torch_dtype.itemsize,
                    steps_early=args.may_step_early,
                    layer_activations=shape.activation_bytes(c, s * b),
                    layer_forward_flops=shape.forward_flops(s * b, s) // tp)
@@ -113,7 +115,7 @@ class ModelCosts:
 
     @property
     def resident_bytes_per_param(self) -> int:
-        return self.compute_bytes + self.master_bytes + self.moment_bytes + 4
+        return self.compute_bytes + self.master_bytes + self.moment_bytes + self.main_grad_bytes
 
     @property
     def gradient_bytes(self) -> int:
@@ -152,9 +154,9 @@ class ModelCosts:
 def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = True, on_host: bool = False) -> int:
     streamed = costs.layers - resident
     c, P = costs.compute_bytes, costs.layer_params
-    # W slots of weights, the fp32 sum of the layer in backward, up to 2W gradients on their way to the
+    # W slots of weights, the sum of the layer's gradient in backward (main grads), up to 2W gradients on their way to the
     # host (the executor waits for the copy of layer i + 2W before it lets go of layer i's)
-    slots = (window * (c + 2 * costs.gradient_bytes) + 4) * P if streamed else 0
+    slots = (window * (c + 2 * costs.gradient_bytes) + costs.main_grad_bytes) * P if streamed else 0
     activations = (resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute, on_host)
                    + costs.act_fixed)
     # The resident step runs after backward, when the activations are gone: its slice uses their room.
