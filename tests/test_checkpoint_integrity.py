@@ -86,7 +86,6 @@ def test_ckpt_step_must_name_a_checkpoint(tmp_path):
 
 
 def test_deepspeed_files_are_checksummed_too(tmp_path):
-    pytest.importorskip("deepspeed")
     flags = [*FLAGS, "--hidden-size", "64", "--offload-method", "zero-offload", "--train-iters", "2"]
     training.train(arguments.parse_args([*flags, "--save", str(tmp_path)]))
     path = checkpointing.iteration_dir(str(tmp_path), 2)

@@ -307,7 +307,6 @@ def test_non_finite_loss_stops_without_saving(tmp_path, extra):
 
 @pytest.mark.parametrize("method", ["zero-offload", "zero-infinity"])
 def test_zero_saves_and_resumes_through_deepspeed(tmp_path, method):
-    pytest.importorskip("deepspeed")
     flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
              "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "8", "--lr", "2e-3",
              "--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--clip-grad", "1.6", "--log-interval", "4",

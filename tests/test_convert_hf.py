@@ -21,8 +21,7 @@ if os.access(sys.prefix, os.W_OK):  # DeepSpeed's CPU Adam is built once, as in 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+import transformers  # noqa: E402
 
 from megatron.stronghold import arguments, checkpointing, distributed, training  # noqa: E402
 from megatron.stronghold.logs import parse_log  # noqa: E402
@@ -138,7 +137,6 @@ def test_export_of_a_data_parallel_stronghold_checkpoint(tmp_path):
 def test_export_of_a_zero_checkpoint(tmp_path, method):
     """DeepSpeed's partitioned files, read as plain data; the reference weights come from DeepSpeed's
     own consolidation (zero_to_fp32)."""
-    pytest.importorskip("deepspeed")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt, hf = str(tmp_path / "ckpt"), str(tmp_path / "hf")
@@ -153,7 +151,7 @@ def test_export_of_a_zero_checkpoint(tmp_path, method):
 def test_export_copies_the_tokenizer_and_picks_a_step(tmp_path):
     """--tokenizer-model copies a tokenizer.json that AutoTokenizer then reads; --ckpt-step exports
     an older iteration than the newest."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     ckpt, hf = str(tmp_path / "ckpt"), str(tmp_path / "hf")
     train("--save", ckpt, "--save-interval", "2")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
@@ -174,7 +172,7 @@ def test_gpt2_bpe_tokenizer_travels_both_ways(tmp_path, capsys):
     """A model trained with GPT2BPETokenizer exports with its vocab.json/merges.txt (transformers'
     GPT-2 tokenizer then gives the same ids); importing that directory prints GPT2BPETokenizer flags
     whose padded vocabulary is the exported one, and fine-tuning with them loads the weights."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from megatron.stronghold.tokenizer import build_tokenizer
 
     bpe = tokenizers.ByteLevelBPETokenizer()
@@ -272,7 +270,7 @@ def test_import_with_a_hugging_face_tokenizer_trains_on_its_tokens(tmp_path, cap
     directory: import prints HuggingFaceTokenizer flags for it, preprocess_data.py tokenizes a corpus
     with that directory, and examples/run.sh with the printed flags pads the vocabulary to exactly
     the model's 301 rows and logs, at iteration 1, transformers' loss on the same batch."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     import preprocess_data
     from test_tokenizers import EOD, _docstrings, _write_jsonl
 
@@ -325,8 +323,7 @@ def test_finetune_takes_the_weights_only(tmp_path, method):
     and imported again (weights only): fine-tuning from either trains identically under any method,
     from iteration 1 with a fresh schedule, and from those weights (not a fresh initialisation)."""
     if method.startswith("zero"):
-        pytest.importorskip("deepspeed")
-    ckpt, hf, back = str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(tmp_path / "back")
+        ckpt, hf, back = str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(tmp_path / "back")
     exact_vocab = ("--make-vocab-size-divisible-by", "1")  # 257 rows: the export keeps them all
     train(*exact_vocab, "--save", ckpt, "--lr-warmup-iters", "1", "--train-iters", "3")
     export("--load", ckpt, "--output", hf)
@@ -361,7 +358,7 @@ def test_unsupported_models_are_refused_with_exit_2(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out")
 
     # a tokenizer that training would refuse (no eos_token) is refused at import, not after it
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     llama = str(tmp_path / "llama")
     tiny_hf_model("llama", llama)
     bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))

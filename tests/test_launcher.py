@@ -113,9 +113,9 @@ def test_dry_run_all_and_torchrun(tmp_path):
 
 
 def test_small_model_without_gpu(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the paper sizes are used")
+        pytest.skip("without a CUDA GPU only: with one the paper sizes are used")
     result, (command,) = dry_run_command(tmp_path, [])
     assert "no GPU" in result.stdout
     assert flag_value(command, "--num-layers") == "4"

@@ -11,8 +11,7 @@ from test_launcher import run_launcher
 
 pytestmark = pytest.mark.integration
 
-EventAccumulator = pytest.importorskip(
-    "tensorboard.backend.event_processing.event_accumulator").EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 ITERS = 4
 TINY = ["-m", "stronghold", "-l", "2", "-h", "64", "-b", "2", "--", "--num-attention-heads", "4",

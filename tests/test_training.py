@@ -127,6 +127,18 @@ def build_model_for(args):
     return build_model(args, 128)
 
 
+@pytest.mark.unit
+def test_nan_iterations_are_counted_over_the_log_interval(capsys):
+    """An absurd learning rate: iteration 1 is finite, the next four are not (their steps are skipped, and
+    --exit-on-nonfinite-iters 0 keeps going): Megatron-LM's count over the interval is 4, not 1."""
+    status = training.main([*TINY, "--train-iters", "5", "--log-interval", "5", "--lr", "1e30",
+                            "--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--exit-on-nonfinite-iters", "0",
+                            "--offload-method", "stronghold", "--window-size", "1"])
+    assert status == 0
+    (row,) = parse_log(capsys.readouterr().out).iterations
+    assert row["number of nan iterations"] == 4 and row["number of skipped iterations"] == 4
+
+
 @pytest.mark.integration
 def test_log_lines_parse_back():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *TINY, "--train-iters", "4",

@@ -212,7 +212,7 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
                valid_iter=None, guard=None, observer=None, tensorboard=None) -> History:
     """Iterations start_iteration + 1 .. --train-iters (a resumed run continues after its checkpoint)."""
     history = History()
-    interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
+    interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0, "nan": 0}
     for it in range(start_iteration + 1, args.train_iters + 1):
         batches = [next(train_iter) for _ in range(args.num_microbatches)]
         start = time.perf_counter()
@@ -239,6 +239,7 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
         interval["time"] += elapsed
         interval["iters"] += 1
         interval["skipped"] += int(skipped)
+        interval["nan"] += int(not math.isfinite(loss))
         if tensorboard is not None:
             tensorboard.iteration(it, it * args.global_batch_size, lm_loss=loss, learning_rate=lr, grad_norm=grad_norm,
                                   loss_scale=scaler.scale, seconds=elapsed,
@@ -255,11 +256,11 @@ def train_loop(args, model, method, scheduler, scaler, train_iter, device, flops
                 "loss scale": f"{scaler.scale:.1f}",
                 "grad norm": f"{grad_norm:.6f}",
                 "number of skipped iterations": interval["skipped"],
-                "number of nan iterations": int(not math.isfinite(loss)),
+                "number of nan iterations": interval["nan"],
                 "samples per second": f"{args.global_batch_size / per_iter:.3f}",
                 "TFLOP/s per GPU": f"{flops / per_iter / 1e12 / args.world_size:.3f}",
             }))
-            interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0}
+            interval = {"loss": 0.0, "time": 0.0, "iters": 0, "skipped": 0, "nan": 0}
         if valid_iter is not None and args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
             loss = evaluate(args, model, method, valid_iter)
             history.valid_losses.append((it, loss))
