@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="*", default=None,
                    help="Megatron .bin/.idx prefixes, optionally weighted: '0.7 a 0.3 b'.")
     g.add_argument("--mock-data", action="store_true", help="Synthetic data (also used without --data-path).")
+    g.add_argument("--sft", action="store_true",
+                   help="Fine-tune on chat data: --data-path names JSONL files of {\"messages\": [...]} conversations, "
+                   "rendered with the --tokenizer-model's chat template; only the assistant's tokens carry loss "
+                   "(megatron/stronghold/sft.py).")
     g.add_argument("--split", default="969,30,1", help="Train/valid/test split of the data, in parts.")
     g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
                    help="megatron-core's tokenizer (default: GPT2BPETokenizer with --vocab-file, HuggingFaceTokenizer "
@@ -298,6 +302,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ArgumentError("--clip-grad must be >= 0")
     if args.mock_data and args.data_path:
         raise ArgumentError("choose one of --mock-data and --data-path")
+    if args.sft and not args.data_path:
+        raise ArgumentError("--sft needs --data-path FILE.jsonl (conversations to fine-tune on)")
     if not args.data_path:
         args.mock_data = True
     if args.tokenizer_type is None:

@@ -101,6 +101,7 @@ class Config:
     # data (mock_data is True without --data-path; tokenizer_type filled)
     data_path: Optional[tuple]
     mock_data: bool
+    sft: bool  # chat data with loss masks (sft.py)
     split: str
     tokenizer_type: str
     tokenizer_model: Optional[str]

@@ -88,6 +88,11 @@ def check_data_paths(args) -> None:
     if _use_mock(args):
         return
     prefixes, _ = parse_data_path(args.data_path)
+    if getattr(args, "sft", False):  # JSONL files, not indexed data
+        missing = [p for p in prefixes if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"--sft --data-path: {missing[0]} is not a file")
+        return
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             path = prefix + ext
@@ -251,6 +256,8 @@ def check_data(args, tokenizer, log=None) -> None:
     _largest_token_id); runs before the model is built."""
     split = args.split or DEFAULT_SPLIT
     check_split(split)
+    if getattr(args, "sft", False):
+        return  # sft.build_datasets reads and checks every conversation
     if _use_mock(args):
         return
     prefixes, _ = parse_data_path(args.data_path)
@@ -411,8 +418,8 @@ def build_datasets(args, tokenizer):
     return train_ds, valid_ds
 
 
-def build_data_iterators(args, tokenizer, consumed_train_samples: int = 0,
-                         consumed_valid_samples: int = 0) -> Tuple[Iterator, Optional[Iterator]]:
+def build_data_iterators(args, tokenizer, consumed_train_samples: int = 0, consumed_valid_samples: int = 0,
+                         datasets=None) -> Tuple[Iterator, Optional[Iterator]]:
     """Return ``(train_iter, valid_iter)``: infinite iterators of micro-batch dicts, starting
     after the samples a resumed run has consumed (checkpointing.Resume).
 
@@ -420,7 +427,7 @@ def build_data_iterators(args, tokenizer, consumed_train_samples: int = 0,
     data (a warning says so).
     Requires torch.distributed (any backend) to be initialised or not initialised at all.
     """
-    train_ds, valid_ds = build_datasets(args, tokenizer)
+    train_ds, valid_ds = datasets if datasets is not None else build_datasets(args, tokenizer)
     mbs, dp_rank, dp_size = args.micro_batch_size, args.data_parallel_rank, args.data_parallel_size
     train_iter = SequentialBatchIterator(train_ds, mbs, dp_rank, dp_size, consumed_train_samples)
     valid_iter = None

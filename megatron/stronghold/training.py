@@ -102,6 +102,10 @@ def _train(args: Config, found, observer, closing: contextlib.ExitStack) -> Hist
         log(f"> building {args.tokenizer_type} tokenizer ...")
         tokenizer = build_tokenizer(args)
         check_data(args, tokenizer, log)  # the data matches its index and the vocabulary: before the model is built
+        sft_datasets = None
+        if args.sft:  # conversations read, checked and tokenized once, before the model is built
+            from . import sft
+            sft_datasets = sft.build_datasets(args, log)
     except ValueError as exc:
         raise arguments.ArgumentError(str(exc)) from None
     vocab = Vocabulary.of(tokenizer, args)
@@ -154,7 +158,7 @@ def _train(args: Config, found, observer, closing: contextlib.ExitStack) -> Hist
     scheduler = lr_scheduler(args, method.optimizers)
     scaler = LossScaler(args)
     consumed = (resume.consumed_train_samples, resume.consumed_valid_samples) if resume is not None else (0, 0)
-    train_iter, valid_iter = build_data_iterators(args, tokenizer, *consumed)
+    train_iter, valid_iter = build_data_iterators(args, tokenizer, *consumed, datasets=sft_datasets)
     flops = flops_per_iteration(args, vocab_size)
     if device.type == "cuda":
         log(f"GPU memory after setup: {torch.cuda.memory_allocated(device) / GiB:.3f} GiB allocated, "

@@ -1,0 +1,181 @@
+"""Supervised fine-tuning on chat data (`--sft`): Megatron-LM's JSONL conversations, rendered with the
+run's Hugging Face chat template, with loss only on what the assistant says.
+
+    {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "..."}]}          one conversation per line
+
+- Which tokens count: a template with `{% generation %}` blocks marks them itself (transformers'
+  assistant mask); for one without, each assistant message's tokens, found by rendering the
+  conversation up to it (with the generation prompt) and through it. `ChatRenderer.how` says which.
+- Sequences: one conversation per sequence, padded to --seq-length. So no token attends across
+  conversations, positions start at 0 with each, padding carries no loss, and a conversation's loss
+  does not depend on what else is in the batch. A conversation longer than the sequence is cut at
+  --seq-length + 1 tokens (one that keeps no assistant token is dropped); the log counts both.
+- Bad input (a line that is not JSON or UTF-8, no "messages", an unknown role, no assistant turn, a
+  tokenizer without a chat template) is a ConversationError naming the file and line, raised while the
+  data is checked, before the model is built.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import numpy
+
+ROLES = ("system", "user", "assistant", "tool")
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class ConversationError(ValueError):
+    """The user's data or tokenizer cannot be trained on with --sft: the message names where."""
+
+
+def read_conversations(path: str) -> List[list]:
+    """The conversations of a JSONL file, each a list of {"role", "content"} messages, checked."""
+    conversations = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConversationError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConversationError(f"{where}: not a JSON object ({exc.msg})") from None
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list) or not messages:
+                raise ConversationError(f'{where}: no "messages" list (one {{"messages": [...]}} per line)')
+            for k, message in enumerate(messages):
+                role = message.get("role") if isinstance(message, dict) else None
+                if role not in ROLES:
+                    raise ConversationError(f"{where}: message {k} has role {role!r}, not one of {', '.join(ROLES)}")
+                if not isinstance(message.get("content"), str):
+                    raise ConversationError(f"{where}: message {k} ({role}) has no text content")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise ConversationError(f"{where}: the conversation has no assistant message to train on")
+            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    if not conversations:
+        raise ConversationError(f"{path}: no conversation in the file")
+    return conversations
+
+
+class ChatRenderer:
+    """Token ids and the loss mask (1 where the assistant speaks) of a conversation, by the tokenizer's
+    own chat template (transformers' apply_chat_template)."""
+
+    def __init__(self, hf_tokenizer, source: str):
+        template = getattr(hf_tokenizer, "chat_template", None)
+        if not template:
+            raise ConversationError(f"{source} has no chat template: --sft renders conversations with it "
+                                    "(add one to its tokenizer_config.json)")
+        self.tokenizer = hf_tokenizer
+        self.generation_blocks = bool(_GENERATION_BLOCK.search(template))
+        self.how = ("the tokens the chat template marks as generated ({% generation %} blocks)" if self.generation_blocks
+                    else "each assistant message's tokens (the template has no {% generation %} blocks)")
+
+    def _ids(self, messages, **kwargs) -> list:
+        out = self.tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def render(self, messages: list) -> Tuple[list, list]:
+        if self.generation_blocks:
+            out = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                     return_assistant_tokens_mask=True)
+            return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
+        ids = self._ids(messages)
+        mask = [0] * len(ids)
+        for j, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._ids(messages[:j], add_generation_prompt=True) if j else []
+            through = self._ids(messages[:j + 1])
+            if ids[:len(before)] != before or ids[:len(through)] != through:
+                raise ConversationError("the chat template does not render a conversation's beginning as a prefix "
+                                        "of the whole, so assistant tokens cannot be told apart: use a template "
+                                        "with {% generation %} blocks")
+            mask[len(before):len(through)] = [1] * (len(through) - len(before))
+        return ids, mask
+
+
+@dataclass
+class SFTDataset:
+    """Map-style dataset of padded sequences (the keys data.SequentialBatchIterator stacks)."""
+    samples: List[Tuple[numpy.ndarray, numpy.ndarray]]  # (ids, mask), at most seq_length + 1 long
+    seq_length: int
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        ids, mask = self.samples[i]
+        n = self.seq_length + 1
+        tokens = numpy.full(n, self.pad_id, dtype=numpy.int64)
+        generated = numpy.zeros(n, dtype=numpy.float32)
+        tokens[:len(ids)], generated[:len(mask)] = ids, mask
+        # position t predicts token t + 1: it counts where that token is the assistant's
+        return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": generated[1:],
+                "position_ids": numpy.arange(self.seq_length, dtype=numpy.int64)}
+
+
+def render_all(conversations: list, renderer: ChatRenderer, seq_length: int) -> Tuple[list, int, int]:
+    """(samples, truncated, dropped): each conversation's (ids, mask) cut at seq_length + 1 tokens; one
+    left with no assistant token to predict is dropped."""
+    samples, truncated, dropped = [], 0, 0
+    for messages in conversations:
+        ids, mask = renderer.render(messages)
+        if len(ids) > seq_length + 1:
+            truncated += 1
+            ids, mask = ids[:seq_length + 1], mask[:seq_length + 1]
+        if not any(mask[1:]):
+            dropped += 1
+            continue
+        samples.append((numpy.asarray(ids, dtype=numpy.int64), numpy.asarray(mask, dtype=numpy.float32)))
+    return samples, truncated, dropped
+
+
+def hf_tokenizer(args):
+    """The run's Hugging Face tokenizer (--tokenizer-type HuggingFaceTokenizer), from local files only."""
+    from transformers import AutoTokenizer
+
+    from .tokenizer import _tokenizer_directory
+
+    if (getattr(args, "tokenizer_type", None) or "") != "HuggingFaceTokenizer":
+        raise ConversationError("--sft renders conversations with a chat template: use --tokenizer-type "
+                                "HuggingFaceTokenizer --tokenizer-model DIR")
+    return AutoTokenizer.from_pretrained(_tokenizer_directory(args.tokenizer_model), local_files_only=True)
+
+
+def build_datasets(args, log=None):
+    """(train, valid or None) over the --data-path JSONL files, split by --split in file order."""
+    from .data import DEFAULT_SPLIT, parse_data_path
+
+    paths, weights = parse_data_path(args.data_path)
+    if weights is not None:
+        raise ConversationError("--sft with weighted --data-path files is not implemented yet: give the files "
+                                "without weights (their conversations are concatenated)")
+    tokenizer = hf_tokenizer(args)
+    renderer = ChatRenderer(tokenizer, f"--tokenizer-model {args.tokenizer_model}")
+    conversations = [c for path in paths for c in read_conversations(path)]
+    fractions = [float(x) for x in (args.split or DEFAULT_SPLIT).split(",")]
+    fractions += [0.0] * (3 - len(fractions))
+    n = len(conversations)
+    train_end = int(round(n * fractions[0] / sum(fractions)))
+    valid_end = int(round(n * (fractions[0] + fractions[1]) / sum(fractions)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    made = []
+    for name, part in (("train", conversations[:train_end]), ("valid", conversations[train_end:valid_end])):
+        samples, truncated, dropped = render_all(part, renderer, int(args.seq_length))
+        if log is not None and part:
+            log(f"> sft {name}: {len(samples)} conversations, {truncated} cut at --seq-length {args.seq_length}, "
+                f"{dropped} dropped (no assistant token left); loss on {renderer.how}")
+        made.append(SFTDataset(samples, int(args.seq_length), int(pad)) if samples else None)
+    if made[0] is None:
+        raise ConversationError(f"--sft: no training conversation in {', '.join(paths)} with --split "
+                                f"{args.split or DEFAULT_SPLIT}")
+    return made[0], made[1]

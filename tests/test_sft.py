@@ -1,0 +1,163 @@
+"""--sft: chat conversations rendered with a tiny Hugging Face tokenizer's own chat template (made here,
+nothing downloaded), loss on the assistant's tokens only."""
+
+import json
+
+import pytest
+import torch
+
+from megatron.stronghold import arguments, sft, training
+
+pytestmark = pytest.mark.unit
+
+WORDS = ["hello", "hi", "there", "how", "are", "you", "fine", "thanks", "be", "brief", "ok", "bye"]
+SPECIAL = ["[UNK]", "<pad>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# The same rendering with and without {% generation %} blocks.
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {% if m['role'] == 'assistant' %}{% generation %}"
+            "{{ m['content'] }} <|end|>{% endgeneration %}{% else %}{{ m['content'] }} <|end|>{% endif %} "
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+PLAIN_TEMPLATE = TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello how are you"},
+        {"role": "assistant", "content": "fine thanks"}, {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "bye"}]
+
+
+def tokenizer_dir(path, template):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>")
+    hf.chat_template = template
+    hf.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    return {"generation": tokenizer_dir(d / "generation", TEMPLATE), "plain": tokenizer_dir(d / "plain", PLAIN_TEMPLATE),
+            "none": tokenizer_dir(d / "none", None)}
+
+
+def renderer(directory):
+    from transformers import AutoTokenizer
+    return sft.ChatRenderer(AutoTokenizer.from_pretrained(directory), directory)
+
+
+@pytest.mark.parametrize("kind", ["generation", "plain"])
+def test_the_loss_covers_exactly_the_assistants_tokens(tokenizers, kind):
+    r = renderer(tokenizers[kind])
+    assert r.generation_blocks == (kind == "generation")
+    ids, mask = r.render(CHAT)
+    tok = r.tokenizer
+    marked = tok.convert_ids_to_tokens([i for i, m in zip(ids, mask) if m])
+    assert marked == ["fine", "thanks", "<|end|>", "bye", "<|end|>"]
+    assert len(ids) == len(mask) and tok.convert_ids_to_tokens(ids)[:3] == ["<|system|>", "be", "brief"]
+
+
+def test_both_ways_of_finding_the_assistants_tokens_agree(tokenizers):
+    assert renderer(tokenizers["generation"]).render(CHAT) == renderer(tokenizers["plain"]).render(CHAT)
+
+
+def test_sequences_are_padded_without_loss_and_positions_start_at_zero(tokenizers):
+    r = renderer(tokenizers["generation"])
+    samples, truncated, dropped = sft.render_all([CHAT, CHAT[:3]], r, seq_length=24)
+    ds = sft.SFTDataset(samples, 24, pad_id=1)
+    ids, mask = r.render(CHAT[:3])
+    item = ds[1]
+    assert (truncated, dropped) == (0, 0) and list(item["position_ids"]) == list(range(24))
+    assert list(item["tokens"][:len(ids)]) == ids and set(item["tokens"][len(ids):]) == {1}
+    # position t predicts token t + 1, which counts where the assistant said it; padding never counts
+    assert list(item["loss_mask"]) == mask[1:] + [0.0] * (24 - len(ids) + 1)
+    assert list(item["labels"][:len(ids) - 1]) == ids[1:]
+
+
+def test_long_conversations_are_cut_and_those_left_without_an_answer_dropped(tokenizers):
+    r = renderer(tokenizers["generation"])
+    samples, truncated, dropped = sft.render_all([CHAT, CHAT], r, seq_length=12)  # 12 + 1 tokens: the first answer
+    assert (len(samples), truncated, dropped) == (2, 2, 0) and len(samples[0][0]) == 13
+    samples, truncated, dropped = sft.render_all([CHAT], r, seq_length=6)  # the system and user turns only
+    assert (len(samples), truncated, dropped) == (0, 1, 1)
+
+
+def write_jsonl(path, lines):
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n"
+                              for line in lines))
+    return str(path)
+
+
+FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "24",
+         "--max-position-embeddings", "24", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3",
+         "--min-lr", "3e-4", "--lr-warmup-iters", "1", "--seed", "7", "--sft", "--tokenizer-type",
+         "HuggingFaceTokenizer", "--split", "1,0,0"]
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"{not json", "not a JSON object"),
+    ({"text": "hello"}, 'no "messages" list'),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "message 0 has role 'bot'"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "the conversation has no assistant message"),
+    (b'{"messages": [{"role": "assistant", "content": "\xff"}]}', "not UTF-8 text"),
+])
+def test_bad_conversations_stop_with_file_and_line(tokenizers, tmp_path, capsys, line, message):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, line])
+    status = training.main([*FLAGS, "--train-iters", "2", "--data-path", data,
+                            "--tokenizer-model", tokenizers["generation"]])
+    err = capsys.readouterr().err
+    assert status == 2 and f"error: {data}:2: {message}" in err and "Traceback" not in err
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused(tokenizers, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    status = training.main([*FLAGS, "--train-iters", "2", "--data-path", data, "--tokenizer-model", tokenizers["none"]])
+    assert status == 2 and "has no chat template" in capsys.readouterr().err
+
+
+def conversations(n):
+    chats = [CHAT, CHAT[:3], [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello ok"}]]
+    return [{"messages": chats[i % len(chats)]} for i in range(n)]
+
+
+@pytest.mark.parametrize("method, extra", [("stronghold", ("--resident-layers", "0")), ("l2l", ())])
+def test_streamed_methods_fine_tune_like_megatron(tokenizers, tmp_path, method, extra):
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(12))
+
+    def run(m, *more):
+        argv = [*FLAGS, "--train-iters", "6", "--data-path", data, "--tokenizer-model", tokenizers["generation"],
+                "--offload-method", m, *more]
+        return training.train(arguments.parse_args(argv))
+
+    reference, got = run("megatron-lm"), run(method, *extra)
+    assert got.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert all(torch.isfinite(torch.tensor(reference.losses)))
+
+
+def test_the_mask_counts_the_answer_whatever_the_prompts_length(tokenizers):
+    """Prompts of 1 and 5 words before the same answer: 3 tokens carry loss in both ("hello ok <|end|>")."""
+    r = renderer(tokenizers["generation"])
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello ok"}]
+    long = [{"role": "user", "content": "hello how are you there"}, {"role": "assistant", "content": "hello ok"}]
+    (a, _, _), (b, _, _) = sft.render_all([short], r, 24), sft.render_all([long], r, 24)
+    ds_a, ds_b = sft.SFTDataset(a, 24, 1), sft.SFTDataset(b, 24, 1)
+    assert ds_a[0]["loss_mask"].sum() == ds_b[0]["loss_mask"].sum() == 3  # "hello ok <|end|>"
+
+
+def test_the_trainer_takes_the_loss_over_the_mask_and_logs_the_data(tokenizers, tmp_path, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(8))
+    argv = [*FLAGS, "--split", "3,1,0", "--train-iters", "2", "--data-path", data,
+            "--tokenizer-model", tokenizers["generation"]]
+    masked = training.train(arguments.parse_args(argv))
+    out = capsys.readouterr().out
+    assert "> sft train: 6 conversations, 0 cut at --seq-length 24, 0 dropped" in out
+    assert "> sft valid: 2 conversations" in out and "{% generation %} blocks" in out
+    item = sft.SFTDataset.__getitem__
+
+    def every_token(self, i):  # the loss over every real token, prompts included
+        d = item(self, i)
+        d["loss_mask"] = (d["labels"] != self.pad_id).astype("float32")
+        return d
+    monkeypatch.setattr(sft.SFTDataset, "__getitem__", every_token)
+    assert training.train(arguments.parse_args(argv)).losses[0] != masked.losses[0]
