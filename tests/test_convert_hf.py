@@ -317,6 +317,44 @@ def test_import_with_a_hugging_face_tokenizer_trains_on_its_tokens(tmp_path, cap
     assert first["lm loss"] == pytest.approx(hf_loss(model, batch), rel=1e-5)
 
 
+def test_a_hugging_face_llama_fine_tunes_from_transformers_loss(tmp_path, capsys):
+    """A tiny Llama with the chat tokenizer in one directory, imported, then `examples/run.sh -m stronghold
+    -- --sft` on a file repeating one conversation: iteration 1 logs transformers' loss on that
+    conversation with labels -100 outside the template's generation mask (fp32, 1e-4)."""
+    from test_sft import CHAT, TEMPLATE, tokenizer_dir, write_jsonl
+
+    hf, ckpt = tmp_path / "hf", str(tmp_path / "ckpt")
+    tokenizer_dir(hf, TEMPLATE)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=64, initializer_range=0.3,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(str(hf))
+
+    assert convert_hf.main(["import", "--hf", str(hf), "--output", ckpt]) == 0
+    flags = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
+    flags += ["--sft", "--data-path", data, "--split", "1,0,0", "--seq-length", "24", "--micro-batch-size", "2",
+              "--global-batch-size", "2", "--train-iters", "2", "--log-interval", "1", "--resident-layers", "0"]
+    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "results"))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "run.sh"), "-m", "stronghold", "--", *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "for fine-tuning" in proc.stdout and "> sft train: 4 conversations" in proc.stdout
+
+    rendered = tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = torch.tensor([rendered["input_ids"]])
+    labels = ids.clone()
+    labels[0, torch.tensor(rendered["assistant_masks"]) == 0] = -100
+    with torch.no_grad():
+        reference = float(model(ids, labels=labels).loss)  # transformers shifts the labels itself
+    assert parse_log(proc.stdout).iterations[0]["lm loss"] == pytest.approx(reference, rel=1e-4)
+
+
 @pytest.mark.parametrize("method", ["megatron-lm", "stronghold", "l2l", "zero-offload", "zero-infinity"])
 def test_finetune_takes_the_weights_only(tmp_path, method):
     """A checkpoint of iteration 3 (with Adam moments and a schedule) and the same weights exported

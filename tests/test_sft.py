@@ -161,3 +161,4 @@ def test_the_trainer_takes_the_loss_over_the_mask_and_logs_the_data(tokenizers, 
         return d
     monkeypatch.setattr(sft.SFTDataset, "__getitem__", every_token)
     assert training.train(arguments.parse_args(argv)).losses[0] != masked.losses[0]
+
