@@ -89,6 +89,7 @@ require_positive_int() {
 METHOD="megatron-lm"
 LAYERS="" HIDDEN="" BATCH="" WINDOW="" NPROC=""
 DRY_RUN=0
+STOPPED=0  # a signal was passed on to a run (forward)
 EXTRA=()
 
 # take_value OPTION [NEXT...]: set VALUE to the option's argument, or die.
@@ -241,13 +242,14 @@ say() { { echo "$*"; } 2>/dev/null || true; }
 # forward SIGNAL: pass a signal on to the run: with torchrun, to its workers, which save and end well
 # (torchrun answers a signal with a traceback, status 1, and kills its workers 30 s later, save or not).
 forward() {
+    STOPPED=1  # -m all: no further method starts
     if (( NPROC > 1 )); then pkill -"$1" -P "$pid" 2>/dev/null; else kill -"$1" "$pid" 2>/dev/null; fi
 }
 
 # watch_rss PID FILE: while PID runs, the resident host memory of it and its children (torchrun's
 # workers) in GiB, every 2 s, into FILE: the last figure before the kernel's out-of-memory killer.
 watch_rss() {
-    trap '' INT TERM HUP
+    trap '' INT HUP  # the launcher ends it with TERM
     while kill -0 "$1" 2>/dev/null; do
         ps -o rss= -p "$1" --ppid "$1" 2>/dev/null | awk '{ kib += $1 } END { printf "%.1f\n", kib / 1048576 }' \
             > "$2.new" && mv -f "$2.new" "$2"
@@ -292,10 +294,11 @@ run_logged() {
         again=$?
         (( again == 127 )) || RUN_STATUS=$again
     fi
-    trap - INT TERM
+    trap - INT TERM HUP
     wait "$tee_pid"
     kill "$watch_pid" 2>/dev/null
     wait "$watch_pid" 2>/dev/null
+    rm -f "$RSS_FILE.new"
     set -e
     rm -f "$fifo"
 }
@@ -319,7 +322,7 @@ run_method() {
     local method="$1" log status
     build_command "$method"
     log="$RESULTS_DIR/log_${method}_l-${LAYERS}_hs-${HIDDEN}_bs-${BATCH}_ws-${WINDOW}_$(date +%Y%m%d-%H%M%S)"
-    echo "$PROG: running: ${CMD[*]}"
+    say "$PROG: running: ${CMD[*]}"
     if (( DRY_RUN )); then
         echo "$PROG: log would be: $log.txt"
         return 0
@@ -368,6 +371,7 @@ main() {
     for m in $VALID_METHODS; do
         [[ "$m" == all ]] && continue
         run_method "$m" || { status=$?; failed+=" $m"; }
+        (( ! STOPPED )) || { say "$PROG: stopped by a signal: the remaining methods were not run"; break; }
     done
     if [[ -n "$failed" ]]; then
         say "$PROG: failed methods:$failed" >&2

@@ -121,7 +121,8 @@ def conversations(n):
     return [{"messages": chats[i % len(chats)]} for i in range(n)]
 
 
-@pytest.mark.parametrize("method, extra", [("stronghold", ("--resident-layers", "0")), ("l2l", ())])
+@pytest.mark.parametrize("method, extra", [("stronghold", ("--resident-layers", "0")), ("l2l", ()), ("zero-offload", ()),
+                                           ("zero-infinity", ())])
 def test_streamed_methods_fine_tune_like_megatron(tokenizers, tmp_path, method, extra):
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(12))
 

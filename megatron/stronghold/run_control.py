@@ -7,10 +7,13 @@ before anything large is allocated; 3 stopped by non-finite losses; 128 + N stop
 without a checkpoint.
 """
 
+import json
 import math
+import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 import torch
@@ -46,10 +49,14 @@ def report(exc: BaseException) -> int:
         status = EXIT_CPU_STEP_FAILED
     else:  # SaveError: disk full while saving, and the previous checkpoint stays
         message, status = str(exc), EXIT_BAD_INPUT if isinstance(exc, ArgumentError) else EXIT_SAVE_FAILED
-    # Bad input is the same on every rank (the flags, the data, the checkpoint): rank 0 says it once for
-    # all (megatron/stronghold/torchrun.py names a rank that refused alone).
+    # Bad input is mostly the same on every rank (the flags, the data, the checkpoint): rank 0 says it once
+    # for all; the others leave it in torchrun's error file, which megatron/stronghold/torchrun.py prints
+    # where a rank refused alone (its GPU's free memory, say).
     if status != EXIT_BAD_INPUT or is_first_rank():
         print(f"error: {message}", file=sys.stderr, flush=True)
+    elif os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
     return status
 
 

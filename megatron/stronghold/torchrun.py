@@ -23,9 +23,8 @@ def status_of(exc: ChildFailedError) -> int:
     rank, failure = exc.get_first_failure()
     status = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
     rank0_said_it = exc.failures.get(0) is not None and exc.failures[0].exitcode == EXIT_BAD_INPUT
-    if status == EXIT_BAD_INPUT and not rank0_said_it:
-        print(f"error: rank {rank} refused its input (status 2); only rank 0 prints such messages: run it with "
-              "one process to see it", file=sys.stderr, flush=True)
+    if status == EXIT_BAD_INPUT and not rank0_said_it:  # its message is in its error file (run_control.report)
+        print(f"error: rank {rank}: {failure.message or 'refused its input (status 2)'}", file=sys.stderr, flush=True)
     elif status != EXIT_BAD_INPUT:
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"status {status}"
         print(f"error: rank {rank} ended with {how}; the other ranks were stopped (see the lines above)",

@@ -24,9 +24,6 @@ What a checkpoint holds does not depend on the method that wrote it (format "per
   torch CPU, CUDA when present) and "args": the model's flags (format.MODEL_ARGS: its shape, to refuse a
   mismatch up front, and everything tools/convert_hf.py needs to rebuild it elsewhere, the
   tokenizer and its vocabulary size before padding included);
-- "stronghold_guess_next_step" (stronghold and l2l only): whether the executor's next iteration may
-  step layers before the global norm is known, so a resumed run guesses (and rounds) as the
-  uninterrupted one would; other methods ignore it.
 So a checkpoint written by stronghold loads into megatron-lm or l2l and the other way round, at any
 --resident-layers / --window-size, in any precision. StrongHold and L2L write their streamed layers
 straight from the host store: the tensors handed to torch.save alias the fp32 masters and Adam

@@ -160,8 +160,9 @@ def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = T
     activations = (resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute, on_host)
                    + costs.act_fixed)
     # The resident step runs after backward, when the activations are gone: its slice uses their room.
-    rebuilt = costs.master_bytes == 2 or costs.moment_bytes < 8
-    step = STEP_BYTES * min(STEP_SLICE, costs.other_params + resident * P) if rebuilt else 0
+    rebuilt = costs.master_bytes == 2 or costs.moment_bytes < 8 or costs.main_grad_bytes < 4
+    slice_bytes = STEP_BYTES + (4 if costs.main_grad_bytes < 4 else 0)  # + the slice's gradient widened to fp32
+    step = slice_bytes * min(STEP_SLICE, costs.other_params + resident * P) if rebuilt else 0
     return ((costs.other_params + resident * P) * costs.resident_bytes_per_param + slots
             + max(activations, step) + GPU_RESERVE)
 
