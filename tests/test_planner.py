@@ -159,6 +159,8 @@ def test_user_threads_override_the_plan():
                                  "--cpu-optimizer-threads", "3"])
     plan, line = training.preflight(args, 128, training.torch.device("cpu"))
     assert plan.threads == 3 and "CPU optimizer threads: 3 |" in line
+    # on a CPU: one memory, and no prediction from a GPU's rates
+    assert "(no GPU) | predicted iteration: none without a GPU |" in line and "GPU:" not in line
     args = arguments.parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
                                  "--seq-length", "16", "--mock-data", "--offload-method", "stronghold"])
     plan, line = training.preflight(args, 128, training.torch.device("cpu"))

@@ -42,9 +42,14 @@ class Plan:
                 f"window: {self.window} | micro batches per step: {costs.microbatches} | "
                 f"streamed layers keep: {keeps} ({self.boundary_bytes / GiB:.2f} GiB) | "
                 f"CPU optimizer threads: {self.threads} | host store: {costs.host_bytes_per_param} B/param | "
-                f"resident: {costs.resident_bytes_per_param} B/param | GPU: {self.gpu_bytes / GiB:.1f} GiB"
-                f"{'' if self.gpu_free is None else f' of {self.gpu_free / GiB:.1f} free'} | host: {self.host_bytes / GiB:.1f} GiB | "
-                f"predicted iteration (ms): {self.predicted_s * 1e3:.0f} |")
+                f"resident: {costs.resident_bytes_per_param} B/param | {self._memory()} |")
+
+    def _memory(self) -> str:
+        if self.gpu_free is None:  # the device's bytes are host memory too, and the rates are a GPU's
+            total = self.gpu_bytes + self.host_bytes - CPU_ONLY_SAVING
+            return f"memory: {total / GiB:.1f} GiB (no GPU) | predicted iteration: none without a GPU"
+        return (f"GPU: {self.gpu_bytes / GiB:.1f} GiB of {self.gpu_free / GiB:.1f} free | host: "
+                f"{self.host_bytes / GiB:.1f} GiB | predicted iteration (ms): {self.predicted_s * 1e3:.0f}")
 
 
 class DoesNotFit(ValueError):
