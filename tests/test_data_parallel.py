@@ -21,9 +21,9 @@ FLAGS = ["--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4
          "--lr", "3e-3", "--clip-grad", "0.5", "--mock-data"]
 
 
-def run(nproc, method, *extra, iterations=8):
+def run(nproc, method, *extra, iterations=8, flags=FLAGS):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + [os.path.join(ROOT, "pretrain_gpt.py"), *FLAGS,
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [os.path.join(ROOT, "pretrain_gpt.py"), *flags,
                                                           "--offload-method", method, *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
@@ -50,6 +50,19 @@ def test_two_processes_train_like_one(method, extra):
         assert (one_store[0], two_store[0]) == (3, 2)
         # The gradient is summed over micro-batches on the device: 16 B/param however many there are.
         assert one_store[1] == two_store[1] == 16.0
+
+
+def test_two_processes_fine_tune_on_chat_data_like_one(tmp_path):
+    """--sft: rank r takes its share of each step's conversations, as with pre-training data."""
+    from test_sft import TEMPLATE, conversations, tokenizer_dir, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(12))
+    sft = [*[f for f in FLAGS if f != "--mock-data"], "--sft", "--data-path", data, "--split", "1,0,0",
+           "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir(tmp_path / "tok", TEMPLATE),
+           "--seq-length", "24", "--max-position-embeddings", "24"]
+    one_loss, one_norm, _ = run(1, "stronghold", "--window-size", "1", flags=sft)
+    two_loss, two_norm, _ = run(2, "stronghold", "--window-size", "1", flags=sft)
+    assert two_loss == pytest.approx(one_loss, rel=1e-5) and two_norm == pytest.approx(one_norm, rel=1e-5)
 
 
 @pytest.mark.parametrize("method,extra", [("megatron-lm", ()), ("stronghold", ("--window-size", "1"))])
