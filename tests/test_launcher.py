@@ -328,6 +328,26 @@ def test_bad_input_with_several_processes_is_one_message_and_status_2(tmp_path):
     assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
 
 
+def test_ctrl_c_during_all_methods_stops_after_the_current_one(tmp_path):
+    """-m all: Ctrl-C saves and ends the running method, and no further method starts."""
+    import signal
+
+    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "all"))
+    args = ["-m", "all", *TINY_RUN[2:-4], "--train-iters", "100000", "--log-interval", "1"]
+    proc = subprocess.Popen(["bash", RUN_SH, *args], env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r" iteration\s+2/", line):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    output = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert "stopped by a signal: the remaining methods were not run" in output, output[-2000:]
+    logs = [p.name for p in (tmp_path / "all").iterdir() if LOG_NAME.match(p.name)]
+    assert len(logs) == 1 and logs[0].startswith("log_megatron-lm_"), logs
+
+
 def test_a_run_killed_by_the_kernel_is_reported_by_name(tmp_path):
     """SIGKILL to the training process (what the out-of-memory killer sends): the launcher names the
     signal and its likely cause, in the terminal and at the end of the log."""
