@@ -207,11 +207,10 @@ def test_optimizer_dtypes_not_built_are_refused_with_a_message(tmp_path, flags, 
     assert message in output and "Traceback" not in output
 
 
-def _start_and_wait_for_iteration(tmp_path, save, launcher_args=()):
-    """examples/run.sh in a process group of its own, once its run has logged an iteration."""
-    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path))
-    args = [*launcher_args, *TINY_RUN[:-4], "--train-iters", "100000", "--log-interval", "1", "--save", str(save)]
-    proc = subprocess.Popen(["bash", RUN_SH, *args], env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+def _launch_until_iteration(args, cwd, results_dir):
+    """examples/run.sh ARGS in a process group of its own, once its run has logged iteration 2."""
+    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(results_dir))
+    proc = subprocess.Popen(["bash", RUN_SH, *args], env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     for line in proc.stdout:
@@ -219,6 +218,12 @@ def _start_and_wait_for_iteration(tmp_path, save, launcher_args=()):
         if re.search(r" iteration\s+2/", line):
             return proc, lines
     raise AssertionError("".join(lines)[-3000:])
+
+
+def _start_and_wait_for_iteration(tmp_path, save, launcher_args=()):
+    """A long tiny run saving into SAVE, once it has logged an iteration."""
+    args = [*launcher_args, *TINY_RUN[:-4], "--train-iters", "100000", "--log-interval", "1", "--save", str(save)]
+    return _launch_until_iteration(args, tmp_path, tmp_path)
 
 
 @pytest.mark.parametrize("to_group,signum", [(True, "SIGINT"), (True, "SIGTERM"), (False, "SIGTERM")])
@@ -329,18 +334,11 @@ def test_bad_input_with_several_processes_is_one_message_and_status_2(tmp_path):
 
 
 def test_ctrl_c_during_all_methods_stops_after_the_current_one(tmp_path):
-    """-m all: Ctrl-C saves and ends the running method, and no further method starts."""
+    """-m all: Ctrl-C ends the running method, and no further method starts."""
     import signal
 
-    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "all"))
     args = ["-m", "all", *TINY_RUN[2:-4], "--train-iters", "100000", "--log-interval", "1"]
-    proc = subprocess.Popen(["bash", RUN_SH, *args], env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.search(r" iteration\s+2/", line):
-            break
+    proc, lines = _launch_until_iteration(args, tmp_path, tmp_path / "all")
     os.killpg(proc.pid, signal.SIGINT)
     output = "".join(lines) + proc.communicate(timeout=300)[0]
     assert "stopped by a signal: the remaining methods were not run" in output, output[-2000:]
