@@ -232,15 +232,12 @@ class ResidentOptimizer:
 
     def step(self, clip_coeff: float, skip: bool) -> None:
         if not skip and self.optimizer is not None:
-            if self.narrow_grads:  # bf16 main grads: widened and clipped in fp32 a slice at a time, as the
-                self._step_in_pieces(clip_coeff)  # CPU kernel scales a bf16 gradient
-            elif self.narrow_moments or self.remainders:
-                if clip_coeff != 1.0:
-                    torch._foreach_mul_(self.main_grads, clip_coeff)
-                self._step_in_pieces()
+            # bf16 main grads are widened and clipped in fp32 a slice at a time, as the CPU kernel scales them
+            if clip_coeff != 1.0 and not self.narrow_grads:
+                torch._foreach_mul_(self.main_grads, clip_coeff)
+            if self.narrow_grads or self.narrow_moments or self.remainders:
+                self._step_in_pieces(clip_coeff if self.narrow_grads else 1.0)
             else:
-                if clip_coeff != 1.0:
-                    torch._foreach_mul_(self.main_grads, clip_coeff)
                 for m, g in zip(self.masters, self.main_grads):
                     m.grad = g
                 self.optimizer.step()
