@@ -139,27 +139,20 @@ def render_all(conversations: list, renderer: ChatRenderer, seq_length: int) -> 
     return samples, truncated, dropped
 
 
-def hf_tokenizer(args):
-    """The run's Hugging Face tokenizer (--tokenizer-type HuggingFaceTokenizer), from local files only."""
-    from transformers import AutoTokenizer
-
-    from .tokenizer import _tokenizer_directory
-
-    if (getattr(args, "tokenizer_type", None) or "") != "HuggingFaceTokenizer":
-        raise ConversationError("--sft renders conversations with a chat template: use --tokenizer-type "
-                                "HuggingFaceTokenizer --tokenizer-model DIR")
-    return AutoTokenizer.from_pretrained(_tokenizer_directory(args.tokenizer_model), local_files_only=True)
-
-
-def build_datasets(args, log=None):
-    """(train, valid or None) over the --data-path JSONL files, split by --split in file order."""
+def build_datasets(args, tokenizer, log=None):
+    """(train, valid or None) over the --data-path JSONL files, split by --split in file order, rendered
+    with the run's tokenizer (tokenizer.build_tokenizer)."""
     from .data import DEFAULT_SPLIT, parse_data_path
+    from .tokenizer import transformers_tokenizer
 
     paths, weights = parse_data_path(args.data_path)
     if weights is not None:
         raise ConversationError("--sft with weighted --data-path files is not implemented yet: give the files "
                                 "without weights (their conversations are concatenated)")
-    tokenizer = hf_tokenizer(args)
+    if args.tokenizer_type != "HuggingFaceTokenizer":
+        raise ConversationError("--sft renders conversations with a chat template: use --tokenizer-type "
+                                "HuggingFaceTokenizer --tokenizer-model DIR")
+    tokenizer = transformers_tokenizer(tokenizer)
     renderer = ChatRenderer(tokenizer, f"--tokenizer-model {args.tokenizer_model}")
     conversations = [c for path in paths for c in read_conversations(path)]
     fractions = [float(x) for x in (args.split or DEFAULT_SPLIT).split(",")]

@@ -85,6 +85,12 @@ def build_tokenizer(args):
     return tokenizer
 
 
+def transformers_tokenizer(tokenizer):
+    """The transformers tokenizer inside megatron-core's HuggingFaceTokenizer (built by build_tokenizer):
+    its chat template renders --sft's conversations with the run's own vocabulary."""
+    return tokenizer._tokenizer.tokenizer
+
+
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tp: int = 1) -> int:
     """Megatron-LM's rule: the embedding has a multiple of divisible_by x tensor-parallel rows."""
     multiple = int(make_vocab_size_divisible_by or 1) * int(tp or 1)

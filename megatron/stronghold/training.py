@@ -105,7 +105,7 @@ def _train(args: Config, found, observer, closing: contextlib.ExitStack) -> Hist
         sft_datasets = None
         if args.sft:  # conversations read, checked and tokenized once, before the model is built
             from . import sft
-            sft_datasets = sft.build_datasets(args, log)
+            sft_datasets = sft.build_datasets(args, tokenizer, log)
     except ValueError as exc:
         raise arguments.ArgumentError(str(exc)) from None
     vocab = Vocabulary.of(tokenizer, args)
