@@ -148,7 +148,8 @@ def test_the_mask_counts_the_answer_whatever_the_prompts_length(tokenizers):
 
 def test_the_trainer_takes_the_loss_over_the_mask_and_logs_the_data(tokenizers, tmp_path, capsys, monkeypatch):
     data = write_jsonl(tmp_path / "chat.jsonl", conversations(8))
-    argv = [*FLAGS, "--split", "3,1,0", "--train-iters", "2", "--data-path", data,
+    argv = [*FLAGS, "--split", "3,1,0", "--eval-iters", "1", "--eval-interval", "2", "--train-iters", "2",
+            "--data-path", data,
             "--tokenizer-model", tokenizers["generation"]]
     masked = training.train(arguments.parse_args(argv))
     out = capsys.readouterr().out

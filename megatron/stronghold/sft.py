@@ -142,7 +142,7 @@ def render_all(conversations: list, renderer: ChatRenderer, seq_length: int) -> 
 def build_datasets(args, tokenizer, log=None):
     """(train, valid or None) over the --data-path JSONL files, split by --split in file order, rendered
     with the run's tokenizer (tokenizer.build_tokenizer)."""
-    from .data import DEFAULT_SPLIT, parse_data_path
+    from .data import DEFAULT_SPLIT, _num_samples, _split_matrix, parse_data_path
     from .tokenizer import transformers_tokenizer
 
     paths, weights = parse_data_path(args.data_path)
@@ -155,14 +155,13 @@ def build_datasets(args, tokenizer, log=None):
     tokenizer = transformers_tokenizer(tokenizer)
     renderer = ChatRenderer(tokenizer, f"--tokenizer-model {args.tokenizer_model}")
     conversations = [c for path in paths for c in read_conversations(path)]
-    fractions = [float(x) for x in (args.split or DEFAULT_SPLIT).split(",")]
-    fractions += [0.0] * (3 - len(fractions))
+    # megatron-core's bookends of --split, as for pre-training data (valid only where evaluation asks for it)
     n = len(conversations)
-    train_end = int(round(n * fractions[0] / sum(fractions)))
-    valid_end = int(round(n * (fractions[0] + fractions[1]) / sum(fractions)))
+    bookends = _split_matrix(args.split or DEFAULT_SPLIT, _num_samples(args)[1])[:2]
+    parts = [conversations[round(b[0] * n):round(b[1] * n)] if b else [] for b in bookends]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     made = []
-    for name, part in (("train", conversations[:train_end]), ("valid", conversations[train_end:valid_end])):
+    for name, part in zip(("train", "valid"), parts):
         samples, truncated, dropped = render_all(part, renderer, int(args.seq_length))
         if log is not None and part:
             log(f"> sft {name}: {len(samples)} conversations, {truncated} cut at --seq-length {args.seq_length}, "
