@@ -319,8 +319,9 @@ def test_import_with_a_hugging_face_tokenizer_trains_on_its_tokens(tmp_path, cap
 
 def test_a_hugging_face_llama_fine_tunes_from_transformers_loss(tmp_path, capsys):
     """A tiny Llama with the chat tokenizer in one directory, imported, then `examples/run.sh -m stronghold
-    -- --sft` on a file repeating one conversation: iteration 1 logs transformers' loss on that
-    conversation with labels -100 outside the template's generation mask (fp32, 1e-4)."""
+    -- --sft` on a file repeating one conversation, packed two to a sequence: iteration 1 logs
+    transformers' loss on that conversation alone with labels -100 outside the template's generation
+    mask (fp32, 1e-4), so packing leaks no attention."""
     from test_sft import CHAT, TEMPLATE, tokenizer_dir, write_jsonl
 
     hf, ckpt = tmp_path / "hf", str(tmp_path / "ckpt")
@@ -338,13 +339,14 @@ def test_a_hugging_face_llama_fine_tunes_from_transformers_loss(tmp_path, capsys
     assert convert_hf.main(["import", "--hf", str(hf), "--output", ckpt]) == 0
     flags = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
-    flags += ["--sft", "--data-path", data, "--split", "1,0,0", "--seq-length", "24", "--micro-batch-size", "2",
+    flags += ["--sft", "--data-path", data, "--split", "1,0,0", "--seq-length", "48", "--micro-batch-size", "2",
               "--global-batch-size", "2", "--train-iters", "2", "--log-interval", "1", "--resident-layers", "0"]
     env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "results"))
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "run.sh"), "-m", "stronghold", "--", *flags],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "for fine-tuning" in proc.stdout and "> sft train: 4 conversations" in proc.stdout
+    assert "> sft train: 2 sequences of 49 tokens (packed)" in proc.stdout
 
     rendered = tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = torch.tensor([rendered["input_ids"]])

@@ -65,7 +65,7 @@ def test_both_ways_of_finding_the_assistants_tokens_agree(tokenizers):
 def test_sequences_are_padded_without_loss_and_positions_start_at_zero(tokenizers):
     r = renderer(tokenizers["generation"])
     samples, truncated, dropped = sft.render_all([CHAT, CHAT[:3]], r, seq_length=24)
-    ds = sft.SFTDataset(samples, 24, pad_id=1)
+    ds = sft.SFTDataset([[s] for s in samples], 24, pad_id=1)
     ids, mask = r.render(CHAT[:3])
     item = ds[1]
     assert (truncated, dropped) == (0, 0) and list(item["position_ids"]) == list(range(24))
@@ -73,6 +73,48 @@ def test_sequences_are_padded_without_loss_and_positions_start_at_zero(tokenizer
     # position t predicts token t + 1, which counts where the assistant said it; padding never counts
     assert list(item["loss_mask"]) == mask[1:] + [0.0] * (24 - len(ids) + 1)
     assert list(item["labels"][:len(ids) - 1]) == ids[1:]
+
+
+def test_packed_conversations_restart_positions_and_carry_their_number(tokenizers):
+    r = renderer(tokenizers["generation"])
+    (a, am), (b, bm) = sft.render_all([CHAT[:3], CHAT[:3]], r, seq_length=24)[0]
+    sequences = sft.pack([(a, am), (b, bm), (a, am)], seq_length=2 * len(a) - 1)
+    assert [len(s) for s in sequences] == [2, 1]
+    item = sft.SFTDataset(sequences, 2 * len(a) - 1, pad_id=1, segments=True)[0]
+    n = len(a)
+    assert list(item["tokens"]) == list(a) + list(b[:-1])
+    assert list(item["position_ids"]) == list(range(n)) + list(range(n - 1))
+    assert list(item["segments"]) == [0] * n + [1] * (n - 1)
+    # the last token of the first conversation does not predict the second's first token
+    assert list(item["loss_mask"]) == list(am[1:]) + [0.0] + list(bm[1:])
+
+
+def test_a_packed_conversation_sees_only_itself(tokenizers, tmp_path):
+    """The per-token losses of a conversation packed after another equal its losses alone, with rotary
+    and with learned positions; without the conversation mask they would not."""
+    from megatron.stronghold import distributed, model as model_lib
+
+    distributed.init_distributed(torch.device("cpu"))
+    r = renderer(tokenizers["generation"])
+    (a, am), (b, bm) = sft.render_all([CHAT, CHAT[1:3]], r, seq_length=48)[0]
+    packed = sft.SFTDataset([[(a, am), (b, bm)]], 48, pad_id=1, segments=True)[0]
+    alone = sft.SFTDataset([[(b, bm)]], 48, pad_id=1, segments=True)[0]
+    for positions in ("rope", "learned_absolute"):
+        argv = [*FLAGS, "--seq-length", "48", "--max-position-embeddings", "48", "--position-embedding-type",
+                positions, "--train-iters", "2", "--data-path", "x.jsonl"]
+        torch.manual_seed(0)
+        model = model_lib.build_model(arguments.parse_args(argv), vocab_size=32).eval()
+
+        def losses(item, segments=True):
+            batch = {k: torch.as_tensor(v)[None] for k, v in item.items()}
+            with torch.no_grad():
+                return model(batch["tokens"], batch["position_ids"], batch["segments"] if segments else None,
+                             labels=batch["labels"])[0]
+
+        n = len(a)
+        together, by_itself = losses(packed)[n:n + len(b) - 1], losses(alone)[:len(b) - 1]
+        torch.testing.assert_close(together, by_itself, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(losses(packed, segments=False)[n:n + len(b) - 1], by_itself, rtol=1e-3)
 
 
 def test_long_conversations_are_cut_and_those_left_without_an_answer_dropped(tokenizers):
@@ -142,7 +184,7 @@ def test_the_mask_counts_the_answer_whatever_the_prompts_length(tokenizers):
     short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello ok"}]
     long = [{"role": "user", "content": "hello how are you there"}, {"role": "assistant", "content": "hello ok"}]
     (a, _, _), (b, _, _) = sft.render_all([short], r, 24), sft.render_all([long], r, 24)
-    ds_a, ds_b = sft.SFTDataset(a, 24, 1), sft.SFTDataset(b, 24, 1)
+    ds_a, ds_b = sft.SFTDataset([a], 24, 1), sft.SFTDataset([b], 24, 1)
     assert ds_a[0]["loss_mask"].sum() == ds_b[0]["loss_mask"].sum() == 3  # "hello ok <|end|>"
 
 

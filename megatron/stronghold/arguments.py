@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft", action="store_true",
                    help="Fine-tune on chat data: --data-path names JSONL files of {\"messages\": [...]} conversations, "
                    "rendered with the --tokenizer-model's chat template; only the assistant's tokens carry loss "
-                   "(megatron/stronghold/sft.py).")
+                   "(megatron/stronghold/sft.py). Conversations are packed into --seq-length, each attending "
+                   "only to itself.")
+    g.add_argument("--no-sft-packing", dest="sft_packing", action="store_false",
+                   help="--sft: one conversation per sequence, padded, instead of packing them.")
     g.add_argument("--split", default="969,30,1", help="Train/valid/test split of the data, in parts.")
     g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
                    help="megatron-core's tokenizer (default: GPT2BPETokenizer with --vocab-file, HuggingFaceTokenizer "

@@ -102,6 +102,7 @@ class Config:
     data_path: Optional[tuple]
     mock_data: bool
     sft: bool  # chat data with loss masks (sft.py)
+    sft_packing: bool  # several conversations per sequence, each attending only to itself
     split: str
     tokenizer_type: str
     tokenizer_model: Optional[str]

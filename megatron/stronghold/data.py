@@ -7,7 +7,7 @@ Public API
   be trained on (an index that does not match its ``.bin``, no data, token ids outside the vocabulary).
 - ``build_data_iterators(args, tokenizer)`` -> ``(train_iter, valid_iter)``: infinite
   iterators of micro-batches (dicts of CPU tensors ``tokens``, ``labels``, ``loss_mask``,
-  ``position_ids``, each ``[micro_batch_size, seq_length]``).
+  ``position_ids``, each ``[micro_batch_size, seq_length]``; packed ``--sft`` data adds ``segments``).
 
 Datasets are megatron-core ``GPTDataset`` (real data, via ``BlendedMegatronDatasetBuilder``)
 or ``MockGPTDataset`` (``args.mock_data`` or no ``args.data_path``); the tokenizer is megatron-core's
@@ -30,12 +30,12 @@ from .arguments import first_line
 from .tokenizer import check_tokenizer_args, default_tokenizer_type
 
 DEFAULT_SPLIT = "969,30,1"
-_BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 _BATCH_DTYPES = {
     "tokens": torch.int64,
     "labels": torch.int64,
     "loss_mask": torch.float32,
     "position_ids": torch.int64,
+    "segments": torch.int64,  # packed --sft sequences only: each token's conversation (model.py's attention)
 }
 
 
@@ -358,7 +358,7 @@ class SequentialBatchIterator:
         samples = [self.dataset[i] for i in indices]
         return {
             key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(_BATCH_DTYPES[key])
-            for key in _BATCH_KEYS
+            for key in _BATCH_DTYPES if key in samples[0]
         }
 
 

@@ -16,6 +16,7 @@ through megatron-core's TransformerConfig and local spec. Plugged in through its
 """
 
 import functools
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,23 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from .layer_shape import LayerShape
 
 
+def conversation_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] True where a query may attend a key: an earlier-or-same token of its own
+    conversation, from each token's conversation number ([b, s], non-decreasing, data's `segments`)."""
+    s = segments.shape[1]
+    position = torch.arange(s, device=segments.device)
+    causal = position[:, None] >= position[None, :]
+    return (segments[:, None, :, None] == segments[:, None, None, :]) & causal
+
+
 class SDPAttention(DotProductAttention):
-    """Causal attention through F.scaled_dot_product_attention, for [s, b, heads, dim] inputs."""
+    """Causal attention through F.scaled_dot_product_attention, for [s, b, heads, dim] inputs.
+
+    attention_mask is None (one causal sequence: the flash kernel) or, for packed conversations, each
+    token's conversation number [b, s]: a token then sees only its own conversation (a boolean mask,
+    which takes the memory-efficient kernel on a GPU). Rotary embeddings stay those of each token's
+    place in the packed sequence: within a conversation they differ from its own positions by a
+    constant, and a rotary score depends only on the difference of two positions."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -46,7 +62,8 @@ class SDPAttention(DotProductAttention):
             value = value.repeat_interleave(groups, dim=2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
         dropout = self.attention_dropout.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+        mask = None if attention_mask is None else conversation_mask(attention_mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                              scale=self.softmax_scale)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
@@ -195,7 +212,7 @@ def num_parameters(model: torch.nn.Module) -> int:
 
 def lm_loss(model, batch):
     """Mean per-token loss over the micro-batch's unmasked tokens, as Megatron-LM's loss_func."""
-    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    losses = model(batch["tokens"], batch["position_ids"], batch.get("segments"), labels=batch["labels"])
     return masked_mean(losses, batch["loss_mask"])
 
 
@@ -218,22 +235,28 @@ def flops_per_iteration(args, vocab_size: int) -> float:
 # GPTModel.forward is embedding -> decoder (layers, final norm) -> output layer and loss; these are
 # the same calls, one stage at a time (megatron-core 0.16's _preprocess/_postprocess, what forward uses).
 
+class LayerInputs(NamedTuple):
+    """What every layer takes for one micro-batch besides its hidden state (GPTModel.forward's)."""
+    rotary_pos_emb: Optional[torch.Tensor]
+    attention_mask: Optional[torch.Tensor]  # packed conversations: each token's (SDPAttention)
+
+
 def embed(model: GPTModel, batch):
-    """(decoder input [s, b, h], rotary embedding or None) of one micro-batch."""
+    """(decoder input [s, b, h], LayerInputs) of one micro-batch."""
     out = model._preprocess(input_ids=batch["tokens"], position_ids=batch["position_ids"])
-    return out[0], out[1]
+    return out[0], LayerInputs(out[1], batch.get("segments"))
 
 
-def run_layer(layer, hidden, rotary_pos_emb):
-    return layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary_pos_emb)[0]
+def run_layer(layer, hidden, inputs: LayerInputs):
+    return layer(hidden_states=hidden, attention_mask=inputs.attention_mask, rotary_pos_emb=inputs.rotary_pos_emb)[0]
 
 
-def head_loss(model: GPTModel, layers, hidden, batch, rotary_pos_emb):
+def head_loss(model: GPTModel, layers, hidden, batch, inputs: LayerInputs):
     """lm_loss of one micro-batch from the hidden state before `layers` (the model's last layers)."""
     for layer in layers:
-        hidden = run_layer(layer, hidden, rotary_pos_emb)
+        hidden = run_layer(layer, hidden, inputs)
     hidden = model.decoder.final_layernorm(hidden)
     losses = model._postprocess(hidden_states=hidden, input_ids=batch["tokens"],
                                 position_ids=batch["position_ids"], labels=batch["labels"],
-                                rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=None, rotary_pos_sin=None)
+                                rotary_pos_emb=inputs.rotary_pos_emb, rotary_pos_cos=None, rotary_pos_sin=None)
     return masked_mean(losses, batch["loss_mask"])

@@ -7,10 +7,12 @@ run's Hugging Face chat template, with loss only on what the assistant says.
 - Which tokens count: a template with `{% generation %}` blocks marks them itself (transformers'
   assistant mask); for one without, each assistant message's tokens, found by rendering the
   conversation up to it (with the generation prompt) and through it. `ChatRenderer.how` says which.
-- Sequences: one conversation per sequence, padded to --seq-length. So no token attends across
-  conversations, positions start at 0 with each, padding carries no loss, and a conversation's loss
-  does not depend on what else is in the batch. A conversation longer than the sequence is cut at
-  --seq-length + 1 tokens (one that keeps no assistant token is dropped); the log counts both.
+- Sequences: conversations packed in file order into --seq-length (+ 1 for the last label), or with
+  --no-sft-packing one per sequence, padded. Either way no token attends across conversations (the
+  attention masks by conversation, model.py), positions start at 0 with each, padding carries no
+  loss, and so a conversation's loss does not depend on what shares its sequence. A conversation
+  longer than the sequence is cut at --seq-length + 1 tokens (one that keeps no assistant token is
+  dropped); the log counts both.
 - Bad input (a line that is not JSON or UTF-8, no "messages", an unknown role, no assistant turn, a
   tokenizer without a chat template) is a ConversationError naming the file and line, raised while the
   data is checked, before the model is built.
@@ -104,23 +106,52 @@ class ChatRenderer:
 
 @dataclass
 class SFTDataset:
-    """Map-style dataset of padded sequences (the keys data.SequentialBatchIterator stacks)."""
-    samples: List[Tuple[numpy.ndarray, numpy.ndarray]]  # (ids, mask), at most seq_length + 1 long
+    """Map-style dataset of sequences (the keys data.SequentialBatchIterator stacks), each one or more
+    whole conversations followed by padding. Positions restart with each conversation; with
+    `segments`, each token also carries its conversation's number, and the attention (model.py) lets a
+    token see only its own conversation's earlier tokens. Padding continues the last conversation: it
+    comes after everything real, so causal attention keeps it out of every loss, and it carries none."""
+    sequences: List[List[Tuple[numpy.ndarray, numpy.ndarray]]]  # (ids, mask) per conversation
     seq_length: int
     pad_id: int
+    segments: bool = False  # packed: emit each token's conversation number
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.sequences)
 
     def __getitem__(self, i: int) -> dict:
-        ids, mask = self.samples[i]
         n = self.seq_length + 1
         tokens = numpy.full(n, self.pad_id, dtype=numpy.int64)
         generated = numpy.zeros(n, dtype=numpy.float32)
-        tokens[:len(ids)], generated[:len(mask)] = ids, mask
+        positions = numpy.arange(n, dtype=numpy.int64)
+        segment = numpy.zeros(n, dtype=numpy.int64)
+        start = 0
+        for number, (ids, mask) in enumerate(self.sequences[i]):
+            end = start + len(ids)
+            tokens[start:end] = ids
+            # a conversation's first token follows nothing of its own: it is never predicted
+            generated[start + 1:end] = mask[1:]
+            positions[start:] = numpy.arange(n - start)
+            segment[start:] = number
+            start = end
         # position t predicts token t + 1: it counts where that token is the assistant's
-        return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": generated[1:],
-                "position_ids": numpy.arange(self.seq_length, dtype=numpy.int64)}
+        item = {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": generated[1:], "position_ids": positions[:-1]}
+        if self.segments:
+            item["segments"] = segment[:-1]
+        return item
+
+
+def pack(samples: list, seq_length: int) -> list:
+    """Conversations in order into sequences of at most seq_length + 1 tokens (each already fits):
+    a sequence takes the next conversation while it fits, else the next sequence starts."""
+    sequences, room = [], 0
+    for ids, mask in samples:
+        if len(ids) > room:
+            sequences.append([])
+            room = seq_length + 1
+        sequences[-1].append((ids, mask))
+        room -= len(ids)
+    return sequences
 
 
 def render_all(conversations: list, renderer: ChatRenderer, seq_length: int) -> Tuple[list, int, int]:
@@ -166,7 +197,18 @@ def build_datasets(args, tokenizer, log=None):
         if log is not None and part:
             log(f"> sft {name}: {len(samples)} conversations, {truncated} cut at --seq-length {args.seq_length}, "
                 f"{dropped} dropped (no assistant token left); loss on {renderer.how}")
-        made.append(SFTDataset(samples, int(args.seq_length), int(pad)) if samples else None)
+        if args.sft_packing:
+            sequences = pack(samples, int(args.seq_length))
+        else:
+            sequences = [[sample] for sample in samples]
+        if log is not None and part:
+            tokens = sum(len(ids) for ids, _ in samples)
+            log(f"> sft {name}: {len(sequences)} sequences of {args.seq_length + 1} tokens "
+                f"({'packed' if args.sft_packing else 'one conversation each'}), "
+                f"{100 * tokens / max(1, len(sequences) * (args.seq_length + 1)):.0f}% of them conversation, "
+                f"the rest padding")
+        made.append(SFTDataset(sequences, int(args.seq_length), int(pad), segments=args.sft_packing)
+                    if samples else None)
     if made[0] is None:
         raise ConversationError(f"--sft: no training conversation in {', '.join(paths)} with --split "
                                 f"{args.split or DEFAULT_SPLIT}")

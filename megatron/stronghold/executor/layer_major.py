@@ -31,15 +31,16 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 def _forward(model, executor, head, batches, seeds, keep_graph: bool, boundaries=None):
     """Phases 1 and 2: (embedded outputs with their graphs, the last streamed layer's outputs,
-    graphs[l][m] = layer l's output with its graph when kept, rotary embedding). Each streamed
-    layer's inputs go to `boundaries` (executor/boundaries.py) for backward; evaluation keeps none."""
-    embedded, rotary = [], None
+    graphs[l][m] = layer l's output with its graph when kept, each micro-batch's LayerInputs). Each
+    streamed layer's inputs go to `boundaries` (executor/boundaries.py) for backward; evaluation keeps none."""
+    embedded, contexts = [], []
     for m, batch in enumerate(batches):
         seeds.microbatch = m
-        hidden, rotary = embed(model, batch)
+        hidden, context = embed(model, batch)
         for layer in head:
-            hidden = run_layer(layer, hidden, rotary)
+            hidden = run_layer(layer, hidden, context)
         embedded.append(hidden)
+        contexts.append(context)
     inputs = [_leaf(h) if keep_graph else h.detach() for h in embedded]
     graphs = []
     for l, layer in enumerate(executor.layers):
@@ -50,13 +51,13 @@ def _forward(model, executor, head, batches, seeds, keep_graph: bool, boundaries
         with torch.set_grad_enabled(keep_graph):
             for m, x in enumerate(inputs):
                 seeds.microbatch = m
-                outputs.append(run_layer(layer, x, rotary))
+                outputs.append(run_layer(layer, x, contexts[m]))
         executor.release(l)
         graphs.append(outputs if keep_graph else None)
         # detach even without grad: megatron-core runs bias-dropout-add under enable_grad, so each
         # output would keep its two dropout masks (s b h bytes each) alive through the step
         inputs = [_leaf(y) if keep_graph else y.detach() for y in outputs]
-    return embedded, inputs, graphs, rotary
+    return embedded, inputs, graphs, contexts
 
 
 def train_step(model, executor, head, tail, batches, loss_scale: float, seeds) -> list:
@@ -67,13 +68,13 @@ def train_step(model, executor, head, tail, batches, loss_scale: float, seeds) -
     k = len(batches)
     keep_graph = not executor.recompute
     boundaries = executor.boundaries
-    embedded, last, graphs, rotary = _forward(model, executor, head, batches, seeds, keep_graph, boundaries)
+    embedded, last, graphs, contexts = _forward(model, executor, head, batches, seeds, keep_graph, boundaries)
 
     losses, grads = [], []
     for m, batch in enumerate(batches):  # phase 3: megatron-lm's order for the resident part
         seeds.microbatch = m
         x = last[m] if keep_graph else _leaf(last[m])
-        loss = head_loss(model, tail, x, batch, rotary)
+        loss = head_loss(model, tail, x, batch, contexts[m])
         (loss * (loss_scale / k)).backward()
         losses.append(loss.detach())
         grads.append(x.grad)
@@ -94,7 +95,7 @@ def train_step(model, executor, head, tail, batches, loss_scale: float, seeds) -
                 graphs[l][m] = None
             else:
                 x = _leaf(x)
-                y = run_layer(layer, x, rotary)
+                y = run_layer(layer, x, contexts[m])
             grad_input, *grad_params = torch.autograd.grad(y, [x, *params], grads[m])
             torch._foreach_add_(views, grad_params)
             grads[m] = grad_input
@@ -110,5 +111,5 @@ def train_step(model, executor, head, tail, batches, loss_scale: float, seeds) -
 
 def evaluate_losses(model, executor, head, tail, batches, seeds) -> list:
     """Forward only (the caller holds no_grad): the micro-batches' losses, layer-major."""
-    _, last, _, rotary = _forward(model, executor, head, batches, seeds, keep_graph=False)
-    return [float(head_loss(model, tail, x, batch, rotary)) for x, batch in zip(last, batches)]
+    _, last, _, contexts = _forward(model, executor, head, batches, seeds, keep_graph=False)
+    return [float(head_loss(model, tail, x, batch, context)) for x, batch, context in zip(last, batches, contexts)]
