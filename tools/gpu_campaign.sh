@@ -39,6 +39,11 @@
 #   zerobytes the host and GPU bytes DeepSpeed really holds per parameter: ZERO_METHODS (zero-offload
 #             zero-infinity) at ZERO_LAYERS (16 48) layers h2048, paper batch, 3 iterations each;
 #             zerobytes.txt: their summary lines (peak host RSS, peak GPU memory) for the pre-flight counts
+#   sft       the fine-tuning path (tools/sft_round_trip.py): a Llama-3-8B-shaped Hugging Face model at SFT_LAYERS
+#             (16 of its 32: at 32 the HF model, the imported fp32 checkpoint and the trained one exceed the
+#             machine's 64 GiB disk) made with transformers, imported, fine-tuned with --sft by stronghold at
+#             global batch 32 x 2048 tokens, packed (saved) and padded, exported in bf16, and transformers' loss
+#             on the held-out conversation before and after beside the run's validation loss; sft.txt
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-results/gpu}"
@@ -181,6 +186,33 @@ for s in "$@"; do
                         sed "s/^/$m L=$l /" | tee -a "$OUT/zerobytes.txt"
                 done
             done ;;
+        sft)
+            d=/tmp/sft_round_trip
+            rm -rf "$d" && mkdir -p "$d"
+            keep() { grep -E "$1" | sed "s/^/${2:-}/" | tee -a "$OUT/sft.txt"; }
+            "$PY" tools/sft_round_trip.py make --out "$d" --layers "${SFT_LAYERS:-16}" \
+                --hidden "${SFT_HIDDEN:-4096}" 2>&1 | keep "made|wrote|rror"
+            "$PY" tools/sft_round_trip.py score --hf "$d/hf" --data "$d/chat.jsonl" 2>&1 | keep "loss|rror" "before fine-tuning: "
+            "$PY" tools/sft_round_trip.py timed -- "$PY" tools/convert_hf.py import --hf "$d/hf" --output "$d/ckpt" \
+                > "$d/import.log" 2>&1
+            keep "timed|rror" < "$d/import.log"
+            read -r -a imported < <(grep -E "^--load " "$d/import.log" | tail -1)
+            rm -f "$d"/hf/*.safetensors  # the disk holds the imported and the trained checkpoint, not this too
+            sft=(--sft --data-path "$d/chat.jsonl" --split 1500,40,0 --seq-length "${SFT_SEQ:-2048}" --micro-batch-size 2
+                 --global-batch-size "${SFT_BATCH:-32}" --bf16 --recompute-granularity full --use-precision-aware-optimizer
+                 --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 1
+                 --log-interval 1 --eval-iters 1)
+            lines="total parameters|^plan|host store|start-up|> sft|iteration +[0-9]+/|validation|summary|exited|rror"
+            RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- "${imported[@]}" "${sft[@]}" \
+                --train-iters 4 --eval-interval 4 --save "$d/trained" 2>&1 | keep "$lines" "packed "
+            RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- "${imported[@]}" "${sft[@]}" \
+                --no-sft-packing --train-iters 3 --eval-interval 3 2>&1 | keep "$lines" "padded "
+            rm -rf "$d/ckpt"
+            "$PY" tools/sft_round_trip.py timed -- "$PY" tools/convert_hf.py export --load "$d/trained" \
+                --output "$d/export" --dtype bfloat16 --tokenizer-model "$d/hf" > "$d/export.log" 2>&1
+            keep "timed|rror" < "$d/export.log"
+            "$PY" tools/sft_round_trip.py score --hf "$d/export" --data "$d/chat.jsonl" 2>&1 | keep "loss|rror" "after fine-tuning: "
+            "$PY" tools/sft_round_trip.py rates "$OUT/sft.txt" | tee -a "$OUT/sft.txt" ;;
         *) echo "unknown stage $s" >&2; exit 2 ;;
     esac
 done
