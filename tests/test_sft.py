@@ -64,7 +64,7 @@ def test_both_ways_of_finding_the_assistants_tokens_agree(tokenizers):
 
 def test_sequences_are_padded_without_loss_and_positions_start_at_zero(tokenizers):
     r = renderer(tokenizers["generation"])
-    samples, truncated, dropped = sft.render_all([CHAT, CHAT[:3]], r, seq_length=24)
+    samples, truncated, dropped = sft.fit([r.render(c) for c in (CHAT, CHAT[:3])], seq_length=24)
     ds = sft.SFTDataset([[s] for s in samples], 24, pad_id=1)
     ids, mask = r.render(CHAT[:3])
     item = ds[1]
@@ -77,7 +77,7 @@ def test_sequences_are_padded_without_loss_and_positions_start_at_zero(tokenizer
 
 def test_packed_conversations_restart_positions_and_carry_their_number(tokenizers):
     r = renderer(tokenizers["generation"])
-    (a, am), (b, bm) = sft.render_all([CHAT[:3], CHAT[:3]], r, seq_length=24)[0]
+    (a, am), (b, bm) = sft.fit([r.render(CHAT[:3])] * 2, seq_length=24)[0]
     sequences = sft.pack([(a, am), (b, bm), (a, am)], seq_length=2 * len(a) - 1)
     assert [len(s) for s in sequences] == [2, 1]
     item = sft.SFTDataset(sequences, 2 * len(a) - 1, pad_id=1, segments=True)[0]
@@ -96,7 +96,7 @@ def test_a_packed_conversation_sees_only_itself(tokenizers, tmp_path):
 
     distributed.init_distributed(torch.device("cpu"))
     r = renderer(tokenizers["generation"])
-    (a, am), (b, bm) = sft.render_all([CHAT, CHAT[1:3]], r, seq_length=48)[0]
+    (a, am), (b, bm) = sft.fit([r.render(CHAT), r.render(CHAT[1:3])], seq_length=48)[0]
     packed = sft.SFTDataset([[(a, am), (b, bm)]], 48, pad_id=1, segments=True)[0]
     alone = sft.SFTDataset([[(b, bm)]], 48, pad_id=1, segments=True)[0]
     for positions in ("rope", "learned_absolute"):
@@ -119,9 +119,9 @@ def test_a_packed_conversation_sees_only_itself(tokenizers, tmp_path):
 
 def test_long_conversations_are_cut_and_those_left_without_an_answer_dropped(tokenizers):
     r = renderer(tokenizers["generation"])
-    samples, truncated, dropped = sft.render_all([CHAT, CHAT], r, seq_length=12)  # 12 + 1 tokens: the first answer
+    samples, truncated, dropped = sft.fit([r.render(CHAT)] * 2, seq_length=12)  # 12 + 1 tokens: the first answer
     assert (len(samples), truncated, dropped) == (2, 2, 0) and len(samples[0][0]) == 13
-    samples, truncated, dropped = sft.render_all([CHAT], r, seq_length=6)  # the system and user turns only
+    samples, truncated, dropped = sft.fit([r.render(CHAT)], seq_length=6)  # the system and user turns only
     assert (len(samples), truncated, dropped) == (0, 1, 1)
 
 
@@ -183,7 +183,7 @@ def test_the_mask_counts_the_answer_whatever_the_prompts_length(tokenizers):
     r = renderer(tokenizers["generation"])
     short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello ok"}]
     long = [{"role": "user", "content": "hello how are you there"}, {"role": "assistant", "content": "hello ok"}]
-    (a, _, _), (b, _, _) = sft.render_all([short], r, 24), sft.render_all([long], r, 24)
+    (a, _, _), (b, _, _) = sft.fit([r.render(short)], 24), sft.fit([r.render(long)], 24)
     ds_a, ds_b = sft.SFTDataset([a], 24, 1), sft.SFTDataset([b], 24, 1)
     assert ds_a[0]["loss_mask"].sum() == ds_b[0]["loss_mask"].sum() == 3  # "hello ok <|end|>"
 
@@ -206,3 +206,53 @@ def test_the_trainer_takes_the_loss_over_the_mask_and_logs_the_data(tokenizers, 
     monkeypatch.setattr(sft.SFTDataset, "__getitem__", every_token)
     assert training.train(arguments.parse_args(argv)).losses[0] != masked.losses[0]
 
+
+
+def preprocess(*argv):
+    import importlib
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    return importlib.import_module("preprocess_data").main(list(argv))
+
+
+def test_preprocessed_conversations_train_as_the_jsonl_does(tokenizers, tmp_path, capsys):
+    """tools/preprocess_data.py --sft (two workers) renders once; training on its files gives the losses
+    training on the JSONL gives."""
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(12))
+    assert preprocess("--input", data, "--sft", "--output-prefix", str(tmp_path / "chat"), "--workers", "2",
+                      "--tokenizer-model", tokenizers["generation"]) == 0
+    assert "Done: 12 documents" in capsys.readouterr().err
+
+    def run(path):
+        argv = [*FLAGS, "--train-iters", "3", "--data-path", path, "--tokenizer-model", tokenizers["generation"]]
+        return training.train(arguments.parse_args(argv)).losses
+
+    assert run(str(tmp_path / "chat_sft")) == run(data)
+
+
+def test_preprocess_refuses_a_bad_conversation_with_its_line(tokenizers, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": [{"role": "user", "content": "hi"}]}])
+    assert preprocess("--input", data, "--sft", "--output-prefix", str(tmp_path / "chat"),
+                      "--tokenizer-model", tokenizers["generation"]) == 2
+    assert f"{data}:2: the conversation has no assistant message" in capsys.readouterr().err
+    assert not list(tmp_path.glob("chat_sft*"))
+
+
+def test_weighted_files_blend_in_their_proportions(tokenizers, tmp_path):
+    """--data-path 0.75 A 0.25 B: of the first 8 training sequences 6 are A's and 2 B's, each file's in
+    its own order, as megatron-core blends pre-training data."""
+    from transformers import AutoTokenizer
+
+    short = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello ok"}]
+    a = write_jsonl(tmp_path / "a.jsonl", [{"messages": CHAT}] * 4)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"messages": short}] * 4)
+    argv = [*FLAGS, "--no-sft-packing", "--train-iters", "2", "--data-path", "0.75", a, "0.25", b,
+            "--tokenizer-model", tokenizers["generation"]]
+    args = arguments.parse_args(argv)
+    from megatron.stronghold.tokenizer import build_tokenizer
+    train, _ = sft.build_datasets(args, build_tokenizer(args))
+    r = renderer(tokenizers["generation"])
+    long, brief = len(r.render(CHAT)[0]), len(r.render(short)[0])
+    lengths = [int((train[i]["labels"] != 1).sum()) + 1 for i in range(len(train))]  # pad id 1
+    assert len(train) == 8 and lengths.count(long) == 6 and lengths.count(brief) == 2

@@ -8,6 +8,11 @@ writes ``out/corpus_text_document.bin`` / ``.idx`` with megatron-core's IndexedD
 ``--data-path out/corpus_text_document`` reads through megatron-core's GPTDataset. Each line of the input is one
 document (a JSON object); each of ``--json-keys`` gives one output. ``--workers N`` tokenizes in N processes;
 the output is the same for any N.
+
+With ``--sft`` each line is a conversation (``{"messages": [...]}``, as ``--sft`` training reads it), rendered
+with the tokenizer's chat template once: ``out/corpus_sft.bin/.idx`` hold its token ids and
+``out/corpus_sft_loss_mask.bin/.idx`` its loss mask (1 on the assistant's tokens, megatron/stronghold/sft.py);
+``--sft --data-path out/corpus_sft`` trains on them.
 """
 
 import argparse
@@ -24,7 +29,9 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from megatron.stronghold.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from megatron.stronghold import sft  # noqa: E402
+from megatron.stronghold.tokenizer import (TOKENIZER_TYPES, build_tokenizer, default_tokenizer_type,  # noqa: E402
+                                          transformers_tokenizer)
 
 PROGRESS_SECONDS = 5.0  # a progress line at most this often
 LINES_PER_TASK = 64     # documents a worker tokenizes per task
@@ -41,6 +48,13 @@ class Encoder:
 
     def initializer(self):
         Encoder.tokenizer = build_tokenizer(self.args)
+        Encoder.renderer = None
+
+    @classmethod
+    def chat_renderer(cls, source: str):
+        if getattr(cls, "renderer", None) is None:
+            cls.renderer = sft.ChatRenderer(transformers_tokenizer(cls.tokenizer), source)
+        return cls.renderer
 
     def encode_lines(self, lines):
         return [self.encode(line) for line in lines]
@@ -51,6 +65,13 @@ class Encoder:
         n_bytes = len(line.encode("utf-8"))
         if not line.strip():
             return None, n_bytes
+        if self.args.sft:
+            try:
+                ids, mask = self.chat_renderer(f"--tokenizer-model {self.args.tokenizer_model}").render(
+                    sft.parse_conversation(line.encode("utf-8")))
+            except sft.ConversationError as err:
+                return ("error", str(err)), n_bytes
+            return {"sft": ids, "sft" + sft.MASK_SUFFIX: mask}, n_bytes
         try:
             data = json.loads(line)
         except json.JSONDecodeError as err:
@@ -91,6 +112,9 @@ def get_args(argv=None):
     group.add_argument("--input", type=str, required=True, help="Path to input JSONL (one JSON object per line)")
     group.add_argument("--json-keys", nargs="+", default=["text"],
                        help="Space separated keys to extract; each gives its own .bin/.idx")
+    group.add_argument("--sft", action="store_true",
+                       help="Each line is a conversation {\"messages\": [...]}: write its token ids by the tokenizer's "
+                       "chat template and its loss mask (PREFIX_sft and PREFIX_sft_loss_mask), for --sft training")
     group.add_argument("--keep-newlines", action="store_true",
                        help="Accepted for compatibility (no sentence splitting is done, newlines are kept)")
     group = parser.add_argument_group(title="tokenizer")
@@ -180,11 +204,23 @@ def main(argv=None) -> int:
     import numpy
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    prefixes = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
+    ids_dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    if args.sft:  # the ids and, beside them, the loss mask of each conversation
+        if (args.tokenizer_type or default_tokenizer_type(args)) != "HuggingFaceTokenizer":
+            return _fail("--sft renders conversations with a chat template: use --tokenizer-type "
+                         "HuggingFaceTokenizer --tokenizer-model DIR")
+        keys, dtypes = ["sft", "sft" + sft.MASK_SUFFIX], {"sft": ids_dtype, "sft" + sft.MASK_SUFFIX: numpy.uint8}
+        prefixes = {key: f"{args.output_prefix}_{key}" for key in keys}
+        try:
+            Encoder.chat_renderer(f"--tokenizer-model {args.tokenizer_model}")
+        except sft.ConversationError as err:
+            return _fail(str(err))
+    else:
+        keys, dtypes = args.json_keys, {key: ids_dtype for key in args.json_keys}
+        prefixes = {key: f"{args.output_prefix}_{key}_document" for key in keys}
     # Written under temporary names and renamed at the end: a failed run leaves earlier outputs as they were.
     partial = {key: (prefix + ".bin.partial", prefix + ".idx.partial") for key, prefix in prefixes.items()}
-    builders = {key: IndexedDatasetBuilder(partial[key][0], dtype=dtype) for key in args.json_keys}
+    builders = {key: IndexedDatasetBuilder(partial[key][0], dtype=dtypes[key]) for key in keys}
     progress = _Progress(args.log_interval)
     tokens = collections.Counter()  # per key
     try:
@@ -196,15 +232,15 @@ def main(argv=None) -> int:
                     continue
                 if isinstance(doc, tuple):
                     raise ValueError(f"{args.input}:{line_no}: {doc[1]}")
-                for key in args.json_keys:
+                for key in keys:
                     ids = doc[key]
-                    builders[key].add_document(numpy.asarray(ids, dtype=dtype), [len(ids)] if ids else [])
-                progress.add(n_bytes, sum(len(ids) for ids in doc.values()), True)
+                    builders[key].add_document(numpy.asarray(ids, dtype=dtypes[key]), [len(ids)] if ids else [])
+                progress.add(n_bytes, len(doc[keys[0]]) if args.sft else sum(len(ids) for ids in doc.values()), True)
                 tokens.update({key: len(ids) for key, ids in doc.items()})
-        for key in args.json_keys:  # an index with no token is a dataset training cannot open
+        for key in keys:  # an index with no token is a dataset training cannot open
             if not tokens[key]:
-                raise ValueError(f"{args.input}: no document with text under {key!r} "
-                                 f"({progress.documents} documents read): nothing to write")
+                what = "conversation" if args.sft else f"document with text under {key!r}"
+                raise ValueError(f"{args.input}: no {what} ({progress.documents} documents read): nothing to write")
         for key, builder in builders.items():
             builder.finalize(partial[key][1])
     except (ValueError, UnicodeDecodeError) as err:

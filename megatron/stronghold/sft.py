@@ -13,12 +13,16 @@ run's Hugging Face chat template, with loss only on what the assistant says.
   loss, and so a conversation's loss does not depend on what shares its sequence. A conversation
   longer than the sequence is cut at --seq-length + 1 tokens (one that keeps no assistant token is
   dropped); the log counts both.
+- Sources: JSONL files, rendered at start-up, or what tools/preprocess_data.py --sft wrote (rendered
+  once, in megatron-core's indexed format: PREFIX and PREFIX_loss_mask); several, weighted or not, as
+  --data-path takes pre-training data.
 - Bad input (a line that is not JSON or UTF-8, no "messages", an unknown role, no assistant turn, a
   tokenizer without a chat template) is a ConversationError naming the file and line, raised while the
   data is checked, before the model is built.
 """
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import List, Tuple
@@ -33,34 +37,44 @@ class ConversationError(ValueError):
     """The user's data or tokenizer cannot be trained on with --sft: the message names where."""
 
 
+def parse_conversation(raw: bytes):
+    """The checked messages ({"role", "content"} dicts) of one JSONL line, or None for a blank line;
+    a ConversationError says what is wrong (the caller adds where)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConversationError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConversationError(f"not a JSON object ({exc.msg})") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError('no "messages" list (one {"messages": [...]} per line)')
+    for k, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise ConversationError(f"message {k} has role {role!r}, not one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise ConversationError(f"message {k} ({role}) has no text content")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConversationError("the conversation has no assistant message to train on")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def read_conversations(path: str) -> List[list]:
     """The conversations of a JSONL file, each a list of {"role", "content"} messages, checked."""
     conversations = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
-            where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ConversationError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConversationError(f"{where}: not a JSON object ({exc.msg})") from None
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise ConversationError(f'{where}: no "messages" list (one {{"messages": [...]}} per line)')
-            for k, message in enumerate(messages):
-                role = message.get("role") if isinstance(message, dict) else None
-                if role not in ROLES:
-                    raise ConversationError(f"{where}: message {k} has role {role!r}, not one of {', '.join(ROLES)}")
-                if not isinstance(message.get("content"), str):
-                    raise ConversationError(f"{where}: message {k} ({role}) has no text content")
-            if not any(m["role"] == "assistant" for m in messages):
-                raise ConversationError(f"{where}: the conversation has no assistant message to train on")
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+                messages = parse_conversation(raw)
+            except ConversationError as exc:
+                raise ConversationError(f"{path}:{number}: {exc}") from None
+            if messages is not None:
+                conversations.append(messages)
     if not conversations:
         raise ConversationError(f"{path}: no conversation in the file")
     return conversations
@@ -154,61 +168,131 @@ def pack(samples: list, seq_length: int) -> list:
     return sequences
 
 
-def render_all(conversations: list, renderer: ChatRenderer, seq_length: int) -> Tuple[list, int, int]:
+def fit(samples: list, seq_length: int) -> Tuple[list, int, int]:
     """(samples, truncated, dropped): each conversation's (ids, mask) cut at seq_length + 1 tokens; one
     left with no assistant token to predict is dropped."""
-    samples, truncated, dropped = [], 0, 0
-    for messages in conversations:
-        ids, mask = renderer.render(messages)
+    kept, truncated, dropped = [], 0, 0
+    for ids, mask in samples:
         if len(ids) > seq_length + 1:
             truncated += 1
             ids, mask = ids[:seq_length + 1], mask[:seq_length + 1]
         if not any(mask[1:]):
             dropped += 1
             continue
-        samples.append((numpy.asarray(ids, dtype=numpy.int64), numpy.asarray(mask, dtype=numpy.float32)))
-    return samples, truncated, dropped
+        kept.append((numpy.asarray(ids, dtype=numpy.int64), numpy.asarray(mask, dtype=numpy.float32)))
+    return kept, truncated, dropped
+
+
+# tools/preprocess_data.py --sft writes PREFIX.bin/.idx (each conversation's token ids, one sequence per
+# conversation) and PREFIX_loss_mask.bin/.idx (its mask, uint8), both megatron-core's indexed format.
+MASK_SUFFIX = "_loss_mask"
+
+
+def is_preprocessed(path: str) -> bool:
+    return all(os.path.isfile(path + suffix + ext) for suffix in ("", MASK_SUFFIX) for ext in (".bin", ".idx"))
+
+
+def read_preprocessed(prefix: str, vocab_size: int) -> list:
+    """(ids, mask) of every conversation tools/preprocess_data.py --sft wrote under prefix."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ids, masks = IndexedDataset(prefix), IndexedDataset(prefix + MASK_SUFFIX)
+    if not numpy.array_equal(ids.sequence_lengths, masks.sequence_lengths):
+        raise ConversationError(f"{prefix}: its {MASK_SUFFIX} files are not of the same conversations "
+                                "(run tools/preprocess_data.py --sft again)")
+    if len(ids) == 0:
+        raise ConversationError(f"{prefix}: no conversation in the files")
+    # copies: the datasets' arrays are views of memory maps that close with them
+    samples = [(numpy.array(ids[i], dtype=numpy.int64), numpy.array(masks[i], dtype=numpy.float32))
+               for i in range(len(ids))]
+    largest = max(int(t.max()) for t, _ in samples)
+    if largest >= vocab_size:
+        raise ConversationError(f"{prefix}: token id {largest} is outside the tokenizer's vocabulary of "
+                                f"{vocab_size}: preprocess with the tokenizer you train with")
+    return samples
+
+
+class BlendedDataset:
+    """Megatron-LM's weighted blend of datasets over `size` samples: megatron-core's
+    build_blending_indices picks each sample's dataset so that every prefix of the blend keeps the
+    weights; each dataset gives its samples in order, wrapping around."""
+
+    def __init__(self, datasets: list, weights: list, size: int):
+        from megatron.core.datasets import helpers_cpp
+
+        self.datasets = datasets
+        self.which = numpy.zeros(size, dtype=numpy.int16)
+        self.index = numpy.zeros(size, dtype=numpy.int64)
+        normalized = numpy.asarray(weights, dtype=numpy.float64) / sum(weights)
+        helpers_cpp.build_blending_indices(self.which, self.index, normalized, len(datasets), size, False)
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def __getitem__(self, i: int) -> dict:
+        dataset = self.datasets[self.which[i]]
+        return dataset[int(self.index[i]) % len(dataset)]
 
 
 def build_datasets(args, tokenizer, log=None):
-    """(train, valid or None) over the --data-path JSONL files, split by --split in file order, rendered
-    with the run's tokenizer (tokenizer.build_tokenizer)."""
+    """(train, valid or None) over the --data-path sources (JSONL files, or tools/preprocess_data.py --sft
+    prefixes), rendered with the run's tokenizer (tokenizer.build_tokenizer). Without weights the sources'
+    conversations are concatenated and split by --split; with weights each is split on its own and the
+    parts are blended, as megatron-core does with pre-training data."""
     from .data import DEFAULT_SPLIT, _num_samples, _split_matrix, parse_data_path
     from .tokenizer import transformers_tokenizer
 
     paths, weights = parse_data_path(args.data_path)
-    if weights is not None:
-        raise ConversationError("--sft with weighted --data-path files is not implemented yet: give the files "
-                                "without weights (their conversations are concatenated)")
     if args.tokenizer_type != "HuggingFaceTokenizer":
         raise ConversationError("--sft renders conversations with a chat template: use --tokenizer-type "
                                 "HuggingFaceTokenizer --tokenizer-model DIR")
-    tokenizer = transformers_tokenizer(tokenizer)
-    renderer = ChatRenderer(tokenizer, f"--tokenizer-model {args.tokenizer_model}")
-    conversations = [c for path in paths for c in read_conversations(path)]
+    hf_tokenizer = transformers_tokenizer(tokenizer)
+    renderer = None
+
+    def conversations(path):
+        nonlocal renderer
+        if is_preprocessed(path):
+            return read_preprocessed(path, len(hf_tokenizer))
+        if renderer is None:
+            renderer = ChatRenderer(hf_tokenizer, f"--tokenizer-model {args.tokenizer_model}")
+        return [renderer.render(messages) for messages in read_conversations(path)]
+
+    sources = [conversations(path) for path in paths]
+    if weights is None:
+        sources, names, weights = [[c for source in sources for c in source]], [", ".join(paths)], [1.0]
+    else:
+        names = paths
+    how = renderer.how if renderer else "the loss masks the files hold"
+    seq_length = int(args.seq_length)
+    sizes = _num_samples(args)
     # megatron-core's bookends of --split, as for pre-training data (valid only where evaluation asks for it)
-    n = len(conversations)
-    bookends = _split_matrix(args.split or DEFAULT_SPLIT, _num_samples(args)[1])[:2]
-    parts = [conversations[round(b[0] * n):round(b[1] * n)] if b else [] for b in bookends]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    bookends = _split_matrix(args.split or DEFAULT_SPLIT, sizes[1])[:2]
+    pad = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else (hf_tokenizer.eos_token_id or 0)
     made = []
-    for name, part in zip(("train", "valid"), parts):
-        samples, truncated, dropped = render_all(part, renderer, int(args.seq_length))
-        if log is not None and part:
-            log(f"> sft {name}: {len(samples)} conversations, {truncated} cut at --seq-length {args.seq_length}, "
-                f"{dropped} dropped (no assistant token left); loss on {renderer.how}")
-        if args.sft_packing:
-            sequences = pack(samples, int(args.seq_length))
-        else:
-            sequences = [[sample] for sample in samples]
-        if log is not None and part:
+    for split, (name, bookend, size) in enumerate(zip(("train", "valid"), bookends, sizes)):
+        parts = []
+        for source, source_name, weight in zip(sources, names, weights):
+            n = len(source)
+            part = source[round(bookend[0] * n):round(bookend[1] * n)] if bookend else []
+            if not part:
+                continue
+            samples, truncated, dropped = fit(part, seq_length)
+            sequences = pack(samples, seq_length) if args.sft_packing else [[sample] for sample in samples]
             tokens = sum(len(ids) for ids, _ in samples)
-            log(f"> sft {name}: {len(sequences)} sequences of {args.seq_length + 1} tokens "
-                f"({'packed' if args.sft_packing else 'one conversation each'}), "
-                f"{100 * tokens / max(1, len(sequences) * (args.seq_length + 1)):.0f}% of them conversation, "
-                f"the rest padding")
-        made.append(SFTDataset(sequences, int(args.seq_length), int(pad), segments=args.sft_packing)
-                    if samples else None)
+            if log is not None:
+                where = f" ({source_name}, weight {weight:g})" if len(sources) > 1 else ""
+                log(f"> sft {name}{where}: {len(samples)} conversations, {truncated} cut at --seq-length "
+                    f"{seq_length}, {dropped} dropped (no assistant token left); loss on {how}")
+                log(f"> sft {name}{where}: {len(sequences)} sequences of {seq_length + 1} tokens "
+                    f"({'packed' if args.sft_packing else 'one conversation each'}), "
+                    f"{100 * tokens / max(1, len(sequences) * (seq_length + 1)):.0f}% of them conversation, "
+                    f"the rest padding")
+            if sequences:
+                parts.append((SFTDataset(sequences, seq_length, int(pad), segments=args.sft_packing), weight))
+        if len(parts) > 1:
+            made.append(BlendedDataset([d for d, _ in parts], [w for _, w in parts], size))
+        else:
+            made.append(parts[0][0] if parts else None)
     if made[0] is None:
         raise ConversationError(f"--sft: no training conversation in {', '.join(paths)} with --split "
                                 f"{args.split or DEFAULT_SPLIT}")
