@@ -152,6 +152,14 @@ def test_bad_conversations_stop_with_file_and_line(tokenizers, tmp_path, capsys,
     assert status == 2 and f"error: {data}:2: {message}" in err and "Traceback" not in err
 
 
+def test_a_missing_source_is_named(tokenizers, tmp_path, capsys):
+    missing = str(tmp_path / "chat")
+    status = training.main([*FLAGS, "--train-iters", "2", "--data-path", missing,
+                            "--tokenizer-model", tokenizers["generation"]])
+    err = capsys.readouterr().err
+    assert status == 2 and f"{missing} is neither a JSONL file nor the prefix" in err and "Traceback" not in err
+
+
 def test_a_tokenizer_without_a_chat_template_is_refused(tokenizers, tmp_path, capsys):
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
     status = training.main([*FLAGS, "--train-iters", "2", "--data-path", data, "--tokenizer-model", tokenizers["none"]])

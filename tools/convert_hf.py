@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from megatron.stronghold import checkpointing  # noqa: E402
 from megatron.stronghold import arguments  # noqa: E402
-from megatron.stronghold.arguments import ArgumentError, first_line  # noqa: E402
+from megatron.stronghold.errors import ArgumentError, first_line  # noqa: E402
 from megatron.stronghold.tokenizer import build_tokenizer  # noqa: E402
 from megatron.stronghold.hf_convert import (  # noqa: E402
     ModelSpec, SafetensorsReader, Unsupported, copy_tokenizer, export_tensors, hf_architecture, hf_config,

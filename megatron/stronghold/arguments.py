@@ -8,26 +8,13 @@ import argparse
 import os
 
 from .config import Config
+from .errors import ArgumentError
+from .methods.registry import METHODS, spec  # the one list of methods (examples/run.sh and the tables read it)
 from .tokenizer import TOKENIZER_TYPES, default_tokenizer_type
 
-# The one list of methods (examples/run.sh, the case scripts and the result tables read it), in the
-# order the launcher's `-m all` runs them and the tables show them.
-METHODS = ("megatron-lm", "l2l", "zero-offload", "zero-infinity", "stronghold")
-ZERO_METHODS = ("zero-offload", "zero-infinity")  # the DeepSpeed baselines
-STREAMING_METHODS = ("stronghold", "l2l")          # layers stream through a GPU window
 # Megatron-LM's choices for the precision-aware optimizer's dtypes, and those built here.
 PRECISION_DTYPES = ("fp32", "fp16", "bf16", "fp8")
 BUILT_DTYPES = {"exp_avg_dtype": ("fp32", "bf16"), "exp_avg_sq_dtype": ("fp32", "bf16"), "main_grads_dtype": ("fp32", "bf16")}
-
-
-class ArgumentError(ValueError):
-    """Bad command-line input: reported to the user without a traceback."""
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first line, for one-line messages (a library's error may run to pages)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,9 +262,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.num_query_groups % tp:
         raise ArgumentError(f"--num-query-groups {args.num_query_groups} must be divisible by "
                             f"--tensor-model-parallel-size {tp}")
-    if args.world_size > 1 and args.offload_method not in ("megatron-lm", "stronghold", "l2l"):
+    if args.world_size > 1 and not spec(args.offload_method).data_parallel:
         raise ArgumentError(f"{args.world_size} processes: data and tensor parallelism are implemented for "
-                            f"megatron-lm, stronghold and l2l, not yet for {args.offload_method}; run one process")
+                            f"{', '.join(m for m in METHODS if spec(m).data_parallel)}, not yet for "
+                            f"{args.offload_method}; run one process")
     # megatron-core's rank order: tensor-parallel ranks are adjacent, data parallel across them.
     args.data_parallel_size = args.world_size // tp
     args.data_parallel_rank = int(os.environ.get("RANK", "0")) // tp
@@ -387,10 +375,10 @@ def _validate_optimizer_precision(args) -> None:
                                 f"{', '.join(BUILT_DTYPES[name])}")
     if args.main_grads_dtype == "bf16" and not args.bf16:
         raise ArgumentError("--main-grads-dtype bf16 needs --bf16 (the gradients it sums are the bf16 ones)")
-    if lowered and args.offload_method in ZERO_METHODS:
-        raise ArgumentError(f"{' '.join(lowered)}: {args.offload_method} keeps DeepSpeed's own optimizer "
-                            f"states; the precision-aware optimizer is built for "
-                            f"{', '.join(m for m in METHODS if m not in ZERO_METHODS)}")
+    if lowered and not spec(args.offload_method).precision_aware:
+        raise ArgumentError(f"{' '.join(lowered)}: {args.offload_method} keeps its own optimizer states; the "
+                            f"precision-aware optimizer is built for "
+                            f"{', '.join(m for m in METHODS if spec(m).precision_aware)}")
 
 
 def _validate_checkpointing(args) -> None:

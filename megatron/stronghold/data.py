@@ -26,7 +26,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy
 import torch
 
-from .arguments import first_line
+from .errors import first_line
 from .tokenizer import check_tokenizer_args, default_tokenizer_type
 
 DEFAULT_SPLIT = "969,30,1"
@@ -88,14 +88,8 @@ def check_data_paths(args) -> None:
     if _use_mock(args):
         return
     prefixes, _ = parse_data_path(args.data_path)
-    if getattr(args, "sft", False):  # JSONL files, or tools/preprocess_data.py --sft's indexed pairs
-        from .sft import MASK_SUFFIX, is_preprocessed
-        missing = [p for p in prefixes if not os.path.isfile(p) and not is_preprocessed(p)]
-        if missing:
-            raise ValueError(f"--sft --data-path: {missing[0]} is neither a JSONL file nor the prefix of "
-                             f"tools/preprocess_data.py --sft's output ({missing[0]}.bin/.idx and "
-                             f"{missing[0]}{MASK_SUFFIX}.bin/.idx)")
-        return
+    if getattr(args, "sft", False):
+        return  # chat data: sft.build_datasets checks its own sources
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             path = prefix + ext

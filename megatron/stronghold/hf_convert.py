@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .arguments import first_line
+from .errors import first_line
 from .layer_shape import LayerShape
 from .tokenizer import padded_vocab_size
 

@@ -18,7 +18,7 @@ import traceback
 
 import torch
 
-from .arguments import ArgumentError, first_line
+from .errors import ArgumentError, first_line
 from .checkpointing import SaveError, find_checkpoint, iteration_dir
 from .distributed import gather, is_first_rank
 from .executor.cpu_worker import CpuStepError

@@ -243,6 +243,11 @@ def build_datasets(args, tokenizer, log=None):
     from .tokenizer import transformers_tokenizer
 
     paths, weights = parse_data_path(args.data_path)
+    for path in paths:
+        if not os.path.isfile(path) and not is_preprocessed(path):
+            raise ConversationError(f"--sft --data-path: {path} is neither a JSONL file nor the prefix of "
+                                    f"tools/preprocess_data.py --sft's output ({path}.bin/.idx and "
+                                    f"{path}{MASK_SUFFIX}.bin/.idx)")
     if args.tokenizer_type != "HuggingFaceTokenizer":
         raise ConversationError("--sft renders conversations with a chat template: use --tokenizer-type "
                                 "HuggingFaceTokenizer --tokenizer-model DIR")

@@ -19,7 +19,7 @@ import contextlib
 import os
 import resource
 
-from .arguments import ArgumentError
+from .errors import ArgumentError
 from .distributed import is_first_rank
 
 

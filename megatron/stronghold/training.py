@@ -50,8 +50,9 @@ def preflight(args, vocab_size, device):
     if plan is None:
         return None, None
     line = plan.describe(costs)
-    # The user's window stands (the executor clamps it to the streamed layers); l2l has one slot.
-    window = max(plan.window, 1) if args.window_size is None or args.offload_method == "l2l" else args.window_size
+    # The user's window stands (the executor clamps it to the streamed layers), unless the method fixes it.
+    fixed = methods.spec(args.offload_method).fixed_placement
+    window = max(plan.window, 1) if args.window_size is None or fixed else args.window_size
     return dataclasses.replace(plan, window=window), line
 
 
@@ -129,7 +130,7 @@ def _train(args: Config, found, observer, closing: contextlib.ExitStack) -> Hist
     start = time.perf_counter()
     place = with_progress(methods.placement(args, plan, device, dtype), args.num_layers)
     model = build_model(args, vocab_size, place, methods.streamed_layers(args, plan))
-    if resume is not None and resume.finetune and args.offload_method in arguments.ZERO_METHODS:
+    if resume is not None and resume.finetune and methods.spec(args.offload_method).deepspeed:
         checkpointing.load_weights_into_model(resume, model)  # before DeepSpeed partitions it
     built = time.perf_counter() - start
     total = num_parameters(model)

@@ -1,7 +1,7 @@
 """Checkpoints for every method: what they hold (format.py), how they are written (save.py) and
 resumed (load.py), one writer per directory (save_dir.py), checksums (integrity.py). How a run
 ends (signals, non-finite losses, exit codes) is run_control.py's; ZeRO's own files are read by
-methods/zero_checkpoint.py.
+checkpointing/deepspeed_files.py.
 
 Layout (Megatron-LM's names, one process):
 
@@ -30,7 +30,7 @@ straight from the host store: the tensors handed to torch.save alias the fp32 ma
 moments, so nothing is staged on the GPU or copied in host memory.
 
 ZeRO (zero-offload, zero-infinity) saves through DeepSpeed's own engine.save_checkpoint into the
-same DIR/iter_XXXXXXX/ (DeepSpeed's partitioned files, methods/zero_checkpoint.py), beside a model_optim_rng.pt that holds the
+same DIR/iter_XXXXXXX/ (DeepSpeed's partitioned files, checkpointing/deepspeed_files.py), beside a model_optim_rng.pt that holds the
 trainer's part only (format "deepspeed"). Such a checkpoint loads only into a run of the same ZeRO
 method, through engine.load_checkpoint; the other methods refuse it, and ZeRO runs refuse
 per-parameter checkpoints.

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import torch
 
-from ..arguments import ArgumentError, first_line
-from ..methods.zero_checkpoint import zero_weights
+from ..errors import ArgumentError, first_line
+from .deepspeed_files import zero_weights
 from stronghold_ext.remainders import join_master
 
 from . import integrity

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arguments import ZERO_METHODS, ArgumentError, first_line
 from ..distributed import gather, global_rank
+from ..errors import ArgumentError, first_line
+from ..methods.registry import spec
 from . import integrity
 from .format import (FILE, RELEASE, SHAPE_ARGS, TRACKER, checkpoint_weights, find_checkpoint, flag, iteration_dir,
                      iterations, newest_intact, read_checkpoint, saved_shape, set_rng_state, shape_args,
@@ -135,7 +136,7 @@ def open_checkpoint(args, found, vocab_size: int, log) -> Resume | None:
     fmt, method = state["format"], state.get("method")
     release = os.path.basename(path) == RELEASE
     state["finetune"] = bool(args.finetune) or release
-    zero = args.offload_method in ZERO_METHODS
+    zero = spec(args.offload_method).deepspeed
     if not state["finetune"]:
         if fmt == "deepspeed" and not (zero and method == args.offload_method):
             raise ArgumentError(f"{path} is a DeepSpeed checkpoint written by --offload-method {method}: it "

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ..arguments import first_line
+from ..errors import first_line
 from ..distributed import gather, global_rank
 from . import integrity, save_dir
 from .format import (OPTIMIZER_ARGS, FILE, RELEASE, TRACKER, VERSION, find_checkpoint, iteration_dir, model_args, part_file,

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 
-from ..arguments import ArgumentError
+from ..errors import ArgumentError
 from ..distributed import is_first_rank
 
 LOCK = "writer.lock"

@@ -7,22 +7,19 @@ Every method implements the protocol in protocol.py, and `build` makes the one a
                                                  configurations of one executor (executor/)
     zero-offload, zero-infinity  zero.py         DeepSpeed's ZeRO stage 2 / stage 3 with CPU offload
 
-The names and their order come from arguments.METHODS (the launcher and the result tables read it).
+Each has a registry.MethodSpec (its module, pre-flight check, checkpoint kind, ...); the names and
+their order are registry.METHODS (the launcher and the result tables read it).
 """
 
 import importlib
 
-from ..arguments import METHODS
 from .protocol import Method, StepResult
-
-_MODULES = {"megatron-lm": "megatron_lm", "stronghold": "streaming", "l2l": "streaming",
-            "zero-offload": "zero", "zero-infinity": "zero"}
-assert set(_MODULES) == set(METHODS), "every method of arguments.METHODS needs a module here"
+from .registry import METHODS, MethodSpec, spec
 
 
 def _module(name: str):
     # imported when a run asks for it: zero.py imports DeepSpeed
-    return importlib.import_module(f".{_MODULES[name]}", __name__)
+    return importlib.import_module(f".{spec(name).module}", __name__)
 
 
 def placement(args, plan, device, dtype):
@@ -44,4 +41,4 @@ def build(args, plan, model, device, dtype, seeds, log) -> Method:
     return _module(args.offload_method).build(args, plan, model, device, dtype, seeds, log)
 
 
-__all__ = ["Method", "StepResult", "placement", "streamed_layers", "build"]
+__all__ = ["METHODS", "Method", "MethodSpec", "StepResult", "build", "placement", "spec", "streamed_layers"]

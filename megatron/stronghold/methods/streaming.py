@@ -17,6 +17,7 @@ import torch
 
 from ..executor import StreamingExecutor, layer_major, owned_by_this_rank
 from .megatron_lm import MegatronLM, to_device
+from .registry import spec
 
 GiB = 1024 ** 3
 
@@ -68,7 +69,7 @@ def build(args, plan, model, device, dtype, seeds, log):
         model.to(device=device, dtype=dtype)
         return MegatronLM(args, model, device, seeds, list(model.named_parameters()))
     _move_all_but(model, layers, device, dtype)  # frees host memory for the store
-    if args.offload_method == "l2l":
+    if not spec(args.offload_method).overlap:  # L2L: one slot, nothing overlapped, every layer recomputed
         executor = StreamingExecutor(layers, 1, dtype, device, args, log=log, overlap=False,
                                      spill_boundaries=plan.boundaries_on_host, threads=plan.threads)
     else:

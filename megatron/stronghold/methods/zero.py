@@ -34,13 +34,13 @@ import os
 
 import torch
 
-from ..arguments import ZERO_METHODS, ArgumentError
+from ..errors import ArgumentError
 from ..model import lm_loss
 from ..optim import no_weight_decay
 from .megatron_lm import to_device
 from .protocol import StepResult
-from .zero_checkpoint import check_deepspeed_files
-from .zero_configs import deepspeed_config
+from ..checkpointing.deepspeed_files import check_deepspeed_files
+from .zero_configs import CONFIGS, deepspeed_config
 
 
 def placement(args, plan, device, dtype):
@@ -222,7 +222,7 @@ def pinned_host_bytes() -> int:
 def build_zero_method(args, model, device, dtype) -> ZeroMethod:
     """Wrap the trainer's (fp32, CPU) model in a DeepSpeed engine for args.offload_method."""
     method = args.offload_method
-    if method not in ZERO_METHODS:
+    if method not in CONFIGS:
         raise ValueError(f"not a ZeRO method: {method}")
     deepspeed = import_deepspeed(device)
     # DeepSpeed asserts that a launcher set LOCAL_RANK; the trainer's default is rank 0 (as in

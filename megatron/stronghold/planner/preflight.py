@@ -4,7 +4,7 @@ cannot fit the memory this machine has, with the numbers; and the most layers ea
 
 import os
 
-from ..arguments import ZERO_METHODS
+from ..methods.registry import spec
 from .costs import GPU_RESERVE, GiB, ModelCosts, gpu_bytes, zero_bytes, zero_host_bytes_per_param
 from .plan import DoesNotFit, make_plan
 
@@ -62,16 +62,20 @@ def zero_check(costs: ModelCosts, gpu_free, host_free: int, method: str) -> None
 
 def check(costs: ModelCosts, gpu_free, host_free: int, method: str, resident=None, window=None, threads=None,
           cores: int = 1):
-    """The pre-flight check of `method` (raises DoesNotFit): stronghold's and l2l's plan (l2l streams
-    every layer through one slot), None for the methods without one."""
-    if method == "megatron-lm":
+    """The pre-flight check of `method` (raises DoesNotFit), by its MethodSpec.preflight: the planner's
+    plan (with the method's fixed placement, if it has one: l2l streams every layer through one
+    slot), or None for the methods without a plan."""
+    kind = spec(method)
+    if kind.preflight == "all-on-gpu":
         megatron_check(costs, gpu_free, host_free)
         return None
-    if method in ZERO_METHODS:
+    if kind.preflight == "deepspeed":
         zero_check(costs, gpu_free, host_free, method)
         return None
-    if method == "l2l":
-        resident, window = 0, 1
+    if kind.preflight != "planner":
+        raise ValueError(f"{method}: no pre-flight check called {kind.preflight!r}")
+    if kind.fixed_placement is not None:
+        resident, window = kind.fixed_placement
     return make_plan(costs, gpu_free, host_free, resident, window, threads, cores)
 
 

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from ..arguments import ArgumentError, first_line
+from ..errors import ArgumentError, first_line
 
 
 def deepspeed_data_classes():
