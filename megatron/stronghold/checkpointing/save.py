@@ -9,8 +9,9 @@ import time
 
 import torch
 
-from ..errors import first_line
 from ..distributed import gather, global_rank
+from ..errors import first_line
+from ..methods.registry import spec
 from . import integrity, save_dir
 from .format import (OPTIMIZER_ARGS, FILE, RELEASE, TRACKER, VERSION, find_checkpoint, iteration_dir, model_args, part_file,
                      rng_state, split_entries)
@@ -170,8 +171,9 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
         os.makedirs(tmp)
     _stop_if_failed(gather(_attempt(prepare) if global_rank() == 0 else (None, None)), root, tmp, iteration)
 
-    state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab, method.checkpoint_format)
-    if method.checkpoint_format == "deepspeed":
+    kind = spec(method.name).checkpoint
+    state = _trainer_state(args, iteration, scheduler, scaler, progress, vocab, kind)
+    if kind == "deepspeed":
         def write_share():
             try:
                 method.save_engine(root, os.path.basename(tmp))
@@ -191,7 +193,7 @@ def save_checkpoint(args, iteration, model, method, scheduler, scaler, progress,
             if global_rank() == 0 or global_rank() not in owners:
                 return {}
             part = {"format": "per-parameter part", "iteration": iteration}
-            part["model"], part["optimizer"] = split_entries(method.streamed_state_dict())
+            part["model"], part["optimizer"] = split_entries(method.part_state_dict())
             return {part_file(global_rank()): _save_file(part, os.path.join(tmp, part_file(global_rank())))}
     shares = _stop_if_failed(gather(_attempt(write_share)), root, tmp, iteration)  # every part is written
 

@@ -8,7 +8,7 @@ import torch
 
 from ..model import lm_loss
 from ..optim import ResidentOptimizer, clip_coefficient, global_norm
-from .protocol import StepResult
+from .protocol import Method, StepResult
 
 
 def placement(args, plan, device, dtype):
@@ -24,9 +24,7 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-class MegatronLM:
-    checkpoint_format = "per-parameter"
-
+class MegatronLM(Method):
     def __init__(self, args, model, device, seeds, resident_params):
         self.name = args.offload_method
         self.args, self.model, self.device, self.seeds = args, model, device, seeds
@@ -38,10 +36,6 @@ class MegatronLM:
 
     def learning_rate(self) -> float:
         return next(group["lr"] for optimizer in self.optimizers for group in optimizer.param_groups)
-
-    def setup_line(self):
-        """A line for the log once the method is built (None: nothing to say)."""
-        return None
 
     # ----- the step -----
 
@@ -99,34 +93,6 @@ class MegatronLM:
     def load_state_dict(self, state: dict) -> None:
         self.resident.load_state_dict(state)
 
-    def streamed_state_dict(self) -> dict:
-        """Data parallel: what this rank alone holds and writes to a part file of its own."""
-        return {}
-
-    def held_elsewhere(self) -> set:
-        """Data parallel: names of the parameters that other ranks hold (and save)."""
-        return set()
-
-    def part_owners(self) -> list:
-        """Global ranks whose state goes into the checkpoint (rank 0 writes the main file)."""
-        return [0]
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    # ----- the rest of the protocol -----
-
-    def watch(self, observer) -> None:
-        """observer(event, **details) for the executor's events (training.train's observer)."""
-
-    def stats(self) -> dict:
-        return {"pinned bytes": 0}
-
-    def shutdown(self) -> None:
-        pass
 
 
 def _sum_over_tensor_parallel(value: float, device) -> float:

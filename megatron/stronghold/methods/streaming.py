@@ -129,13 +129,13 @@ class StreamingMethod(MegatronLM):
     # ----- checkpoints -----
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), **self.streamed_state_dict()}
+        return {**super().state_dict(), **self.part_state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.executor.load_state_dict(state, self.prefixes)
 
-    def streamed_state_dict(self) -> dict:
+    def part_state_dict(self) -> dict:
         return self.executor.state_dict(self.prefixes)
 
     def held_elsewhere(self) -> set:

@@ -38,7 +38,7 @@ from ..errors import ArgumentError
 from ..model import lm_loss
 from ..optim import no_weight_decay
 from .megatron_lm import to_device
-from .protocol import StepResult
+from .protocol import Method, StepResult
 from ..checkpointing.deepspeed_files import check_deepspeed_files
 from .zero_configs import CONFIGS, deepspeed_config
 
@@ -109,10 +109,9 @@ def register_tied_output_weight(deepspeed, model) -> None:
         deepspeed.zero.register_external_parameter(model.output_layer, model.shared_embedding_or_output_weight())
 
 
-class ZeroMethod:
+class ZeroMethod(Method):
     """The method protocol (methods/protocol.py) over a DeepSpeed engine."""
 
-    checkpoint_format = "deepspeed"
     seeds = None  # the trainer's DropoutSeeds (set by build)
     device = None
 
@@ -130,12 +129,6 @@ class ZeroMethod:
 
     def learning_rate(self) -> float:
         return self.engine.optimizer.param_groups[0]["lr"]
-
-    def setup_line(self):
-        return None
-
-    def watch(self, observer) -> None:
-        pass
 
     def train_step(self, batches, scaler) -> StepResult:
         """One optimizer step over the micro-batches, with DeepSpeed's pre-clip grad norm."""
