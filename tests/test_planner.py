@@ -316,3 +316,89 @@ def test_qwen14b_plan_on_an_h100_keeps_the_placement_that_trained():
     c = ModelCosts.of(arguments.parse_args(["--num-layers", "48", *QWEN_14B]), 152064)
     plan = make_plan(c, gpu_free=int(78.7 * GiB), host_free=120 * GiB, window=2)
     assert 0 < plan.resident <= 5
+
+
+class ScriptedProbe:
+    """A machine whose measurements are scripted and counted (planner/machine.py's GpuProbe interface)."""
+
+    def __init__(self, card="card A"):
+        self.card, self.calls = card, []
+
+    def copies(self):
+        self.calls.append("copies")
+        return [50e9, 40e9]
+
+    def cpu_adam(self, threads):
+        self.calls.append(f"adam {threads}")
+        return threads * 0.25e9
+
+    def layer(self):
+        self.calls.append("layer")
+        return [1e-3, 2.5e-3, 4e-3]
+
+
+def test_machine_rates_are_measured_once_per_machine_and_card(tmp_path, monkeypatch):
+    from megatron.stronghold.planner.machine import measured_rates
+
+    monkeypatch.setenv("STRONGHOLD_CACHE_DIR", str(tmp_path))
+    args = arguments.parse_args(["--num-layers", "4", "--bf16"])
+    first = ScriptedProbe()
+    rates = measured_rates(first, args, 50304, (16, 8))
+    assert sorted(first.calls) == ["adam 16", "adam 8", "copies", "layer"]
+    assert (rates.h2d, rates.layer_backward, rates.adam_rate(8), rates.adam_rate(None)) == (50e9, 2.5e-3, 2e9, 4e9)
+    again = ScriptedProbe()
+    assert measured_rates(again, args, 50304, (16, 8)) == rates and again.calls == []  # the cache
+    refreshed = ScriptedProbe()
+    measured_rates(refreshed, args, 50304, (16, 8), refresh=True)
+    assert len(refreshed.calls) == 4
+    other_card = ScriptedProbe("card B")  # the CPU rates are the host's: measured once for both cards
+    measured_rates(other_card, args, 50304, (16, 8))
+    assert sorted(other_card.calls) == ["copies", "layer"]
+    longer = ScriptedProbe()  # another shape: its layer again, nothing else
+    measured_rates(longer, arguments.parse_args(["--num-layers", "4", "--bf16", "--seq-length", "2048"]), 50304, (16, 8))
+    assert longer.calls == ["layer"]
+    (tmp_path / "machine-rates.json").write_text("{not json")  # a damaged cache is measured again
+    damaged = ScriptedProbe()
+    measured_rates(damaged, args, 50304, (16, 8))
+    assert len(damaged.calls) == 4
+
+
+def test_the_prediction_is_made_of_the_measured_rates():
+    """All resident, full recompute, 4 micro-batches: 4 x (layers x (2 forward + backward) + head); streamed
+    layers add their loads over the measured link and their CPU steps at the measured rate."""
+    import dataclasses
+
+    from megatron.stronghold.planner.machine import Rates
+    from megatron.stronghold.planner.plan import predicted_seconds
+
+    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9), (16, 4e9)), 1e-3, 2.5e-3, 4e-3)
+    c = dataclasses.replace(costs(12, "--global-batch-size", "16", "--recompute-granularity", "full"), rates=rates)
+    assert c.microbatches == 4
+    assert predicted_seconds(c, 12, 0) == pytest.approx(4 * (12 * (2e-3 + 2.5e-3) + 4e-3))
+    streamed = predicted_seconds(c, 8, 2, threads=8)
+    compute = 4 * (12 * 4.5e-3 + 4e-3)
+    one_layer = c.layer_params * (1 / 2e9 + 2 / 50e9)
+    cpu = 4 * c.layer_params / 2e9
+    assert streamed == pytest.approx(max(compute + max(0.0, cpu - 4 * 4 * 1e-3), 6 * c.layer_params * 2 / 50e9)
+                                     + one_layer)
+    plan = make_plan(c, 80 * GiB, 100 * GiB, threads=8)
+    assert "rates (measured on card A): host->GPU 50 GB/s, GPU->host 40 GB/s, CPU AdamW 2.00 G params/s" in plan.describe(c)
+
+
+def test_the_probe_times_the_real_layer_and_kernel():
+    """GpuProbe's layer and CPU AdamW timings run the trainer's own layer and the host store's kernel (here
+    on the CPU, where the copies have no GPU to go to), in the run's dtype and layer kind."""
+    import torch
+
+    from megatron.stronghold import distributed
+    from megatron.stronghold.planner.machine import GpuProbe
+
+    distributed.init_distributed(torch.device("cpu"))
+    for flags in (["--bf16"], ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+                               "--group-query-attention", "--num-query-groups", "2"]):
+        args = arguments.parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                                     "--seq-length", "32", "--micro-batch-size", "2", *flags])
+        probe = GpuProbe(args, torch.device("cpu"), 512)
+        forward, backward, head = probe.layer()
+        assert forward > 0 and backward > 0 and head > 0
+        assert probe.cpu_adam(1) > 0

@@ -202,7 +202,7 @@ for s in "$@"; do
                  --global-batch-size "${SFT_BATCH:-32}" --bf16 --recompute-granularity full --use-precision-aware-optimizer
                  --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 1
                  --log-interval 1 --eval-iters 1)
-            lines="total parameters|^plan|host store|start-up|> sft|iteration +[0-9]+/|validation|summary|exited|rror"
+            lines="total parameters|^plan|> measuring|host store|start-up|> sft|iteration +[0-9]+/|validation|summary|exited|rror"
             RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- "${imported[@]}" "${sft[@]}" \
                 --train-iters 4 --eval-interval 4 --save "$d/trained" 2>&1 | keep "$lines" "packed "
             RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- "${imported[@]}" "${sft[@]}" \

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resident-layers", type=int, default=None,
                    help="stronghold: transformer layers kept on the GPU with a GPU optimizer (default: as many "
                    "as fit in free GPU memory, as planned at start; 0 on a machine without CUDA).")
+    g.add_argument("--refresh-machine-rates", action="store_true",
+                   help="Measure this machine's copy, CPU AdamW and layer rates again for the plan instead of "
+                   "reading them from the cache (planner/machine.py).")
     g.add_argument("--cpu-optimizer-threads", type=int, default=None,
                    help="stronghold: intra-op threads of the CPU optimizer (default, chosen by the planner: this "
                    "rank's share of the node's cores less one for the main thread where the CPU steps bound the "

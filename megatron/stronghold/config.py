@@ -119,6 +119,7 @@ class Config:
     window_size: Optional[int]
     resident_layers: Optional[int]
     cpu_optimizer_threads: Optional[int]
+    refresh_machine_rates: bool
 
     # checkpointing and run control (exit_on_nonfinite_iters filled)
     save: Optional[str]

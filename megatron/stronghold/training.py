@@ -40,6 +40,14 @@ def preflight(args, vocab_size, device):
     from .planner import DoesNotFit, ModelCosts, available_memory, check
 
     costs = ModelCosts.of(args, vocab_size)
+    # One process measures: ranks that measured apart could settle on different plans.
+    if device.type == "cuda" and args.world_size == 1 and methods.spec(args.offload_method).preflight == "planner":
+        from .planner.machine import GpuProbe, measured_rates
+
+        cores = default_threads()
+        rates = measured_rates(GpuProbe(args, device, costs.vocab), args, costs.vocab, (cores, (cores + 1) // 2),
+                               refresh=args.refresh_machine_rates, log=log)
+        costs = dataclasses.replace(costs, rates=rates)
     gpu_free, host_free = available_memory(device)
     resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0
     try:

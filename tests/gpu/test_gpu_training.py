@@ -111,3 +111,21 @@ def test_peak_gpu_memory_does_not_grow_with_layers():
     small, large = peak_gpu_in_fresh_process(16), peak_gpu_in_fresh_process(32)
     one_layer_weights = 12 * 1024 * 1024 * 2
     assert large - small < one_layer_weights, (small, large)
+
+
+def test_the_plan_measures_this_gpu_and_caches_it(tmp_path, monkeypatch, capsys):
+    """The first run measures the copy, CPU AdamW and layer rates (each plausible for a PCIe GPU host), the
+    plan line prints them, and a second run reads them from the cache."""
+    from megatron.stronghold.planner.machine import GpuProbe, measured_rates
+
+    monkeypatch.setenv("STRONGHOLD_CACHE_DIR", str(tmp_path))
+    run("stronghold", 4, iters=2)
+    out = capsys.readouterr().out
+    assert "> measuring copies on this machine" in out and "rates (measured on " in out
+    run("stronghold", 4, iters=2)
+    assert "> measuring" not in capsys.readouterr().out
+    args = arguments.parse_args(["--num-layers", "4", "--bf16", "--hidden-size", "1024", "--num-attention-heads", "8"])
+    rates = measured_rates(GpuProbe(args, torch.device("cuda"), 50304), args, 50304, (2, 8))
+    assert 5e9 < rates.h2d < 200e9 and 5e9 < rates.d2h < 200e9
+    assert 0 < rates.layer_forward < rates.layer_backward < 10 * rates.layer_forward
+    assert rates.adam_rate(8) > rates.adam_rate(2) > 1e7

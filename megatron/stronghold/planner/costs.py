@@ -22,12 +22,14 @@ of one micro-batch without recompute, 17 a for a GPT-2 layer, more for a SwiGLU 
   vocabulary of 152064 on an H100: 1.25 GiB above the count without them).
 
 Seconds: the GPU's compute, the host-to-device copies and the CPU optimizer's steps of one
-iteration, each at the rate below; plan.py combines them into the predicted iteration.
+iteration, each at the machine's measured rate (machine.py) or, where none was measured, the
+constant below; plan.py combines them into the predicted iteration.
 """
 
 from dataclasses import dataclass
 
 from ..layer_shape import LayerShape
+from .machine import ASSUMED, Rates
 
 GiB = 1024 ** 3
 HOST_RESERVE = 6 * GiB       # host bytes a training process holds beyond the counted ones: the interpreter,
@@ -83,6 +85,7 @@ class ModelCosts:
     steps_early: bool  # streamed layers may step before the global norm is known (executor/speculative.py)
     layer_activations: int  # A: bytes one layer keeps of one micro-batch without recompute
     layer_forward_flops: int  # one layer's forward over one micro-batch
+    rates: Rates = ASSUMED  # the machine's, where measured (machine.py)
 
     @classmethod
     def of(cls, args, vocab_size: int) -> "ModelCosts":
@@ -214,28 +217,47 @@ def zero_bytes(costs: ModelCosts, method: str) -> tuple:
 
 
 def layer_forward_seconds(costs: ModelCosts) -> float:
-    """One layer's forward over one micro-batch: its matmuls and attention (Megatron's FLOPs count)."""
+    """One layer's forward over one micro-batch: measured, or its matmuls and attention (Megatron's
+    FLOPs count) at ACHIEVED_FLOPS."""
+    if costs.rates.layer_forward is not None:
+        return costs.rates.layer_forward
     return costs.layer_forward_flops / ACHIEVED_FLOPS
 
 
+def layer_backward_seconds(costs: ModelCosts) -> float:
+    if costs.rates.layer_backward is not None:
+        return costs.rates.layer_backward
+    return 2 * layer_forward_seconds(costs)
+
+
 def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool = True) -> float:
-    """GPU time of one step: forward + backward (2x forward) of every layer and micro-batch, a third
-    forward where it runs again, and the output layer."""
+    """GPU time of one step: forward and backward of every layer and micro-batch, a second forward
+    where it runs again, and the output layer with its loss."""
     streamed = costs.layers - resident
-    k, f = costs.microbatches, layer_forward_seconds(costs)
-    resident_time = resident * k * f * (4 if costs.recompute else 3)
-    streamed_time = streamed * k * f * (4 if streamed_recompute else 3)
-    head = k * 3 * 2 * costs.tokens * costs.hidden * costs.vocab / ACHIEVED_FLOPS
+    k, f, b = costs.microbatches, layer_forward_seconds(costs), layer_backward_seconds(costs)
+    resident_time = resident * k * (f * (2 if costs.recompute else 1) + b)
+    streamed_time = streamed * k * (f * (2 if streamed_recompute else 1) + b)
+    if costs.rates.head is not None:
+        head = k * costs.rates.head
+    else:
+        head = k * 3 * 2 * costs.tokens * costs.hidden * costs.vocab / ACHIEVED_FLOPS
     return resident_time + streamed_time + head
 
 
-def cpu_adam_rate(costs: ModelCosts) -> float:
-    """Parameters/s of the CPU step in this run's host-store layout."""
-    return CPU_ADAM_RATE * CPU_ADAM_BYTES / costs.cpu_step_bytes
+def cpu_adam_rate(costs: ModelCosts, threads=None) -> float:
+    """Parameters/s of the CPU step in this run's host-store layout: measured at `threads` (None: the
+    most measured), or CPU_ADAM_RATE scaled by the bytes the layout moves."""
+    measured = costs.rates.adam_rate(threads)
+    return measured if measured is not None else CPU_ADAM_RATE * CPU_ADAM_BYTES / costs.cpu_step_bytes
 
 
-def cpu_step_seconds(costs: ModelCosts, resident: int) -> float:
-    return -(-(costs.layers - resident) // costs.data_parallel) * costs.layer_params / cpu_adam_rate(costs)
+def cpu_step_seconds(costs: ModelCosts, resident: int, threads=None) -> float:
+    owned = -(-(costs.layers - resident) // costs.data_parallel)
+    return owned * costs.layer_params / cpu_adam_rate(costs, threads)
+
+
+def host_to_device_rate(costs: ModelCosts) -> float:
+    return costs.rates.h2d or PCIE_RATE
 
 
 def link_seconds(costs: ModelCosts, resident: int, window: int) -> float:
@@ -243,7 +265,7 @@ def link_seconds(costs: ModelCosts, resident: int, window: int) -> float:
     except the W still in their slots when backward starts (the gradients go the other way)."""
     streamed = costs.layers - resident
     loads = 0 if not streamed else (streamed if window >= streamed else 2 * streamed - window)
-    return loads * costs.layer_params * costs.compute_bytes / PCIE_RATE
+    return loads * costs.layer_params * costs.compute_bytes / host_to_device_rate(costs)
 
 
 def overlapped_forward_seconds(costs: ModelCosts, resident: int) -> float:

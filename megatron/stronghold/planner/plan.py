@@ -16,8 +16,9 @@ larger one streams only what does not fit; and it predicts the iteration time fr
 
 from dataclasses import dataclass
 
-from .costs import (CPU_ONLY_SAVING, GiB, PCIE_RATE, ModelCosts, boundary_host_bytes, compute_seconds, cpu_adam_rate,
-                    cpu_step_seconds, gpu_bytes, host_bytes, link_seconds, overlapped_forward_seconds)
+from .costs import (CPU_ONLY_SAVING, GiB, ModelCosts, boundary_host_bytes, compute_seconds, cpu_adam_rate,
+                    cpu_step_seconds, gpu_bytes, host_bytes, host_to_device_rate, link_seconds,
+                    overlapped_forward_seconds)
 
 
 @dataclass
@@ -42,7 +43,8 @@ class Plan:
                 f"window: {self.window} | micro batches per step: {costs.microbatches} | "
                 f"streamed layers keep: {keeps} ({self.boundary_bytes / GiB:.2f} GiB) | "
                 f"CPU optimizer threads: {self.threads} | host store: {costs.host_bytes_per_param} B/param | "
-                f"resident: {costs.resident_bytes_per_param} B/param | {self._memory()} |")
+                f"resident: {costs.resident_bytes_per_param} B/param | {self._memory()} | "
+                f"{costs.rates.describe(self.threads)} |")
 
     def _memory(self) -> str:
         if self.gpu_free is None:  # the device's bytes are host memory too, and the rates are a GPU's
@@ -57,7 +59,7 @@ class DoesNotFit(ValueError):
 
 
 def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_recompute: bool = True,
-                      on_host: bool = False) -> float:
+                      on_host: bool = False, threads=None) -> float:
     """A model, not a measurement. Where layers step as their gradients arrive (costs.steps_early) the
     CPU steps and copies overlap the GPU work: the step takes the largest of compute, link and CPU
     time, plus what cannot overlap (layer 0 steps last and is loaded first). Otherwise no step starts
@@ -67,11 +69,11 @@ def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_re
     streamed = costs.layers - resident
     if not streamed:
         return compute
-    cpu = cpu_step_seconds(costs, resident)
-    one_layer = costs.layer_params * (1 / cpu_adam_rate(costs) + costs.compute_bytes / PCIE_RATE)
+    cpu = cpu_step_seconds(costs, resident, threads)
+    one_layer = costs.layer_params * (1 / cpu_adam_rate(costs, threads) + costs.compute_bytes / host_to_device_rate(costs))
     link = link_seconds(costs, resident, window)
     if on_host:  # the boundaries cross the link once each way too
-        link += boundary_host_bytes(costs, resident) / PCIE_RATE
+        link += boundary_host_bytes(costs, resident) / host_to_device_rate(costs)
     if not costs.steps_early:
         forward = overlapped_forward_seconds(costs, resident)
         return max(compute + max(0.0, cpu - forward), link) + one_layer
@@ -125,9 +127,9 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
                 g, h = gpu_bytes(costs, r, w, recompute, on_host), host_bytes(costs, r, on_host)
                 if (g + h - CPU_ONLY_SAVING <= host_free) if shared else (g <= gpu_budget and h <= host_free):
                     kept = boundary_host_bytes(costs, r) if on_host else costs.streamed_activations(L - r, recompute)
-                    return Plan(r, w, threads or optimizer_threads(costs, r, cores), g, h,
-                                predicted_seconds(costs, r, w, recompute, on_host=on_host), gpu_free, recompute,
-                                kept, on_host)
+                    t = threads or optimizer_threads(costs, r, cores)
+                    return Plan(r, w, t, g, h, predicted_seconds(costs, r, w, recompute, on_host=on_host, threads=t),
+                                gpu_free, recompute, kept, on_host)
     r = min(resident, L) if resident is not None else 0
     w = _window(costs, r, window)
     g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)

@@ -1,0 +1,232 @@
+"""The rates the planner's seconds are made of, measured on this machine where a run starts, and cached.
+
+With a GPU, before anything large is allocated (a few seconds, once per machine, card, host-store layout
+and layer shape; `--refresh-machine-rates` measures again):
+- the pinned copy rate, host to GPU and GPU to host, each alone;
+- the host store's CPU AdamW kernel (stronghold_ext) in this run's layout, at each thread count the plan
+  may give the CPU optimizer;
+- one transformer layer of this run's shape, forward and backward over one micro-batch with the real
+  kernels and dtype, and the output layer with its loss: the launch-bound time of small layers included,
+  which a FLOP count misses.
+Without a GPU nothing is measured: the plan predicts no iteration there.
+
+The cache is a JSON file (STRONGHOLD_CACHE_DIR, else ~/.cache/stronghold-megatron); an unreadable one is
+measured again.
+"""
+
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import time
+from typing import Optional, Tuple
+
+from ..layer_shape import LayerShape
+
+CACHE_FILE = "machine-rates.json"
+COPY_BYTES = 256 * 2**20
+ADAM_NUMEL = 1 << 25
+REPEATS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """Measured rates; None (or empty) where costs.py's constants stand in."""
+    source: str = "assumed"
+    h2d: Optional[float] = None  # bytes/s, pinned host memory to the GPU
+    d2h: Optional[float] = None
+    cpu_adam: Tuple[Tuple[int, float], ...] = ()  # (threads, parameters/s) in this run's host-store layout
+    layer_forward: Optional[float] = None  # seconds: one layer, one micro-batch
+    layer_backward: Optional[float] = None
+    head: Optional[float] = None  # seconds: output layer and loss, forward and backward, one micro-batch
+
+    def adam_rate(self, threads: Optional[int]) -> Optional[float]:
+        """Parameters/s at `threads` (the nearest measured count; None: the most threads measured)."""
+        if not self.cpu_adam:
+            return None
+        if threads is None:
+            return max(self.cpu_adam)[1]
+        return min(self.cpu_adam, key=lambda tr: abs(tr[0] - threads))[1]
+
+    def describe(self, threads: Optional[int]) -> str:
+        if self.layer_forward is None:
+            return f"rates: {self.source}"
+        return (f"rates ({self.source}): host->GPU {self.h2d / 1e9:.0f} GB/s, GPU->host {self.d2h / 1e9:.0f} GB/s, "
+                f"CPU AdamW {self.adam_rate(threads) / 1e9:.2f} G params/s, layer forward "
+                f"{self.layer_forward * 1e3:.2f} ms + backward {self.layer_backward * 1e3:.2f} ms per micro-batch, "
+                f"output layer {self.head * 1e3:.2f} ms")
+
+
+ASSUMED = Rates()
+
+
+def cache_path() -> str:
+    root = os.environ.get("STRONGHOLD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "stronghold-megatron")
+    return os.path.join(root, CACHE_FILE)
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: str, cache: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(cache, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # readers see the old file or the new one
+    except OSError:
+        pass  # a cache that cannot be written is measured again next time
+
+
+def layout_key(args) -> str:
+    """The host store's layout, which sets the bytes the CPU step moves per parameter."""
+    moments = "/".join(str(d).removeprefix("torch.") for d in args.moment_dtypes)
+    return f"{args.params_dtype_name}|remainders={bool(args.store_param_remainders)}|moments={moments}"
+
+
+def shape_key(args, vocab: int) -> str:
+    return (f"{LayerShape.of(args)}|seq={args.seq_length}|micro={args.micro_batch_size}|{args.params_dtype_name}"
+            f"|vocab={vocab}")
+
+
+def measured_rates(probe, args, vocab: int, threads: Tuple[int, ...], refresh: bool = False, log=None) -> Rates:
+    """The rates of probe's machine (GpuProbe below, or a test's), from the cache where it has them."""
+    path = cache_path()
+    cache = {} if refresh else _read_cache(path)
+    where = f"{socket.gethostname()}|{probe.card}"
+
+    def get(key, measure):
+        if key not in cache:
+            if log is not None:
+                log(f"> measuring {key.split('|')[2]} on this machine for the plan (cached in {path}) ...")
+            cache[key] = measure()
+        return cache[key]
+
+    h2d, d2h = get(f"{where}|copies", probe.copies)
+    adam = tuple((t, get(f"{socket.gethostname()}|adam|{layout_key(args)}|threads={t}", lambda t=t: probe.cpu_adam(t)))
+                 for t in sorted(set(threads)))
+    forward, backward, head = get(f"{where}|layer|{shape_key(args, vocab)}", probe.layer)
+    _write_cache(path, cache)
+    return Rates(f"measured on {probe.card}", h2d, d2h, adam, forward, backward, head)
+
+
+def _median_seconds(fn, synchronize=lambda: None, warmup: int = 2, repeats: int = REPEATS) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class GpuProbe:
+    """The measurements themselves, on this process's GPU (the trainer's device) and host."""
+
+    def __init__(self, args, device, vocab: int):
+        import torch
+
+        self.args, self.device, self.vocab = args, device, vocab
+        cuda = device.type == "cuda"  # a CPU probe times the same code on the host (tests)
+        self.card = torch.cuda.get_device_name(device) if cuda else "cpu"
+        self.sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+
+    def copies(self) -> list:
+        import torch
+
+        host = torch.empty(COPY_BYTES, dtype=torch.uint8).pin_memory()
+        gpu = torch.empty(COPY_BYTES, dtype=torch.uint8, device=self.device)
+        to_gpu = _median_seconds(lambda: gpu.copy_(host, non_blocking=True), self.sync)
+        to_host = _median_seconds(lambda: host.copy_(gpu, non_blocking=True), self.sync)
+        return [COPY_BYTES / to_gpu, COPY_BYTES / to_host]
+
+    def cpu_adam(self, threads: int) -> float:
+        """Parameters/s of one step of the host store's kernel in this run's layout (executor/host_store.py)."""
+        import torch
+        from stronghold_ext import adamw_step
+
+        args, n = self.args, ADAM_NUMEL
+        dtype = args.params_dtype
+        remainders = dtype == torch.bfloat16 and args.store_param_remainders
+        weights = torch.zeros(n, dtype=dtype)
+        master = None if remainders else weights if dtype == torch.float32 else torch.zeros(n)
+        out = None if master is weights else weights
+        exp_avg, exp_avg_sq = (torch.zeros(n, dtype=d) for d in args.moment_dtypes)
+        # what a streamed gradient crosses PCIe in: the compute dtype, fp32 with fp16 (executor/host_store.py)
+        grad = torch.full((n,), 1e-3, dtype=torch.float32 if dtype == torch.float16 else dtype)
+        extra = {"remainder": torch.zeros(n, dtype=torch.int16), "ties": torch.zeros(0, dtype=torch.int64)} \
+            if remainders else {}
+        scratch = torch.empty(n)
+        step = [0]
+
+        def one():
+            step[0] += 1
+            adamw_step(master, exp_avg, exp_avg_sq, grad, out, 1e-4, 0.9, 0.95, 1e-8, 0.1, step[0], 1.0,
+                       scratch=scratch, **extra)
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return n / _median_seconds(one, warmup=1, repeats=3)
+        finally:
+            torch.set_num_threads(before)
+
+    def layer(self) -> list:
+        """Seconds of one layer's forward and of its backward, and of the output layer's forward and
+        backward with the loss, over one micro-batch."""
+        import torch
+        import torch.nn.functional as F
+        from megatron.core import parallel_state
+        from megatron.core.transformer.spec_utils import build_module
+
+        from ..model import LayerInputs, RotaryEmbedding, layer_spec, run_layer, transformer_config
+
+        args, device, dtype = self.args, self.device, self.args.params_dtype
+        s, b, h = args.seq_length, args.micro_batch_size, args.hidden_size
+        config = transformer_config(args)
+        layer = build_module(layer_spec(args).layer_specs[0], config=config, layer_number=1).to(device, dtype)
+        rotary = None
+        if args.position_embedding_type == "rope":
+            rope = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=args.rotary_percent,
+                                   rotary_base=args.rotary_base, use_cpu_initialization=True,
+                                   cp_group=parallel_state.get_context_parallel_group())
+            rotary = rope(s).to(device)
+        inputs = LayerInputs(rotary, None)
+        x = torch.randn(s, b, h, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(s, b, h, device=device, dtype=dtype)
+        held = []
+
+        def forward():
+            held.append(run_layer(layer, x, inputs))
+
+        def backward():
+            held.pop().backward(grad)
+
+        for _ in range(2):  # warm-up: kernels chosen, memory allocated
+            forward()
+            backward()
+        forward_s = _median_seconds(forward, self.sync, warmup=0)  # holds REPEATS graphs, which backward frees
+        backward_s = _median_seconds(backward, self.sync, warmup=0)
+        del layer, held, x, grad
+
+        weight = torch.randn(self.vocab, h, device=device, dtype=dtype) * 0.02
+        hidden = torch.randn(s * b, h, device=device, dtype=dtype, requires_grad=True)
+        labels = torch.randint(0, self.vocab, (s * b,), device=device)
+
+        def head():
+            F.cross_entropy((hidden @ weight.t()).float(), labels).backward()
+
+        head_s = _median_seconds(head, self.sync)
+        return [forward_s, backward_s, head_s]
