@@ -425,3 +425,43 @@ def test_the_probe_times_the_real_layer_and_kernel():
         forward, backward, head = probe.layer()
         assert forward > 0 and backward > 0 and head > 0
         assert probe.cpu_adam(1) > 0
+
+
+def test_the_plan_recomputes_only_the_resident_layers_the_gpu_needs():
+    """--recompute-granularity full without --recompute-method: the plan keeps the activations of as many
+    resident layers as fit and recomputes the rest, the fewest that fit; its prediction and bytes count
+    them. An explicit --recompute-method stands (all resident layers recompute)."""
+    from megatron.stronghold.planner.costs import gpu_bytes
+    from megatron.stronghold.planner.plan import predicted_seconds
+
+    c = costs(32, "--recompute-granularity", "full", "--global-batch-size", "16")
+    everything = gpu_bytes(c, 32, 0, resident_recompute=32)
+    none = gpu_bytes(c, 32, 0, resident_recompute=0)
+    budget = (everything + none) // 2  # room for about half the layers' activations
+    plan = make_plan(c, budget, 200 * GiB)
+    assert plan.resident == 32 and 0 < plan.resident_recompute < 32
+    assert gpu_bytes(c, 32, 0, resident_recompute=plan.resident_recompute) <= budget
+    assert gpu_bytes(c, 32, 0, resident_recompute=plan.resident_recompute - 1) > budget
+    assert predicted_seconds(c, 32, 0, resident_recompute=plan.resident_recompute) < predicted_seconds(c, 32, 0)
+    assert f"resident layers recompute: {plan.resident_recompute} |" in plan.describe(c)
+    assert make_plan(c, 200 * GiB, 200 * GiB).resident_recompute == 0
+    explicit = costs(32, "--recompute-granularity", "full", "--global-batch-size", "16", "--recompute-method", "uniform")
+    assert make_plan(explicit, budget, 200 * GiB).resident_recompute is None
+
+
+def test_a_plans_partial_recompute_trains_like_megatron(tmp_path):
+    """Two resident layers of four, neither recomputing (the plan's choice on a CPU, where memory is ample),
+    train exactly as megatron-lm with every layer recomputed: recompute is exact."""
+    import torch
+
+    from megatron.stronghold import training
+
+    def run(*extra):
+        argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+                "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3", "--mock-data",
+                "--recompute-granularity", "full", "--seed", "3", *extra]
+        return training.train(arguments.parse_args(argv)).losses
+
+    reference = run()
+    assert run("--offload-method", "stronghold", "--resident-layers", "2") == pytest.approx(reference, rel=1e-6)
+    assert all(torch.isfinite(torch.tensor(reference)))

@@ -81,7 +81,7 @@ class Config:
 
     # activation recompute
     recompute_granularity: Optional[str]
-    recompute_method: str
+    recompute_method: Optional[str]  # None: uniform, or the planner's choice for resident layers
     recompute_num_layers: int
 
     # logging and evaluation

@@ -148,11 +148,13 @@ def layer_spec(args, place_layer=None) -> TransformerBlockSubmodules:
     return TransformerBlockSubmodules(layer_specs=[spec] * args.num_layers, layer_norm=WrappedTorchNorm)
 
 
-def build_model(args, vocab_size: int, place_layer=None, streamed=()) -> GPTModel:
+def build_model(args, vocab_size: int, place_layer=None, streamed=(), recomputed=None) -> GPTModel:
     """Build the GPT in fp32 on the CPU from the current RNG state (same weights for every method).
 
     place_layer(index, layer), if given, moves each transformer layer to where the method keeps it
     right after its initialisation; the RNG stream, and so every weight, is the same either way.
+    recomputed: the indices of the layers that run again in backward where a plan chose them (else
+    the flags' checkpointed_layers); streamed layers never (their executor recomputes them itself).
     """
     model = GPTModel(
         config=transformer_config(args),
@@ -168,7 +170,7 @@ def build_model(args, vocab_size: int, place_layer=None, streamed=()) -> GPTMode
         model.rotary_pos_emb = RotaryEmbedding(
             kv_channels=model.config.kv_channels, rotary_percent=args.rotary_percent,
             rotary_base=args.rotary_base, use_cpu_initialization=True, cp_group=model.pg_collection.cp)
-    for index in checkpointed_layers(args):
+    for index in checkpointed_layers(args) if recomputed is None else recomputed:
         if index not in streamed:  # the streaming executor recomputes its layers itself (or keeps their graph)
             enable_recompute(model.decoder.layers[index])
     return model

@@ -137,7 +137,11 @@ def _train(args: Config, found, observer, closing: contextlib.ExitStack) -> Hist
         torch.cuda.manual_seed(args.seed)
     start = time.perf_counter()
     place = with_progress(methods.placement(args, plan, device, dtype), args.num_layers)
-    model = build_model(args, vocab_size, place, methods.streamed_layers(args, plan))
+    streamed = methods.streamed_layers(args, plan)
+    recomputed = None  # as the flags say, unless the plan chose how many resident layers run again
+    if plan is not None and plan.resident_recompute is not None:
+        recomputed = [i for i in range(args.num_layers) if i not in streamed][:plan.resident_recompute]
+    model = build_model(args, vocab_size, place, streamed, recomputed)
     if resume is not None and resume.finetune and methods.spec(args.offload_method).deepspeed:
         checkpointing.load_weights_into_model(resume, model)  # before DeepSpeed partitions it
     built = time.perf_counter() - start

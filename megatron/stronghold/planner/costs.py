@@ -73,6 +73,7 @@ class ModelCosts:
     act_fixed: int
     tokens: int  # per micro-batch
     recompute: bool  # the user's --recompute-granularity full
+    recompute_chosen: bool  # ... without --recompute-method: the plan picks how many resident layers recompute
     microbatches: int
     seq_length: int
     hidden: int  # the output layer's input width: whole on every rank
@@ -101,7 +102,9 @@ class ModelCosts:
             other += args.max_position_embeddings * h
         return cls(layers=args.num_layers, layer_params=shape.params(), other_params=other, compute_bytes=c,
                    hidden_state=c * s * b * h // tp, act_fixed=(3 * 4 + c) * s * b * vocab_size // tp, tokens=s * b,
-                   recompute=args.recompute_granularity == "full", microbatches=args.num_microbatches,
+                   recompute=args.recompute_granularity == "full",
+                   recompute_chosen=args.recompute_granularity == "full" and args.recompute_method is None,
+                   microbatches=args.num_microbatches,
                    seq_length=s, hidden=h, vocab=vocab_size // tp,
                    data_parallel=args.data_parallel_size, fp16=bool(args.fp16),
                    remainders=bool(args.store_param_remainders),
@@ -144,6 +147,13 @@ class ModelCosts:
         weights_out = 0 if self.compute_bytes == 4 else self.compute_bytes
         return self.gradient_bytes + 2 * (4 + self.moment_bytes) + weights_out
 
+    def resident_activations(self, resident: int, recomputed=None) -> int:
+        """Activations the resident layers keep for one micro-batch; recomputed: how many of them run
+        again in backward (None: all with --recompute-granularity full, else none)."""
+        if recomputed is None:
+            return resident * self.act_per_layer
+        return recomputed * self.hidden_state + (resident - recomputed) * self.layer_activations
+
     def streamed_activations(self, streamed: int, recompute: bool, on_host: bool = False) -> int:
         """GPU bytes of the streamed layers' activations (on_host: the boundaries wait on the host)."""
         if not streamed:
@@ -154,14 +164,15 @@ class ModelCosts:
         return streamed * k * self.layer_activations + 2 * k * a
 
 
-def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = True, on_host: bool = False) -> int:
+def gpu_bytes(costs: ModelCosts, resident: int, window: int, recompute: bool = True, on_host: bool = False,
+              resident_recompute=None) -> int:
     streamed = costs.layers - resident
     c, P = costs.compute_bytes, costs.layer_params
     # W slots of weights, the sum of the layer's gradient in backward (main grads), up to 2W gradients on their way to the
     # host (the executor waits for the copy of layer i + 2W before it lets go of layer i's)
     slots = (window * (c + 2 * costs.gradient_bytes) + costs.main_grad_bytes) * P if streamed else 0
-    activations = (resident * costs.act_per_layer + costs.streamed_activations(streamed, recompute, on_host)
-                   + costs.act_fixed)
+    activations = (costs.resident_activations(resident, resident_recompute)
+                   + costs.streamed_activations(streamed, recompute, on_host) + costs.act_fixed)
     # The resident step runs after backward, when the activations are gone: its slice uses their room.
     rebuilt = costs.master_bytes == 2 or costs.moment_bytes < 8 or costs.main_grad_bytes < 4
     slice_bytes = STEP_BYTES + (4 if costs.main_grad_bytes < 4 else 0)  # + the slice's gradient widened to fp32
@@ -239,12 +250,14 @@ def layer_backward_seconds(costs: ModelCosts) -> float:
     return 2 * layer_forward_seconds(costs)
 
 
-def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool = True) -> float:
+def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool = True, resident_recompute=None) -> float:
     """GPU time of one step: forward and backward of every layer and micro-batch, a second forward
-    where it runs again, and the output layer with its loss."""
+    where it runs again (resident_recompute of the resident layers: None, all with recompute), and the
+    output layer with its loss."""
     streamed = costs.layers - resident
     k, f, b = costs.microbatches, layer_forward_seconds(costs), layer_backward_seconds(costs)
-    resident_time = resident * k * (f * (2 if costs.recompute else 1) + b)
+    again = (resident if costs.recompute else 0) if resident_recompute is None else resident_recompute
+    resident_time = k * (resident * (f + b) + again * f)
     streamed_time = streamed * k * (f * (2 if streamed_recompute else 1) + b)
     if costs.rates.head is not None:
         head = k * costs.rates.head

@@ -33,7 +33,7 @@ REPEATS = 5
 @dataclasses.dataclass(frozen=True)
 class Rates:
     """Measured rates; None (or empty) where costs.py's constants stand in."""
-    source: str = "assumed"
+    source: str = "not measured: costs.py's constants"
     h2d: Optional[float] = None  # bytes/s, pinned host memory to the GPU
     d2h: Optional[float] = None
     cpu_adam: Tuple[Tuple[int, float], ...] = ()  # (threads, parameters/s) in this run's host-store layout

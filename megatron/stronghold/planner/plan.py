@@ -33,6 +33,7 @@ class Plan:
     streamed_recompute: bool = True  # streamed layers keep only their inputs and run again in backward
     boundary_bytes: int = 0
     boundaries_on_host: bool = False  # the boundaries wait in pinned host memory (boundary_bytes there)
+    resident_recompute: int | None = None  # resident layers that run again in backward; None: as the flags say
 
     def describe(self, costs: ModelCosts) -> str:
         streamed = costs.layers - self.resident
@@ -41,6 +42,7 @@ class Plan:
             keeps = "boundaries in pinned host memory"
         return (f"plan | resident layers: {self.resident} | streamed layers: {streamed} | "
                 f"window: {self.window} | micro batches per step: {costs.microbatches} | "
+                f"{'' if self.resident_recompute is None else f'resident layers recompute: {self.resident_recompute} | '}"
                 f"streamed layers keep: {keeps} ({self.boundary_bytes / GiB:.2f} GiB) | "
                 f"CPU optimizer threads: {self.threads} | host store: {costs.host_bytes_per_param} B/param | "
                 f"resident: {costs.resident_bytes_per_param} B/param | {self._memory()} | "
@@ -59,13 +61,13 @@ class DoesNotFit(ValueError):
 
 
 def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_recompute: bool = True,
-                      on_host: bool = False, threads=None) -> float:
+                      on_host: bool = False, threads=None, resident_recompute=None) -> float:
     """A model, not a measurement. Where layers step as their gradients arrive (costs.steps_early) the
     CPU steps and copies overlap the GPU work: the step takes the largest of compute, link and CPU
     time, plus what cannot overlap (layer 0 steps last and is loaded first). Otherwise no step starts
     before the global norm is known: the CPU work then overlaps only the next forward pass through the
     streamed layers."""
-    compute = compute_seconds(costs, resident, streamed_recompute)
+    compute = compute_seconds(costs, resident, streamed_recompute, resident_recompute)
     streamed = costs.layers - resident
     if not streamed:
         return compute
@@ -101,6 +103,21 @@ def _window(costs, resident, window):
     return min(window if window is not None else 4, streamed) if streamed else 0
 
 
+def _fewest_recomputed(costs: ModelCosts, resident: int, fits):
+    """How many resident layers recompute: None (as the flags say) unless the plan chooses
+    (costs.recompute_chosen), then the fewest that fit, since a layer that keeps its activations runs a
+    third faster; False where even the flags' choice or all recomputing does not fit."""
+    if not costs.recompute_chosen:
+        return None if fits(None) else False
+    if not fits(resident):
+        return False
+    lo, hi = 0, resident  # fits(hi); the bytes fall as n grows
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return lo
+
+
 def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window=None, threads=None,
               cores: int = 1) -> Plan:
     """The plan with the most resident layers that fits; `resident`/`window`/`threads` fix a choice.
@@ -124,12 +141,21 @@ def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window
             for recompute, on_host in options:
                 if on_host and (shared or r == L):
                     continue  # without a GPU there is no other memory to go to
-                g, h = gpu_bytes(costs, r, w, recompute, on_host), host_bytes(costs, r, on_host)
-                if (g + h - CPU_ONLY_SAVING <= host_free) if shared else (g <= gpu_budget and h <= host_free):
-                    kept = boundary_host_bytes(costs, r) if on_host else costs.streamed_activations(L - r, recompute)
-                    t = threads or optimizer_threads(costs, r, cores)
-                    return Plan(r, w, t, g, h, predicted_seconds(costs, r, w, recompute, on_host=on_host, threads=t),
-                                gpu_free, recompute, kept, on_host)
+                h = host_bytes(costs, r, on_host)
+
+                def fits(n):
+                    g = gpu_bytes(costs, r, w, recompute, on_host, n)
+                    return (g + h - CPU_ONLY_SAVING <= host_free) if shared else (g <= gpu_budget and h <= host_free)
+
+                n = _fewest_recomputed(costs, r, fits)
+                if n is False:
+                    continue
+                g = gpu_bytes(costs, r, w, recompute, on_host, n)
+                kept = boundary_host_bytes(costs, r) if on_host else costs.streamed_activations(L - r, recompute)
+                t = threads or optimizer_threads(costs, r, cores)
+                return Plan(r, w, t, g, h, predicted_seconds(costs, r, w, recompute, on_host=on_host, threads=t,
+                                                             resident_recompute=n),
+                            gpu_free, recompute, kept, on_host, n)
     r = min(resident, L) if resident is not None else 0
     w = _window(costs, r, window)
     g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
