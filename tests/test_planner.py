@@ -465,3 +465,28 @@ def test_a_plans_partial_recompute_trains_like_megatron(tmp_path):
     reference = run()
     assert run("--offload-method", "stronghold", "--resident-layers", "2") == pytest.approx(reference, rel=1e-6)
     assert all(torch.isfinite(torch.tensor(reference)))
+
+
+@pytest.mark.parametrize("flags", [(), ("--recompute-granularity", "full"), ("--global-batch-size", "32"),
+                                   ("--recompute-granularity", "full", "--global-batch-size", "32")])
+def test_the_plan_is_the_fastest_placement_that_fits(flags):
+    """On a GPU budget the plan has the shortest predicted iteration of every placement that fits (resident
+    layers, what the streamed ones keep, how many resident ones recompute), found here by trying each."""
+    import dataclasses
+
+    from megatron.stronghold.planner.costs import gpu_bytes, host_bytes
+    from megatron.stronghold.planner.machine import Rates
+    from megatron.stronghold.planner.plan import predicted_seconds
+
+    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9),), 4e-3, 9e-3, 20e-3)
+    c = dataclasses.replace(costs(96, *flags), rates=rates)
+    gpu, host = 60 * GiB, 200 * GiB
+    plan = make_plan(c, gpu, host, threads=8)
+    times = []
+    for r in range(c.layers + 1):
+        for recompute in ((True,) if c.recompute else (False, True)):
+            for n in (range(r + 1) if c.recompute_chosen else (None,)):
+                if gpu_bytes(c, r, min(4, c.layers - r), recompute, False, n) <= gpu and host_bytes(c, r) <= host:
+                    times.append(predicted_seconds(c, r, min(4, c.layers - r), recompute, threads=8,
+                                                   resident_recompute=n))
+    assert plan.predicted_s == pytest.approx(min(times))

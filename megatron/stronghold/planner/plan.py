@@ -1,4 +1,4 @@
-"""The placement of stronghold's layers: the plan with the most resident layers that fits.
+"""The placement of stronghold's layers: the fastest plan that fits, by its predicted iteration.
 
 A plan picks
 - R resident layers, kept on the GPU with the GPU optimizer, as in megatron-lm: the last R with
@@ -9,9 +9,13 @@ A plan picks
 - whether the streamed layers keep their activations from forward to backward or only their
   inputs (one boundary per layer and micro-batch) and run again in backward, and, where no
   placement holds those boundaries on the GPU, that they wait in pinned host memory;
+- with --recompute-granularity full and no --recompute-method, how many resident layers run again in
+  backward: the fewest that fit;
 - the CPU optimizer's threads: all the cores it may have only where its steps bound the iteration.
-It keeps as many layers resident as fit, so a model that fits on the GPU runs like megatron-lm and a
-larger one streams only what does not fit; and it predicts the iteration time from costs.py's parts.
+Of the placements that fit it takes the one with the shortest predicted iteration (costs.py's parts at
+the machine's measured rates), on a tie the one with more resident layers: a model that fits on the
+GPU runs like megatron-lm, a larger one streams what does not fit. Without a GPU, where nothing is
+predicted, the most resident layers that fit.
 """
 
 from dataclasses import dataclass
@@ -120,42 +124,55 @@ def _fewest_recomputed(costs: ModelCosts, resident: int, fits):
 
 def make_plan(costs: ModelCosts, gpu_free, host_free: int, resident=None, window=None, threads=None,
               cores: int = 1) -> Plan:
-    """The plan with the most resident layers that fits; `resident`/`window`/`threads` fix a choice.
+    """The fastest plan that fits by the prediction (on a tie, the one with more resident layers);
+    `resident`/`window`/`threads` fix a choice. Without a GPU (gpu_free None: device and host share
+    the host memory, and nothing was measured) the plan with the most resident layers that fits.
 
-    gpu_free None means there is no GPU: device and host share the host memory. cores: the most
-    threads the CPU optimizer may have (see optimizer_threads). DoesNotFit, with the numbers, where
-    no placement fits.
+    cores: the most threads the CPU optimizer may have (see optimizer_threads). DoesNotFit, with the
+    numbers, where no placement fits.
     """
     shared = gpu_free is None
     gpu_budget = host_free if shared else gpu_free
     L = costs.layers
     candidates = [min(resident, L)] if resident is not None else range(L, -1, -1)
+
+    def plan_for(r, recompute, on_host):
+        """The plan of r resident layers with these streamed-layer options, or None where it does not fit."""
+        w = _window(costs, r, window)
+        h = host_bytes(costs, r, on_host)
+
+        def fits(n):
+            g = gpu_bytes(costs, r, w, recompute, on_host, n)
+            return (g + h - CPU_ONLY_SAVING <= host_free) if shared else (g <= gpu_budget and h <= host_free)
+
+        n = _fewest_recomputed(costs, r, fits)
+        if n is False:
+            return None
+        g = gpu_bytes(costs, r, w, recompute, on_host, n)
+        kept = boundary_host_bytes(costs, r) if on_host else costs.streamed_activations(L - r, recompute)
+        t = threads or optimizer_threads(costs, r, cores)
+        return Plan(r, w, t, g, h, predicted_seconds(costs, r, w, recompute, on_host=on_host, threads=t,
+                                                     resident_recompute=n),
+                    gpu_free, recompute, kept, on_host, n)
+
     # Streamed layers keep their activations only where the user did not ask for recompute and they
     # fit; running a layer again costs a third more of its compute, not another copy. Their inputs
     # go to pinned host memory only where no placement holds them on the GPU (a large global batch):
     # then they cross the link twice per step.
     keep_options = ((True, False),) if costs.recompute else ((False, False), (True, False))
     for options in (keep_options, ((True, True),)):
+        best = None
         for r in candidates:
-            w = _window(costs, r, window)
             for recompute, on_host in options:
                 if on_host and (shared or r == L):
                     continue  # without a GPU there is no other memory to go to
-                h = host_bytes(costs, r, on_host)
-
-                def fits(n):
-                    g = gpu_bytes(costs, r, w, recompute, on_host, n)
-                    return (g + h - CPU_ONLY_SAVING <= host_free) if shared else (g <= gpu_budget and h <= host_free)
-
-                n = _fewest_recomputed(costs, r, fits)
-                if n is False:
-                    continue
-                g = gpu_bytes(costs, r, w, recompute, on_host, n)
-                kept = boundary_host_bytes(costs, r) if on_host else costs.streamed_activations(L - r, recompute)
-                t = threads or optimizer_threads(costs, r, cores)
-                return Plan(r, w, t, g, h, predicted_seconds(costs, r, w, recompute, on_host=on_host, threads=t,
-                                                             resident_recompute=n),
-                            gpu_free, recompute, kept, on_host, n)
+                plan = plan_for(r, recompute, on_host)
+                if plan is not None and (best is None or plan.predicted_s < best.predicted_s):
+                    best = plan
+                if best is not None and shared:
+                    return best
+        if best is not None:
+            return best
     r = min(resident, L) if resident is not None else 0
     w = _window(costs, r, window)
     g, h = gpu_bytes(costs, r, w), host_bytes(costs, r)
