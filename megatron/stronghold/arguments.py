@@ -382,7 +382,8 @@ def _validate_optimizer_precision(args) -> None:
     if args.main_grads_dtype == "bf16" and not args.bf16:
         raise ArgumentError("--main-grads-dtype bf16 needs --bf16 (the gradients it sums are the bf16 ones)")
     if lowered and not spec(args.offload_method).precision_aware:
-        raise ArgumentError(f"{' '.join(lowered)}: {args.offload_method} keeps its own optimizer states; the "
+        whose = "DeepSpeed's" if spec(args.offload_method).deepspeed else "megatron-core's"
+        raise ArgumentError(f"{' '.join(lowered)}: {args.offload_method} keeps {whose} own optimizer states; the "
                             f"precision-aware optimizer is built for "
                             f"{', '.join(m for m in METHODS if spec(m).precision_aware)}")
 
