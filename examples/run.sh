@@ -10,8 +10,11 @@ set -euo pipefail
 PY="${PYTHON:-python3}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-# Methods the launcher accepts ('all' runs the others in turn): megatron.stronghold.arguments.METHODS.
-METHODS="$(cd "$REPO_ROOT" && "$PY" -c 'from megatron.stronghold.arguments import METHODS; print(*METHODS)' 2>/dev/null)" ||
+# Methods the launcher accepts ('all' runs the others in turn), and those that need a CUDA GPU:
+# megatron/stronghold/methods/registry.py.
+{ read -r METHODS; read -r CUDA_METHODS; } < <(cd "$REPO_ROOT" && "$PY" -c 'from megatron.stronghold.methods.registry import SPECS
+print(*[s.name for s in SPECS]); print(*[s.name for s in SPECS if s.needs_cuda])' 2>/dev/null)
+[[ -n "$METHODS" ]] ||
     { echo "examples/run.sh: error: cannot import megatron.stronghold with '$PY' (set PYTHON to the interpreter of your environment)" >&2; exit 1; }
 VALID_METHODS="$METHODS all"
 
@@ -370,6 +373,10 @@ main() {
     local m failed="" status=0
     for m in $VALID_METHODS; do
         [[ "$m" == all ]] && continue
+        if (( ! HAS_GPU )) && contains "$m" "$CUDA_METHODS"; then
+            say "$PROG: $m needs a CUDA GPU: not run"
+            continue
+        fi
         run_method "$m" || { status=$?; failed+=" $m"; }
         (( ! STOPPED )) || { say "$PROG: stopped by a signal: the remaining methods were not run"; break; }
     done

@@ -490,3 +490,24 @@ def test_the_plan_is_the_fastest_placement_that_fits(flags):
                     times.append(predicted_seconds(c, r, min(4, c.layers - r), recompute, threads=8,
                                                    resident_recompute=n))
     assert plan.predicted_s == pytest.approx(min(times))
+
+
+def test_megatron_offload_takes_the_smallest_fraction_that_fits():
+    """megatron-core's optimizer offload keeps every weight and fp32 gradient on the GPU; its pre-flight check
+    moves the fewest optimizer states to the CPU that let the rest fit, and refuses what does not fit at 1."""
+    from megatron.stronghold.planner.costs import offload_bytes
+    from megatron.stronghold.planner.preflight import check
+
+    c = costs(64, "--recompute-granularity", "full")
+    host = 200 * GiB
+    everything_on_gpu = offload_bytes(c, 0.0)[1]
+    assert check(c, everything_on_gpu, host, "megatron-offload").fraction == 0.0
+    half = (offload_bytes(c, 0.0)[1] + offload_bytes(c, 1.0)[1]) // 2
+    plan = check(c, half, host, "megatron-offload")
+    assert 0.49 <= plan.fraction <= 0.51 and plan.gpu_bytes <= half
+    assert offload_bytes(c, plan.fraction - 0.01)[1] > half
+    assert "optimizer offload fraction: 0.5" in plan.describe(c)
+    assert check(c, half, host, "megatron-offload", fraction=0.8).fraction == 0.8  # the user's stands
+    with pytest.raises(DoesNotFit, match=r"megatron-offload with --optimizer-offload-fraction 1 needs"):
+        check(c, offload_bytes(c, 1.0)[1] - GiB, host, "megatron-offload")
+    assert layers_that_fit(c, 80 * GiB, host, "megatron-lm") < layers_that_fit(c, 80 * GiB, host, "megatron-offload")

@@ -168,6 +168,21 @@ def test_several_processes_are_refused_where_parallelism_is_missing(monkeypatch)
         arguments.parse_args([*TINY, "--offload-method", "zero-offload"])
 
 
+@pytest.mark.unit
+def test_megatron_offload_is_refused_without_a_gpu_and_outside_bf16(monkeypatch, capsys):
+    """megatron-core's optimizer offload allocates its buffers and streams on CUDA: without a GPU one line and
+    exit 2, before anything is built; with a GPU it takes --bf16 only."""
+    assert training.main([*TINY, "--offload-method", "megatron-offload", "--mock-data"]) == 2
+    err = capsys.readouterr().err
+    assert "--offload-method megatron-offload needs a CUDA GPU" in err and "Traceback" not in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(arguments.ArgumentError, match="trains in bf16 only .this run: fp32.; add --bf16"):
+        arguments.parse_args([*TINY, "--offload-method", "megatron-offload"])
+    with pytest.raises(arguments.ArgumentError, match="--optimizer-offload-fraction must be between 0 and 1"):
+        arguments.parse_args([*TINY, "--offload-method", "megatron-offload", "--bf16", "--optimizer-offload-fraction",
+                              "1.5"])
+
+
 @pytest.mark.integration
 def test_manual_gc_collects_between_steps_only(monkeypatch):
     """--manual-gc: the threshold-based collector is off during training (no pause inside an iteration)

@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resident-layers", type=int, default=None,
                    help="stronghold: transformer layers kept on the GPU with a GPU optimizer (default: as many "
                    "as fit in free GPU memory, as planned at start; 0 on a machine without CUDA).")
+    g.add_argument("--optimizer-offload-fraction", type=float, default=None,
+                   help="megatron-offload: the fraction of the optimizer's parameters stepped on the CPU (Megatron-LM's "
+                   "flag; default: the smallest that fits the GPU, from its pre-flight check).")
     g.add_argument("--refresh-machine-rates", action="store_true",
                    help="Measure this machine's copy, CPU AdamW and layer rates again for the plan instead of "
                    "reading them from the cache (planner/machine.py).")
@@ -268,6 +271,20 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.num_query_groups % tp:
         raise ArgumentError(f"--num-query-groups {args.num_query_groups} must be divisible by "
                             f"--tensor-model-parallel-size {tp}")
+    method = spec(args.offload_method)
+    if method.needs_cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"--offload-method {args.offload_method} needs a CUDA GPU (megatron-core allocates its "
+                                "gradient buffers and copy streams there) and this machine has none")
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    if precision not in method.precisions:
+        raise ArgumentError(f"--offload-method {args.offload_method} trains in {' or '.join(method.precisions)} only "
+                            f"(this run: {precision}); add --{method.precisions[0]}")
+    fraction = args.optimizer_offload_fraction
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise ArgumentError(f"--optimizer-offload-fraction must be between 0 and 1, got {fraction}")
     if args.world_size > 1 and not spec(args.offload_method).data_parallel:
         raise ArgumentError(f"{args.world_size} processes: data and tensor parallelism are implemented for "
                             f"{', '.join(m for m in METHODS if spec(m).data_parallel)}, not yet for "

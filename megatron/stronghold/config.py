@@ -120,6 +120,7 @@ class Config:
     resident_layers: Optional[int]
     cpu_optimizer_threads: Optional[int]
     refresh_machine_rates: bool
+    optimizer_offload_fraction: Optional[float]  # megatron-offload; None: its pre-flight check picks
 
     # checkpointing and run control (exit_on_nonfinite_iters filled)
     save: Optional[str]

@@ -52,12 +52,14 @@ def preflight(args, vocab_size, device):
     resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0
     try:
         plan = check(costs, gpu_free, host_free, args.offload_method, resident, args.window_size,
-                     args.cpu_optimizer_threads, cores=default_threads())
+                     args.cpu_optimizer_threads, cores=default_threads(), fraction=args.optimizer_offload_fraction)
     except DoesNotFit as exc:
         raise arguments.ArgumentError(str(exc)) from None
     if plan is None:
         return None, None
     line = plan.describe(costs)
+    if methods.spec(args.offload_method).preflight != "planner":
+        return plan, line
     # The user's window stands (the executor clamps it to the streamed layers), unless the method fixes it.
     fixed = methods.spec(args.offload_method).fixed_placement
     window = max(plan.window, 1) if args.window_size is None or fixed else args.window_size

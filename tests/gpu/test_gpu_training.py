@@ -129,3 +129,21 @@ def test_the_plan_measures_this_gpu_and_caches_it(tmp_path, monkeypatch, capsys)
     assert 5e9 < rates.h2d < 200e9 and 5e9 < rates.d2h < 200e9
     assert 0 < rates.layer_forward < rates.layer_backward < 10 * rates.layer_forward
     assert rates.adam_rate(8) > rates.adam_rate(2) > 1e7
+
+
+def test_megatron_offload_trains_like_megatron_and_their_checkpoints_cross(tmp_path):
+    """megatron-core's optimizer CPU offload (half the optimizer on the CPU) follows megatron-lm within bf16
+    noise; its checkpoint resumes under megatron-lm and the other way round."""
+    bf16 = ["--bf16", "--optimizer-offload-fraction", "0.5"]
+    reference = run("megatron-lm", 4, ["--bf16"], iters=10)
+    offload = run("megatron-offload", 4, bf16, iters=10)
+    assert offload.losses == pytest.approx(reference.losses, rel=BF16_RTOL)
+    assert offload.losses[0] == pytest.approx(reference.losses[0], rel=1e-3)  # the same model and batch
+    saved = str(tmp_path / "offload")
+    run("megatron-offload", 4, [*bf16, "--save", saved, "--exit-interval", "5"], iters=10)
+    resumed = run("megatron-lm", 4, ["--bf16", "--load", saved], iters=10)
+    assert resumed.losses == pytest.approx(offload.losses[5:], rel=BF16_RTOL)
+    saved = str(tmp_path / "megatron")
+    run("megatron-lm", 4, ["--bf16", "--save", saved, "--exit-interval", "5"], iters=10)
+    back = run("megatron-offload", 4, [*bf16, "--load", saved], iters=10)
+    assert back.losses == pytest.approx(reference.losses[5:], rel=BF16_RTOL)

@@ -16,7 +16,8 @@ class MethodSpec:
     name: str
     module: str  # methods/<module>.py
     # the pre-flight check (planner/preflight.py): "all-on-gpu" (every layer and its optimizer state on
-    # the GPU), "planner" (stronghold's plan: resident layers, window, threads), "deepspeed" (ZeRO's bytes)
+    # the GPU), "planner" (stronghold's plan: resident layers, window, threads), "deepspeed" (ZeRO's bytes),
+    # "optimizer-offload" (megatron-core's offload: the fraction of the optimizer on the CPU)
     preflight: str
     data_parallel: bool  # takes -n N / --tensor-model-parallel-size (torch.distributed)
     # "per-parameter": checkpoints that cross between such methods; "deepspeed": DeepSpeed's engine files,
@@ -25,6 +26,8 @@ class MethodSpec:
     precision_aware: bool  # builds --exp-avg-dtype / --exp-avg-sq-dtype / --main-grads-dtype bf16
     fixed_placement: Optional[Tuple[int, int]] = None  # (resident layers, window) the method always uses
     overlap: bool = True  # the streamed layers' copies and CPU steps overlap the GPU's work
+    needs_cuda: bool = False  # refused without a GPU (and skipped by the launcher's -m all there)
+    precisions: Tuple[str, ...] = ("fp32", "bf16", "fp16")  # --bf16 / --fp16 / neither
 
     @property
     def deepspeed(self) -> bool:
@@ -35,6 +38,9 @@ class MethodSpec:
 SPECS = (
     MethodSpec("megatron-lm", "megatron_lm", "all-on-gpu", data_parallel=True, checkpoint="per-parameter",
                precision_aware=True),
+    # megatron-core's own optimizer CPU offload (its pre-flight check picks --optimizer-offload-fraction)
+    MethodSpec("megatron-offload", "megatron_offload", "optimizer-offload", data_parallel=False,
+               checkpoint="per-parameter", precision_aware=False, needs_cuda=True, precisions=("bf16",)),
     MethodSpec("l2l", "streaming", "planner", data_parallel=True, checkpoint="per-parameter", precision_aware=True,
                fixed_placement=(0, 1), overlap=False),
     MethodSpec("zero-offload", "zero", "deepspeed", data_parallel=False, checkpoint="deepspeed",

@@ -236,6 +236,24 @@ def zero_bytes(costs: ModelCosts, method: str) -> tuple:
     return host, gpu
 
 
+# megatron-offload (megatron-core's DistributedDataParallel and distributed optimizer with its
+# HybridDeviceOptimizer, precision-aware, from its sources at 0.16.1): on the GPU the bf16 weights and the
+# fp32 gradient buffer (grad_reduce_in_fp32) of every parameter, and the fp32 master and both fp32 moments of
+# the fraction 1 - F it steps there; on the host, for the fraction F, the fp32 master and moments, a pinned
+# fp32 gradient and a pinned bf16 copy of the weights.
+OFFLOAD_GPU_BYTES = 2 + 4
+OFFLOAD_STATE_BYTES = 4 + 8
+OFFLOAD_HOST_BYTES = OFFLOAD_STATE_BYTES + 4 + 2
+
+
+def offload_bytes(costs: ModelCosts, fraction: float) -> tuple:
+    """(host bytes, GPU bytes) of megatron-offload with `fraction` of the optimizer on the CPU."""
+    params = costs.layers * costs.layer_params + costs.other_params
+    gpu = (params * (OFFLOAD_GPU_BYTES + (1 - fraction) * OFFLOAD_STATE_BYTES)
+           + costs.resident_activations(costs.layers) + costs.act_fixed + GPU_RESERVE)
+    return int(params * fraction * OFFLOAD_HOST_BYTES + HOST_RESERVE), int(gpu)
+
+
 def layer_forward_seconds(costs: ModelCosts) -> float:
     """One layer's forward over one micro-batch: measured, or its matmuls and attention (Megatron's
     FLOPs count) at ACHIEVED_FLOPS."""

@@ -5,7 +5,10 @@ cannot fit the memory this machine has, with the numbers; and the most layers ea
 import os
 
 from ..methods.registry import spec
-from .costs import GPU_RESERVE, GiB, ModelCosts, gpu_bytes, zero_bytes, zero_host_bytes_per_param
+import math
+from dataclasses import dataclass
+
+from .costs import GPU_RESERVE, GiB, ModelCosts, gpu_bytes, offload_bytes, zero_bytes, zero_host_bytes_per_param
 from .plan import DoesNotFit, make_plan
 
 
@@ -60,8 +63,45 @@ def zero_check(costs: ModelCosts, gpu_free, host_free: int, method: str) -> None
             f"available. Use fewer layers (--num-layers) or --offload-method stronghold.")
 
 
+@dataclass
+class OffloadPlan:
+    """megatron-offload's placement: every layer on the GPU, `fraction` of the optimizer on the CPU."""
+    fraction: float
+    gpu_bytes: int
+    host_bytes: int
+    gpu_free: int | None
+    resident_recompute = None  # recompute as the flags say
+
+    def describe(self, costs: ModelCosts) -> str:
+        gpu = "" if self.gpu_free is None else f" of {self.gpu_free / GiB:.1f} free"
+        return (f"plan | optimizer offload fraction: {self.fraction:.2f} (megatron-core's HybridDeviceOptimizer) | "
+                f"GPU: {self.gpu_bytes / GiB:.1f} GiB{gpu} | host: {self.host_bytes / GiB:.1f} GiB |")
+
+
+def offload_check(costs: ModelCosts, gpu_free, host_free: int, fraction=None) -> OffloadPlan:
+    """megatron-offload's fraction: the user's, or the smallest (in hundredths) whose GPU bytes fit;
+    DoesNotFit where the GPU cannot hold even the weights and gradient buffers, or the host its share."""
+    if fraction is None:
+        fraction = 1.0
+        if gpu_free is not None:
+            fixed = offload_bytes(costs, 1.0)[1]
+            per_fraction = offload_bytes(costs, 0.0)[1] - fixed  # GPU bytes the whole optimizer state takes
+            if per_fraction > 0:
+                fraction = min(1.0, max(0.0, math.ceil(100 * (1 - (gpu_free - fixed) / per_fraction)) / 100))
+    host, gpu = offload_bytes(costs, fraction)
+    params = costs.layers * costs.layer_params + costs.other_params
+    if (gpu_free is not None and gpu > gpu_free) or host > host_free:
+        raise DoesNotFit(
+            f"the model does not fit: megatron-offload with --optimizer-offload-fraction {fraction:g} needs "
+            f"{gpu / GiB:.1f} GiB GPU and {host / GiB:.1f} GiB host for {params / 1e9:.2f} B parameters (every "
+            f"layer's weights and fp32 gradients stay on the GPU), and this machine has "
+            f"{'no GPU' if gpu_free is None else f'{gpu_free / GiB:.1f} GiB GPU'} and {host_free / GiB:.1f} GiB "
+            f"host available. Use --offload-method stronghold, fewer layers or full activation recompute.")
+    return OffloadPlan(fraction, gpu, host, gpu_free)
+
+
 def check(costs: ModelCosts, gpu_free, host_free: int, method: str, resident=None, window=None, threads=None,
-          cores: int = 1):
+          cores: int = 1, fraction=None):
     """The pre-flight check of `method` (raises DoesNotFit), by its MethodSpec.preflight: the planner's
     plan (with the method's fixed placement, if it has one: l2l streams every layer through one
     slot), or None for the methods without a plan."""
@@ -72,6 +112,8 @@ def check(costs: ModelCosts, gpu_free, host_free: int, method: str, resident=Non
     if kind.preflight == "deepspeed":
         zero_check(costs, gpu_free, host_free, method)
         return None
+    if kind.preflight == "optimizer-offload":
+        return offload_check(costs, gpu_free, host_free, fraction)
     if kind.preflight != "planner":
         raise ValueError(f"{method}: no pre-flight check called {kind.preflight!r}")
     if kind.fixed_placement is not None:
