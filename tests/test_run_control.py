@@ -57,3 +57,7 @@ def test_torchrun_ends_with_the_workers_status_and_one_line(tmp_path, capsys):
     killed = {0: _failure(tmp_path, 0, -signal.SIGKILL)}
     assert status_of(ChildFailedError("pretrain_gpt.py", killed)) == 137
     assert "rank 0 ended with signal SIGKILL" in capsys.readouterr().err
+    # rank 0 refused its input and torchrun stopped rank 1 with SIGTERM, stamped earlier: the refusal counts
+    stopped = {0: _failure(tmp_path, 0, 2), 1: _failure(tmp_path, 1, -signal.SIGTERM)}
+    stopped[1].timestamp = stopped[0].timestamp - 1
+    assert status_of(ChildFailedError("pretrain_gpt.py", stopped)) == 2 and capsys.readouterr().err == ""

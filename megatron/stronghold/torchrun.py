@@ -19,8 +19,17 @@ from torch.distributed.run import parse_args, run
 EXIT_BAD_INPUT = 2
 
 
+def first_failure(exc: ChildFailedError):
+    """(rank, failure) that ended the run: the earliest, leaving out the ranks torchrun itself stopped with
+    SIGTERM once another had failed (their failures may be stamped first, in the same second)."""
+    failures = exc.failures
+    own = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    rank = min(own, key=lambda r: (own[r].timestamp, r))
+    return rank, failures[rank]
+
+
 def status_of(exc: ChildFailedError) -> int:
-    rank, failure = exc.get_first_failure()
+    rank, failure = first_failure(exc)
     status = failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
     rank0_said_it = exc.failures.get(0) is not None and exc.failures[0].exitcode == EXIT_BAD_INPUT
     if status == EXIT_BAD_INPUT and not rank0_said_it:  # its message is in its error file (run_control.report)
