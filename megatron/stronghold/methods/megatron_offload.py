@@ -28,9 +28,7 @@ def placement(args, plan, device, dtype):
 
 
 def build(args, plan, model, device, dtype, seeds, log) -> "MegatronOffload":
-    method = MegatronOffload(args, plan, model, device, dtype, seeds)
-    log(method.setup_line())
-    return method
+    return MegatronOffload(args, plan, model, device, dtype, seeds)
 
 
 def optimizer_config(args, fraction: float):
