@@ -511,3 +511,12 @@ def test_megatron_offload_takes_the_smallest_fraction_that_fits():
     with pytest.raises(DoesNotFit, match=r"megatron-offload with --optimizer-offload-fraction 1 needs"):
         check(c, offload_bytes(c, 1.0)[1] - GiB, host, "megatron-offload")
     assert layers_that_fit(c, 80 * GiB, host, "megatron-lm") < layers_that_fit(c, 80 * GiB, host, "megatron-offload")
+
+
+def test_the_trainer_reads_an_offload_plan_as_a_plan():
+    """The config line and the recompute choice read window, resident and resident_recompute of any plan (a GPU
+    run of megatron-offload stopped on the missing window)."""
+    from megatron.stronghold.planner.preflight import check
+
+    plan = check(costs(8), 80 * GiB, 200 * GiB, "megatron-offload")
+    assert (plan.window, plan.resident, plan.resident_recompute) == (None, None, None)

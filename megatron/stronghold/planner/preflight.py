@@ -70,6 +70,9 @@ class OffloadPlan:
     gpu_bytes: int
     host_bytes: int
     gpu_free: int | None
+    # nothing streams: the fields the trainer reads of a stronghold Plan
+    window = None
+    resident = None
     resident_recompute = None  # recompute as the flags say
 
     def describe(self, costs: ModelCosts) -> str:
