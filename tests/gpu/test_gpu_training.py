@@ -121,7 +121,7 @@ def test_the_plan_measures_this_gpu_and_caches_it(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("STRONGHOLD_CACHE_DIR", str(tmp_path))
     run("stronghold", 4, iters=3)
     out = capsys.readouterr().out
-    assert "> measuring copies on this machine" in out and "rates (measured on " in out
+    assert "> measuring the pinned copy rates on this machine" in out and "rates (measured on " in out
     run("stronghold", 4, iters=3)
     assert "> measuring" not in capsys.readouterr().out
     args = arguments.parse_args(["--num-layers", "4", "--bf16", "--hidden-size", "1024", "--num-attention-heads", "8"])

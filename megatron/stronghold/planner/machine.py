@@ -104,17 +104,19 @@ def measured_rates(probe, args, vocab: int, threads: Tuple[int, ...], refresh: b
     cache = {} if refresh else _read_cache(path)
     where = f"{socket.gethostname()}|{probe.card}"
 
-    def get(key, measure):
+    def get(what, key, measure):
         if key not in cache:
             if log is not None:
-                log(f"> measuring {key.split('|')[2]} on this machine for the plan (cached in {path}) ...")
+                log(f"> measuring {what} on this machine for the plan (cached in {path}) ...")
             cache[key] = measure()
         return cache[key]
 
-    h2d, d2h = get(f"{where}|copies", probe.copies)
-    adam = tuple((t, get(f"{socket.gethostname()}|adam|{layout_key(args)}|threads={t}", lambda t=t: probe.cpu_adam(t)))
+    h2d, d2h = get("the pinned copy rates", f"{where}|copies", probe.copies)
+    adam = tuple((t, get(f"the CPU AdamW rate at {t} threads", f"{socket.gethostname()}|adam|{layout_key(args)}|threads={t}",
+                         lambda t=t: probe.cpu_adam(t)))
                  for t in sorted(set(threads)))
-    forward, backward, head = get(f"{where}|layer|{shape_key(args, vocab)}", probe.layer)
+    forward, backward, head = get("one layer's forward and backward", f"{where}|layer|{shape_key(args, vocab)}",
+                                  probe.layer)
     _write_cache(path, cache)
     return Rates(f"measured on {probe.card}", h2d, d2h, adam, forward, backward, head)
 
