@@ -163,6 +163,14 @@ validate() {
     [[ -z "$USER_HEADS" ]] || require_positive_int "--num-attention-heads" "$USER_HEADS"
     USER_SEQ="$(extra_value --seq-length)"
     [[ -z "$USER_SEQ" ]] || require_positive_int "--seq-length" "$USER_SEQ"
+    # pretrain_gpt.py flags after -- win over -l/-h/-b/-w: the sizes checked and the log's name are theirs
+    local flag value
+    for flag in LAYERS:--num-layers HIDDEN:--hidden-size BATCH:--micro-batch-size WINDOW:--window-size; do
+        value="$(extra_value "${flag#*:}")"
+        [[ -z "$value" ]] && continue
+        require_positive_int "${flag#*:}" "$value"
+        printf -v "${flag%%:*}" '%s' "$value"
+    done
 }
 
 # Sizes are resolved once we know whether a GPU is present.

@@ -370,3 +370,16 @@ def test_a_run_killed_by_the_kernel_is_reported_by_name(tmp_path):
     assert "killed by SIGKILL" in log.splitlines()[-1]
     from megatron.stronghold.logs import parse_log
     assert parse_log(log).exit_status == 137  # tools/extract_results.py reads how a run ended
+
+
+def test_sizes_after_the_double_dash_name_the_log(tmp_path):
+    """--num-layers/--hidden-size/--micro-batch-size/--window-size after -- are the run's sizes (they win in
+    pretrain_gpt.py), so the log is named by them, not by the launcher's defaults (an 8-layer hidden-4096 run
+    was logged as l-16_hs-2048)."""
+    result, (command,) = dry_run_command(tmp_path, ["-m", "stronghold", "-l", "16", "--", "--num-layers", "3",
+                                                    "--hidden-size", "96", "--micro-batch-size", "2",
+                                                    "--window-size", "1"])
+    log = result.stdout.split("log would be: ", 1)[1].split()[0]
+    assert LOG_NAME.match(os.path.basename(log)).groupdict() == {
+        "method": "stronghold", "l": "3", "hs": "96", "bs": "2", "ws": "1"}
+    assert flag_value(command, "--num-layers") == "3"
