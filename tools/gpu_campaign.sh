@@ -39,6 +39,9 @@
 #   zerobytes the host and GPU bytes DeepSpeed really holds per parameter: ZERO_METHODS (zero-offload
 #             zero-infinity) at ZERO_LAYERS (16 48) layers h2048, paper batch, 3 iterations each;
 #             zerobytes.txt: their summary lines (peak host RSS, peak GPU memory) for the pre-flight counts
+#   offload   megatron-core's optimizer CPU offload (-m megatron-offload): its GPU test against megatron-lm and
+#             across checkpoints, then 96 layers h2048 (micro-batch 8, global batch 64, full recompute) beside
+#             stronghold, then its largest model (tools/largest_model.py); offload.txt
 #   sft       the fine-tuning path (tools/sft_round_trip.py): a Llama-3-8B-shaped Hugging Face model at SFT_LAYERS
 #             (16 of its 32: at 32 the HF model, the imported fp32 checkpoint and the trained one exceed the
 #             machine's 64 GiB disk) made with transformers, imported, fine-tuned with --sft by stronghold at
@@ -186,6 +189,16 @@ for s in "$@"; do
                         sed "s/^/$m L=$l /" | tee -a "$OUT/zerobytes.txt"
                 done
             done ;;
+        offload)
+            "$PY" -m pytest -q -x tests/gpu/test_gpu_training.py -k megatron_offload 2>&1 | tail -5 | tee -a "$OUT/offload.txt"
+            for m in megatron-offload stronghold; do
+                RESULTS_DIR="$OUT/offload" bash examples/run.sh -m "$m" -l 96 -b 8 -- --global-batch-size 64 \
+                    --recompute-granularity full --train-iters "${OFFLOAD_ITERS:-5}" --log-interval 1 2>&1 |
+                    grep -E "total parameters|^plan|megatron-core optimizer|start-up|iteration +[0-9]+/|summary|exited|rror" |
+                    sed "s/^/$m L=96 /" | tee -a "$OUT/offload.txt"
+            done
+            "$PY" tools/largest_model.py --method megatron-offload --start planner --timeout "${LARGEST_TIMEOUT:-480}" \
+                --out "$OUT/offload" 2>&1 | tee -a "$OUT/offload.txt" ;;
         sft)
             d=/tmp/sft_round_trip
             rm -rf "$d" && mkdir -p "$d"
