@@ -26,12 +26,12 @@ def run_iteration(step, iteration, norms, coeff, skip=False, decide_late=()):
     decided = step.publish(iteration, coeff, skip)
     assert set(decided) == set(order) - set(decide_late)
     for layer, how in decided.items():
-        final_step[layer] = step.needs_final_step(how == "guess", coeff, skip)
+        final_step[layer] = step.needs_final_step(how == "guess", skip)
     arrived = sum(n ** 2 for n in norms)
     for layer in decide_late:
         guessed[layer], published = step.decide(layer, arrived, iteration)
         assert published == (coeff, skip)
-        final_step[layer] = step.needs_final_step(guessed[layer], *published)
+        final_step[layer] = step.needs_final_step(guessed[layer], published[1])
     return guessed, final_step
 
 

@@ -58,7 +58,7 @@ class SpeculativeStep:
         return decided
 
     @staticmethod
-    def needs_final_step(guessed: bool, clip_coeff: float, skip: bool) -> bool:
+    def needs_final_step(guessed: bool, skip: bool) -> bool:
         """A layer that waited steps unless the iteration is skipped; a guessed one has stepped (where
         it may guess, the coefficient is always 1, and a skip ends the run unsaved)."""
         return not guessed and not skip

@@ -341,7 +341,7 @@ class StreamingExecutor:
         guess, final = self.speculation.decide(i, arrived, iteration)
         if guess:
             host.step(hyper, inv_scale, self.scratch)
-        if final is not None and self.speculation.needs_final_step(guess, *final):
+        if final is not None and self.speculation.needs_final_step(guess, final[1]):
             self._make_final(i, *final, hyper, inv_scale)
 
     # ----- the step -----
@@ -368,7 +368,7 @@ class StreamingExecutor:
         hyper, inv_scale = self._hyperparameters(), self.inv_scale
         decided = self.speculation.publish(self.iteration, clip_coeff, skip)
         for i in range(self.num_layers):  # forward order: layer 0 is needed first
-            if i in decided and self.speculation.needs_final_step(decided[i] == "guess", clip_coeff, skip):
+            if i in decided and self.speculation.needs_final_step(decided[i] == "guess", skip):
                 # The one worker thread runs it after the layer's own CPU work, which has started;
                 # it looks at that work's outcome first, so a failure there is never built upon.
                 self.weight_pending[i] = self.grad_pending[i] = self.worker.submit(
