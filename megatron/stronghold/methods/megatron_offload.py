@@ -113,7 +113,7 @@ class MegatronOffload(Method):
             except KeyError:  # before the first step the optimizer has no state: the master is the weight
                 out[name] = {"param": p.detach().float()}
                 continue
-            entry = {"param": state["param"].view(p.shape)}
+            entry = {"param": state["param"].detach().view(p.shape)}
             if "exp_avg" in state:
                 entry.update(exp_avg=state["exp_avg"].view(p.shape), exp_avg_sq=state["exp_avg_sq"].view(p.shape),
                              step=int(state["step"]))
@@ -123,16 +123,29 @@ class MegatronOffload(Method):
     def load_state_dict(self, state: dict) -> None:
         from ..checkpointing.format import entry_master
 
+        hybrid = self.distributed.optimizer
         for name, p in self.params.items():
             if name not in state:
                 raise ValueError(f"{name} is missing from the checkpoint")
             entry = state[name]
-            master = entry_master(entry).to(device=p.device, dtype=torch.float32).flatten()
+            # each state where its optimizer keeps it: the offloaded share on the host (on the GPU first,
+            # all at once, it would take the memory the offload exists to save)
+            group, index = self.distributed.model_param_group_index_map[p]
+            where = hybrid.param_to_inner_param[hybrid.param_groups[group]["params"][index]].device
+            master = entry_master(entry).to(device=where, dtype=torch.float32).flatten()
             # weights only (--finetune, or before the first step): fresh moments, as Adam's first step has
-            moments = [entry[k].to(p.device, torch.float32).flatten() if "exp_avg" in entry else torch.zeros_like(master)
+            moments = [entry[k].to(where, torch.float32).flatten() if "exp_avg" in entry else torch.zeros_like(master)
                        for k in ("exp_avg", "exp_avg_sq")]
             self.distributed._set_main_param_and_optimizer_states(
                 p, {"param": master, "exp_avg": moments[0], "exp_avg_sq": moments[1],
                     "step": torch.tensor(float(entry.get("step", 0)))})
             p.data.copy_(master.view(p.shape))  # the bf16 weights the next forward uses
-        self.distributed.optimizer._sync_hdo_state_to_sub_optimizers()
+        hybrid._sync_hdo_state_to_sub_optimizers()
+        # megatron-core 0.16.1 tells its CPU optimizers from its GPU one by class, and without Transformer
+        # Engine or apex both are torch's AdamW: the sync above moved the GPU side's state to the host too
+        gpu_optimizer = getattr(hybrid, "gpu_optimizer", None)
+        if gpu_optimizer is not None:
+            for param, param_state in gpu_optimizer.state.items():
+                for key, value in param_state.items():
+                    if torch.is_tensor(value):
+                        param_state[key] = value.to(param.device)
