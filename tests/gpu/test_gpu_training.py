@@ -19,6 +19,15 @@ from megatron.stronghold.logs import parse_log
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BF16_RTOL = 2e-2  # bf16 weights are rounded after each step; CPU vs GPU fp32 Adam differ by ulps
+# Over the first iterations the runs agree to about 5e-6 (the two Adams' ulps have not yet flipped a bf16
+# rounding that matters): held to 1e-3 there, which the bf16-master bug that parted the runs by 1% fails.
+EARLY, EARLY_RTOL = 3, 1e-3
+
+
+def assert_follows(got, ref):
+    """Losses within 1e-3 over the first EARLY iterations, then within bf16's noise."""
+    assert got.losses[:EARLY] == pytest.approx(ref.losses[:EARLY], rel=EARLY_RTOL)
+    assert got.losses == pytest.approx(ref.losses, rel=BF16_RTOL)
 
 
 def run(method, layers, extra=(), window=2, iters=20, hidden=256, heads=8, seq=128, micro_batch=4):
@@ -57,7 +66,7 @@ def test_fp32_layer_major_with_accumulation_and_dropout_matches_megatron_on_gpu(
 def test_bf16_matches_megatron_within_bf16_noise():
     ref = run("megatron-lm", 4, ("--bf16",))
     got = run("stronghold", 4, ("--bf16",))
-    assert got.losses == pytest.approx(ref.losses, rel=BF16_RTOL)
+    assert_follows(got, ref)
     assert ref.losses[-1] < ref.losses[0] and got.losses[-1] < got.losses[0]
 
 
@@ -90,7 +99,7 @@ def test_fp16_skips_the_same_iterations():
     assert any(ref.skipped), "the initial loss scale should overflow fp16 at least once"
     assert got.skipped == ref.skipped
     assert got.loss_scales == ref.loss_scales
-    assert got.losses == pytest.approx(ref.losses, rel=BF16_RTOL)
+    assert_follows(got, ref)
 
 
 def peak_gpu_in_fresh_process(layers):
@@ -137,8 +146,7 @@ def test_megatron_offload_trains_like_megatron_and_their_checkpoints_cross(tmp_p
     bf16 = ["--bf16", "--optimizer-offload-fraction", "0.5"]
     reference = run("megatron-lm", 4, ["--bf16"], iters=10)
     offload = run("megatron-offload", 4, bf16, iters=10)
-    assert offload.losses == pytest.approx(reference.losses, rel=BF16_RTOL)
-    assert offload.losses[0] == pytest.approx(reference.losses[0], rel=1e-3)  # the same model and batch
+    assert_follows(offload, reference)
     saved = str(tmp_path / "offload")
     run("megatron-offload", 4, [*bf16, "--save", saved, "--exit-interval", "5"], iters=10)
     resumed = run("megatron-lm", 4, ["--bf16", "--load", saved], iters=10)
