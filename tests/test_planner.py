@@ -541,3 +541,24 @@ def test_resident_layers_that_keep_their_activations_are_counted_as_measured():
     c = ModelCosts.of(arguments.parse_args([*llama, *BF16_MOMENTS]), 128256)
     counted = (gpu_bytes(c, 8, 0, resident_recompute=0) - GPU_RESERVE) / GiB
     assert peak <= counted <= 1.1 * peak, (counted, peak)
+
+
+def test_a_gpu_too_full_to_measure_keeps_the_constants(tmp_path, monkeypatch):
+    """Out of GPU memory while measuring (a card shared with another job): the plan uses the constants, the
+    log says so, and nothing half-measured is cached."""
+    import torch
+
+    from megatron.stronghold.planner.machine import ASSUMED, rates_or_constants
+
+    class FullCard(ScriptedProbe):
+        device = torch.device("cpu")
+
+        def layer(self):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setenv("STRONGHOLD_CACHE_DIR", str(tmp_path))
+    said = []
+    args = arguments.parse_args(["--num-layers", "4", "--bf16"])
+    assert rates_or_constants(FullCard(), args, 50304, (16, 8), log=said.append) is ASSUMED
+    assert said[-1] == "> measuring this machine ran out of GPU memory: the plan uses costs.py's constants"
+    assert not (tmp_path / "machine-rates.json").exists()

@@ -42,11 +42,11 @@ def preflight(args, vocab_size, device):
     costs = ModelCosts.of(args, vocab_size)
     # One process measures: ranks that measured apart could settle on different plans.
     if device.type == "cuda" and args.world_size == 1 and methods.spec(args.offload_method).preflight == "planner":
-        from .planner.machine import GpuProbe, measured_rates
+        from .planner.machine import GpuProbe, rates_or_constants
 
         cores = default_threads()
-        rates = measured_rates(GpuProbe(args, device, costs.vocab), args, costs.vocab, (cores, (cores + 1) // 2),
-                               refresh=args.refresh_machine_rates, log=log)
+        rates = rates_or_constants(GpuProbe(args, device, costs.vocab), args, costs.vocab,
+                                   (cores, (cores + 1) // 2), refresh=args.refresh_machine_rates, log=log)
         costs = dataclasses.replace(costs, rates=rates)
     gpu_free, host_free = available_memory(device)
     resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0

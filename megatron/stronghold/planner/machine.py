@@ -121,6 +121,21 @@ def measured_rates(probe, args, vocab: int, threads: Tuple[int, ...], refresh: b
     return Rates(f"measured on {probe.card}", h2d, d2h, adam, forward, backward, head)
 
 
+def rates_or_constants(probe, args, vocab: int, threads: Tuple[int, ...], refresh: bool = False, log=None) -> Rates:
+    """measured_rates, or the constants where the GPU cannot hold a measurement (a card already in use): the
+    run goes on with the plan it would have had before measuring, and the log says so."""
+    import torch
+
+    try:
+        return measured_rates(probe, args, vocab, threads, refresh, log)
+    except torch.OutOfMemoryError:
+        if probe.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if log is not None:
+            log("> measuring this machine ran out of GPU memory: the plan uses costs.py's constants")
+        return ASSUMED
+
+
 def _median_seconds(fn, synchronize=lambda: None, warmup: int = 2, repeats: int = REPEATS) -> float:
     for _ in range(warmup):
         fn()
