@@ -274,7 +274,7 @@ def build_datasets(args, tokenizer, log=None):
     bookends = _split_matrix(args.split or DEFAULT_SPLIT, sizes[1])[:2]
     pad = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else (hf_tokenizer.eos_token_id or 0)
     made = []
-    for split, (name, bookend, size) in enumerate(zip(("train", "valid"), bookends, sizes)):
+    for name, bookend, size in zip(("train", "valid"), bookends, sizes):
         parts = []
         for source, source_name, weight in zip(sources, names, weights):
             n = len(source)

@@ -40,29 +40,29 @@ def preflight(args, vocab_size, device):
     from .planner import DoesNotFit, ModelCosts, available_memory, check
 
     costs = ModelCosts.of(args, vocab_size)
+    kind, cores = methods.spec(args.offload_method), default_threads()
     # One process measures: ranks that measured apart could settle on different plans.
-    if device.type == "cuda" and args.world_size == 1 and methods.spec(args.offload_method).preflight == "planner":
+    if device.type == "cuda" and args.world_size == 1 and kind.preflight == "planner":
         from .planner.machine import GpuProbe, rates_or_constants
+        from .planner.plan import thread_choices
 
-        cores = default_threads()
-        rates = rates_or_constants(GpuProbe(args, device, costs.vocab), args, costs.vocab,
-                                   (cores, (cores + 1) // 2), refresh=args.refresh_machine_rates, log=log)
+        rates = rates_or_constants(GpuProbe(args, device, costs.vocab), args, costs.vocab, thread_choices(cores),
+                                   refresh=args.refresh_machine_rates, log=log)
         costs = dataclasses.replace(costs, rates=rates)
     gpu_free, host_free = available_memory(device)
     resident = args.resident_layers if args.resident_layers is not None or gpu_free is not None else 0
     try:
         plan = check(costs, gpu_free, host_free, args.offload_method, resident, args.window_size,
-                     args.cpu_optimizer_threads, cores=default_threads(), fraction=args.optimizer_offload_fraction)
+                     args.cpu_optimizer_threads, cores=cores, fraction=args.optimizer_offload_fraction)
     except DoesNotFit as exc:
         raise arguments.ArgumentError(str(exc)) from None
     if plan is None:
         return None, None
     line = plan.describe(costs)
-    if methods.spec(args.offload_method).preflight != "planner":
+    if kind.preflight != "planner":
         return plan, line
     # The user's window stands (the executor clamps it to the streamed layers), unless the method fixes it.
-    fixed = methods.spec(args.offload_method).fixed_placement
-    window = max(plan.window, 1) if args.window_size is None or fixed else args.window_size
+    window = max(plan.window, 1) if args.window_size is None or kind.fixed_placement else args.window_size
     return dataclasses.replace(plan, window=window), line
 
 

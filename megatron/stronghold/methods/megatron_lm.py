@@ -94,7 +94,6 @@ class MegatronLM(Method):
         self.resident.load_state_dict(state)
 
 
-
 def _sum_over_tensor_parallel(value: float, device) -> float:
     """Each tensor-parallel rank measured its own shards (replicated parameters once): add them up."""
     from megatron.core import parallel_state

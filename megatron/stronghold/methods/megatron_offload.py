@@ -19,12 +19,8 @@ import contextlib
 import torch
 
 from ..model import lm_loss
-from .megatron_lm import to_device
+from .megatron_lm import placement, to_device  # noqa: F401  (placement: every layer on the GPU, as megatron-lm)
 from .protocol import Method, StepResult
-
-
-def placement(args, plan, device, dtype):
-    return lambda index, layer: layer.to(device=device, dtype=dtype)
 
 
 def build(args, plan, model, device, dtype, seeds, log) -> "MegatronOffload":

@@ -120,6 +120,11 @@ class ModelCosts:
         return self.hidden_state if self.recompute else self.layer_activations
 
     @property
+    def params(self) -> int:
+        """This rank's parameters: every layer's and the others (embeddings, final norm)."""
+        return self.layers * self.layer_params + self.other_params
+
+    @property
     def resident_bytes_per_param(self) -> int:
         return self.compute_bytes + self.master_bytes + self.moment_bytes + self.main_grad_bytes
 
@@ -229,7 +234,7 @@ def zero_host_bytes_per_param(costs: ModelCosts, method: str) -> int:
 
 def zero_bytes(costs: ModelCosts, method: str) -> tuple:
     """(host bytes, GPU bytes) that a ZeRO baseline needs."""
-    params = costs.layers * costs.layer_params + costs.other_params
+    params = costs.params
     host = params * zero_host_bytes_per_param(costs, method)
     gpu = ((0 if method == "zero-infinity" else ZERO_OFFLOAD_GPU_COPIES * params * costs.compute_bytes)
            + costs.layers * costs.act_per_layer + costs.act_fixed)
@@ -248,7 +253,7 @@ OFFLOAD_HOST_BYTES = OFFLOAD_STATE_BYTES + 4 + 2
 
 def offload_bytes(costs: ModelCosts, fraction: float) -> tuple:
     """(host bytes, GPU bytes) of megatron-offload with `fraction` of the optimizer on the CPU."""
-    params = costs.layers * costs.layer_params + costs.other_params
+    params = costs.params
     gpu = (params * (OFFLOAD_GPU_BYTES + (1 - fraction) * OFFLOAD_STATE_BYTES)
            + costs.resident_activations(costs.layers) + costs.act_fixed + GPU_RESERVE)
     return int(params * fraction * OFFLOAD_HOST_BYTES + HOST_RESERVE), int(gpu)

@@ -86,6 +86,11 @@ def predicted_seconds(costs: ModelCosts, resident: int, window: int, streamed_re
     return max(compute, link, cpu) + one_layer
 
 
+def thread_choices(cores: int) -> tuple:
+    """The CPU optimizer's thread counts a plan chooses between (optimizer_threads): all, or half."""
+    return cores, max(1, (cores + 1) // 2)
+
+
 def optimizer_threads(costs: ModelCosts, resident: int, cores: int) -> int:
     """Threads for the CPU optimizer, out of `cores` (this rank's share less the main thread's).
 
@@ -96,10 +101,9 @@ def optimizer_threads(costs: ModelCosts, resident: int, cores: int) -> int:
     CPU steps even when they all wait for the global norm; with few streamed layers
     their steps hide behind the GPU work with half the cores as well as with all.
     """
+    every, half = thread_choices(cores)
     cpu = cpu_step_seconds(costs, resident)
-    if cpu >= compute_seconds(costs, resident) / 2:
-        return cores
-    return max(1, (cores + 1) // 2)
+    return every if cpu >= compute_seconds(costs, resident) / 2 else half
 
 
 def _window(costs, resident, window):

@@ -2,12 +2,11 @@
 cannot fit the memory this machine has, with the numbers; and the most layers each check admits
 (the largest-model search's start)."""
 
-import os
-
-from ..methods.registry import spec
 import math
+import os
 from dataclasses import dataclass
 
+from ..methods.registry import spec
 from .costs import GPU_RESERVE, GiB, ModelCosts, gpu_bytes, offload_bytes, zero_bytes, zero_host_bytes_per_param
 from .plan import DoesNotFit, make_plan
 
@@ -47,7 +46,7 @@ def zero_check(costs: ModelCosts, gpu_free, host_free: int, method: str) -> None
     """Refuse, before DeepSpeed allocates anything, a model whose certain bytes already exceed what
     is available (the rest is left to DeepSpeed, as megatron-lm's edge is left to the allocator)."""
     host, gpu = zero_bytes(costs, method)
-    params = costs.layers * costs.layer_params + costs.other_params
+    params = costs.params
     if gpu_free is None:  # no GPU: one memory
         if host + gpu > host_free:
             raise DoesNotFit(
@@ -92,7 +91,7 @@ def offload_check(costs: ModelCosts, gpu_free, host_free: int, fraction=None) ->
             if per_fraction > 0:
                 fraction = min(1.0, max(0.0, math.ceil(100 * (1 - (gpu_free - fixed) / per_fraction)) / 100))
     host, gpu = offload_bytes(costs, fraction)
-    params = costs.layers * costs.layer_params + costs.other_params
+    params = costs.params
     if (gpu_free is not None and gpu > gpu_free) or host > host_free:
         raise DoesNotFit(
             f"the model does not fit: megatron-offload with --optimizer-offload-fraction {fraction:g} needs "
