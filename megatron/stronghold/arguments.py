@@ -253,6 +253,7 @@ def validate_args(args: argparse.Namespace) -> None:
     _validate_layer(args)
     if args.fp16 and args.bf16:
         raise ArgumentError("choose one of --fp16 and --bf16")
+    args.params_dtype_name = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     if args.manual_gc_interval < 0:
         raise ArgumentError(f"--manual-gc-interval must be 0 or more, got {args.manual_gc_interval}")
     if args.max_position_embeddings is None:
@@ -278,14 +279,13 @@ def validate_args(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise ArgumentError(f"--offload-method {args.offload_method} needs a CUDA GPU (megatron-core allocates its "
                                 "gradient buffers and copy streams there) and this machine has none")
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    if precision not in method.precisions:
+    if args.params_dtype_name not in method.precisions:
         raise ArgumentError(f"--offload-method {args.offload_method} trains in {' or '.join(method.precisions)} only "
-                            f"(this run: {precision}); add --{method.precisions[0]}")
+                            f"(this run: {args.params_dtype_name}); add --{method.precisions[0]}")
     fraction = args.optimizer_offload_fraction
     if fraction is not None and not 0 <= fraction <= 1:
         raise ArgumentError(f"--optimizer-offload-fraction must be between 0 and 1, got {fraction}")
-    if args.world_size > 1 and not spec(args.offload_method).data_parallel:
+    if args.world_size > 1 and not method.data_parallel:
         raise ArgumentError(f"{args.world_size} processes: data and tensor parallelism are implemented for "
                             f"{', '.join(m for m in METHODS if spec(m).data_parallel)}, not yet for "
                             f"{args.offload_method}; run one process")
@@ -322,7 +322,6 @@ def validate_args(args: argparse.Namespace) -> None:
         args.mock_data = True
     if args.tokenizer_type is None:
         args.tokenizer_type = default_tokenizer_type(args)
-    args.params_dtype_name = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     _validate_optimizer_precision(args)
     from .tensorboard_log import check_args as check_tensorboard_args
 
@@ -398,8 +397,9 @@ def _validate_optimizer_precision(args) -> None:
                                 f"{', '.join(BUILT_DTYPES[name])}")
     if args.main_grads_dtype == "bf16" and not args.bf16:
         raise ArgumentError("--main-grads-dtype bf16 needs --bf16 (the gradients it sums are the bf16 ones)")
-    if lowered and not spec(args.offload_method).precision_aware:
-        whose = "DeepSpeed's" if spec(args.offload_method).deepspeed else "megatron-core's"
+    method = spec(args.offload_method)
+    if lowered and not method.precision_aware:
+        whose = "DeepSpeed's" if method.deepspeed else "megatron-core's"
         raise ArgumentError(f"{' '.join(lowered)}: {args.offload_method} keeps {whose} own optimizer states; the "
                             f"precision-aware optimizer is built for "
                             f"{', '.join(m for m in METHODS if spec(m).precision_aware)}")
