@@ -223,7 +223,7 @@ for s in "$@"; do
                 --output "$d/export" --dtype bfloat16 --tokenizer-model "$d/hf" > "$d/export.log" 2>&1
             keep "timed|rror" < "$d/export.log"
             "$PY" tools/sft_round_trip.py score --hf "$d/export" --data "$d/chat.jsonl" 2>&1 | keep "loss|rror" "after fine-tuning: "
-            # last, for its time only (the round trip comes first where the call's time runs short): from the
+            # last, for its time only (the round trip comes first where a time limit cuts the stage short): from the
             # fine-tuned weights, the imported ones being gone for the disk's sake
             rm -rf "$d/export"
             RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- "${imported[@]}" "${sft[@]}" \
