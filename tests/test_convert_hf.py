@@ -317,7 +317,8 @@ def test_import_with_a_hugging_face_tokenizer_trains_on_its_tokens(tmp_path, cap
     assert first["lm loss"] == pytest.approx(hf_loss(model, batch), rel=1e-5)
 
 
-def test_a_hugging_face_llama_fine_tunes_from_transformers_loss(tmp_path, capsys):
+@pytest.mark.parametrize("packing", ["packed", "padded"])
+def test_a_hugging_face_llama_fine_tunes_from_transformers_loss(tmp_path, capsys, packing):
     """A tiny Llama with the chat tokenizer in one directory, imported, then `examples/run.sh -m stronghold
     -- --sft` on a file repeating one conversation, packed two to a sequence: iteration 1 logs
     transformers' loss on that conversation alone with labels -100 outside the template's generation
@@ -341,12 +342,14 @@ def test_a_hugging_face_llama_fine_tunes_from_transformers_loss(tmp_path, capsys
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
     flags += ["--sft", "--data-path", data, "--split", "1,0,0", "--seq-length", "48", "--micro-batch-size", "2",
               "--global-batch-size", "2", "--train-iters", "2", "--log-interval", "1", "--resident-layers", "0"]
+    flags += [] if packing == "packed" else ["--no-sft-packing"]
     env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "results"))
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "run.sh"), "-m", "stronghold", "--", *flags],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "for fine-tuning" in proc.stdout and "> sft train: 4 conversations" in proc.stdout
-    assert "> sft train: 2 sequences of 49 tokens (packed)" in proc.stdout
+    assert ("> sft train: 2 sequences of 49 tokens (packed)" if packing == "packed"
+            else "> sft train: 4 sequences of 49 tokens (one conversation each)") in proc.stdout
 
     rendered = tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = torch.tensor([rendered["input_ids"]])

@@ -198,7 +198,7 @@ for s in "$@"; do
                     sed "s/^/$m L=96 /" | tee -a "$OUT/offload.txt"
             done
             "$PY" tools/largest_model.py --method megatron-offload --start planner --timeout "${LARGEST_TIMEOUT:-480}" \
-                --out "$OUT/offload" 2>&1 | tee -a "$OUT/offload.txt" ;;
+                --budget "${LARGEST_BUDGET:-0}" --out "$OUT/offload" 2>&1 | tee -a "$OUT/offload.txt" ;;
         sft)
             d=/tmp/sft_round_trip
             rm -rf "$d" && mkdir -p "$d"
