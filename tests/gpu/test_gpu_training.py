@@ -155,3 +155,16 @@ def test_megatron_offload_trains_like_megatron_and_their_checkpoints_cross(tmp_p
     run("megatron-lm", 4, ["--bf16", "--save", saved, "--exit-interval", "5"], iters=10)
     back = run("megatron-offload", 4, [*bf16, "--load", saved], iters=10)
     assert back.losses == pytest.approx(reference.losses[5:], rel=BF16_RTOL)
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_sft_losses_respect_causality_on_gpu(tmp_path, packing):
+    """tests/test_sft.py's check on the GPU's kernels (flash for padded sequences, memory-efficient with the
+    conversation mask for packed ones), by stronghold in the planner's placement, in the fine-tuning stage's
+    precision and recompute: the flags of the H100 run whose padded losses fell below the data's floor."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from test_sft import sft_losses_respect_causality
+
+    sft_losses_respect_causality(tmp_path, packing, extra=(
+        "--offload-method", "stronghold", "--bf16", "--recompute-granularity", "full", "--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
+        "--exp-avg-sq-dtype", "bf16"))
