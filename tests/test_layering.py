@@ -59,6 +59,7 @@ def test_no_import_circle():
     assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("module", ["megatron.stronghold.errors", "megatron.stronghold.methods.registry"])
+@pytest.mark.parametrize("module", ["megatron.stronghold.errors", "megatron.stronghold.precision",
+                                    "megatron.stronghold.methods.registry"])
 def test_the_ground_floor_imports_nothing_of_the_project(module):
     assert module_imports()[module] == set()

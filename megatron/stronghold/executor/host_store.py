@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..precision import gradient_dtype
+
 from stronghold_ext import adamw_step
 from stronghold_ext.remainders import join_master, store_master, ties_within
 
@@ -80,11 +82,6 @@ class PinnedBlock:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
             self.pinned = False
-
-
-def gradient_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-    """What a streamed layer's gradient crosses PCIe in: the compute dtype, except fp16 (see above)."""
-    return torch.float32 if compute_dtype == torch.float16 else compute_dtype
 
 
 class HostLayer:

@@ -32,7 +32,8 @@ from ..logs import Progress
 from ..optim import counts_in_norm
 from .boundaries import Boundaries
 from .cpu_worker import CpuStepError, CpuWorker, default_threads
-from .host_store import HostLayer, LayerLayout, _numel, gradient_dtype
+from ..precision import gradient_dtype
+from .host_store import HostLayer, LayerLayout, _numel
 from .ownership import Ownership
 from .speculative import SpeculativeStep
 
@@ -300,7 +301,7 @@ class StreamingExecutor:
 
     def _to_gradient_dtype(self, grad: torch.Tensor) -> torch.Tensor:
         """What crosses PCIe and the CPU step reads: the gradient rounded once from the fp32 sum to
-        bf16 (2 B/param), in fp32 otherwise (host_store.gradient_dtype)."""
+        bf16 (2 B/param), in fp32 otherwise (precision.gradient_dtype)."""
         return grad if grad.dtype == self.grad_dtype else grad.to(self.grad_dtype)
 
     def _take_norm(self, i: int, grad: torch.Tensor) -> None:

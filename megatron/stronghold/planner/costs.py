@@ -28,7 +28,10 @@ constant below; plan.py combines them into the predicted iteration.
 
 from dataclasses import dataclass
 
+import torch
+
 from ..layer_shape import LayerShape
+from ..precision import gradient_dtype
 from .machine import ASSUMED, Rates
 
 GiB = 1024 ** 3
@@ -130,8 +133,8 @@ class ModelCosts:
 
     @property
     def gradient_bytes(self) -> int:
-        """A streamed gradient crosses PCIe in bf16, or in fp32 with fp16 (executor/host_store.py)."""
-        return 2 if self.compute_bytes == 2 and not self.fp16 else 4
+        compute = torch.float16 if self.fp16 else torch.bfloat16 if self.compute_bytes == 2 else torch.float32
+        return gradient_dtype(compute).itemsize
 
     @property
     def master_bytes(self) -> int:

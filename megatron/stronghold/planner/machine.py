@@ -184,6 +184,8 @@ class GpuProbe:
         import torch
         from stronghold_ext import adamw_step
 
+        from ..precision import gradient_dtype
+
         args, n = self.args, ADAM_NUMEL
         dtype = args.params_dtype
         remainders = dtype == torch.bfloat16 and args.store_param_remainders
@@ -191,8 +193,7 @@ class GpuProbe:
         master = None if remainders else weights if dtype == torch.float32 else torch.zeros(n)
         out = None if master is weights else weights
         exp_avg, exp_avg_sq = (torch.zeros(n, dtype=d) for d in args.moment_dtypes)
-        # what a streamed gradient crosses PCIe in: the compute dtype, fp32 with fp16 (executor/host_store.py)
-        grad = torch.full((n,), 1e-3, dtype=torch.float32 if dtype == torch.float16 else dtype)
+        grad = torch.full((n,), 1e-3, dtype=gradient_dtype(dtype))
         extra = {"remainder": torch.zeros(n, dtype=torch.int16), "ties": torch.zeros(0, dtype=torch.int64)} \
             if remainders else {}
         scratch = torch.empty(n)
