@@ -203,9 +203,10 @@ for s in "$@"; do
             d=/tmp/sft_round_trip
             rm -rf "$d" && mkdir -p "$d"
             keep() { grep -E "$1" | sed "s/^/${2:-}/" | tee -a "$OUT/sft.txt"; }
-            # first: training and validation losses on random-word chats stay above the data's floor, packed
-            # and padded, on this GPU (a padded run here once logged losses below it)
-            "$PY" -m pytest -q tests/gpu/test_gpu_training.py -k causality 2>&1 | tail -5 | keep "passed|failed|rror|assert"
+            # first: the attention kernels against fp32 attention, and training and validation losses on
+            # random-word chats above the data's floor, packed and padded, on this GPU (a padded run here
+            # once logged losses below it)
+            "$PY" -m pytest -q tests/gpu/test_gpu_training.py -k "causality or attention_kernels" 2>&1 | tail -5 | keep "passed|failed|rror|assert"
             "$PY" tools/sft_round_trip.py make --out "$d" --layers "${SFT_LAYERS:-16}" \
                 --hidden "${SFT_HIDDEN:-4096}" 2>&1 | keep "made|wrote|rror"
             "$PY" tools/sft_round_trip.py score --hf "$d/hf" --data "$d/chat.jsonl" 2>&1 | keep "loss|rror" "before fine-tuning: "

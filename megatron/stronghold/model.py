@@ -56,17 +56,23 @@ class SDPAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         assert packed_seq_params is None and attention_bias is None
-        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if groups > 1:
-            key = key.repeat_interleave(groups, dim=2)
-            value = value.repeat_interleave(groups, dim=2)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
         dropout = self.attention_dropout.p if self.training else 0.0
-        mask = None if attention_mask is None else conversation_mask(attention_mask)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                             scale=self.softmax_scale)
-        s, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
+        return attend(query, key, value, attention_mask, dropout, self.softmax_scale)
+
+
+def attend(query, key, value, segments=None, dropout=0.0, scale=None):
+    """SDPAttention's computation: [s, b, heads, dim] query and [s, b, groups, dim] key and value ->
+    [s, b, heads * dim], causal, and within each token's conversation where `segments` ([b, s]) is given."""
+    s, b, heads = query.shape[0], query.shape[1], query.shape[2]
+    groups = heads // key.shape[2]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=2)
+        value = value.repeat_interleave(groups, dim=2)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+    mask = None if segments is None else conversation_mask(segments)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                         scale=scale)
+    return out.permute(2, 0, 1, 3).reshape(s, b, heads * query.shape[3])
 
 
 class RotaryEmbedding(rotary_pos_embedding.RotaryEmbedding):

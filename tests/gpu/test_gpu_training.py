@@ -168,3 +168,30 @@ def test_sft_losses_respect_causality_on_gpu(tmp_path, packing):
     sft_losses_respect_causality(tmp_path, packing, extra=(
         "--offload-method", "stronghold", "--bf16", "--recompute-granularity", "full", "--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
         "--exp-avg-sq-dtype", "bf16"))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_attention_kernels_match_the_causal_reference_on_gpu(grad, packed):
+    """model.attend on the GPU's kernels (flash for one causal sequence, memory-efficient with the
+    conversation mask), with the fine-tuning run's shapes (Llama-3-8B's 32 heads in 8 groups, 2 x 2048,
+    bf16, inputs permuted from megatron-core's [s, b, heads, dim]), with and without autograd: the output
+    of every token equals fp32 attention over the tokens it may see. Training and evaluation took these
+    two autograd modes when a padded fine-tuning run logged losses below its data's floor."""
+    from megatron.stronghold.model import attend, conversation_mask
+
+    torch.manual_seed(0)
+    s, b, heads, groups, dim = 2048, 2, 32, 8, 128
+    query = torch.randn(s, b, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    key, value = (torch.randn(s, b, groups, dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+                  for _ in range(2))
+    segments = (torch.arange(s, device="cuda") // 700).expand(b, s) if packed else None
+    with torch.set_grad_enabled(grad):
+        got = attend(query, key, value, segments).float()
+    allowed = conversation_mask(segments if packed else torch.zeros(b, s, dtype=torch.long, device="cuda"))
+    q, k, v = (t.detach().float().permute(1, 2, 0, 3) for t in (query, key.repeat_interleave(4, 2),
+                                                                  value.repeat_interleave(4, 2)))
+    scores = (q @ k.transpose(-1, -2)) / dim ** 0.5
+    reference = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v  # [b, heads, s, dim]
+    reference = reference.permute(2, 0, 1, 3).reshape(s, b, heads * dim)
+    assert (got - reference).abs().max().item() < 2e-2
