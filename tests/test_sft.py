@@ -22,11 +22,11 @@ CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
         {"role": "assistant", "content": "bye"}]
 
 
-def tokenizer_dir(path, template):
+def tokenizer_dir(path, template, words=WORDS):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    vocab = {w: i for i, w in enumerate(SPECIAL + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>")
@@ -271,22 +271,14 @@ def random_word_chats(directory, path, n, words=200, answer=24, seed=0):
     every word is drawn uniformly: no causal model can score the answers' words below ln(words)."""
     import random
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = SPECIAL + [f"w{i}" for i in range(words)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>")
-    hf.chat_template = TEMPLATE
-    hf.save_pretrained(str(directory))
+    tokenizer = tokenizer_dir(directory, TEMPLATE, [f"w{i}" for i in range(words)])
     rng = random.Random(seed)
 
     def text(k):
         return " ".join(f"w{rng.randrange(words)}" for _ in range(k))
     chats = [{"messages": [{"role": "user", "content": text(rng.randrange(2, 12))},
                            {"role": "assistant", "content": text(answer)}]} for _ in range(n)]
-    return str(directory), write_jsonl(path, chats)
+    return tokenizer, write_jsonl(path, chats)
 
 
 def sft_losses_respect_causality(tmp_path, packing, iters=150, extra=()):

@@ -166,8 +166,8 @@ def test_sft_losses_respect_causality_on_gpu(tmp_path, packing):
     from test_sft import sft_losses_respect_causality
 
     sft_losses_respect_causality(tmp_path, packing, extra=(
-        "--offload-method", "stronghold", "--bf16", "--recompute-granularity", "full", "--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16",
-        "--exp-avg-sq-dtype", "bf16"))
+        "--offload-method", "stronghold", "--bf16", "--recompute-granularity", "full",
+        "--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"))
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
@@ -189,8 +189,8 @@ def test_attention_kernels_match_the_causal_reference_on_gpu(grad, packed):
     with torch.set_grad_enabled(grad):
         got = attend(query, key, value, segments).float()
     allowed = conversation_mask(segments if packed else torch.zeros(b, s, dtype=torch.long, device="cuda"))
-    q, k, v = (t.detach().float().permute(1, 2, 0, 3) for t in (query, key.repeat_interleave(4, 2),
-                                                                  value.repeat_interleave(4, 2)))
+    q, k, v = (t.detach().float().permute(1, 2, 0, 3) for t in (query, key.repeat_interleave(heads // groups, 2),
+                                                                  value.repeat_interleave(heads // groups, 2)))
     scores = (q @ k.transpose(-1, -2)) / dim ** 0.5
     reference = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v  # [b, heads, s, dim]
     reference = reference.permute(2, 0, 1, 3).reshape(s, b, heads * dim)

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..precision import gradient_dtype
-
 from stronghold_ext import adamw_step
 from stronghold_ext.remainders import join_master, store_master, ties_within
 
 from ..checkpointing.format import shape_mismatch
 from ..optim import no_weight_decay
+from ..precision import gradient_dtype
 
 
 @dataclass

@@ -30,9 +30,9 @@ from stronghold_ext import fused_adamw
 
 from ..logs import Progress
 from ..optim import counts_in_norm
+from ..precision import gradient_dtype
 from .boundaries import Boundaries
 from .cpu_worker import CpuStepError, CpuWorker, default_threads
-from ..precision import gradient_dtype
 from .host_store import HostLayer, LayerLayout, _numel
 from .ownership import Ownership
 from .speculative import SpeculativeStep
