@@ -1,5 +1,5 @@
 """Real training batches on one GPU: stronghold beside megatron-lm, megatron-core's optimizer offload
-(megatron-offload) and zero-offload, measured in one call.
+(megatron-offload) and zero-offload, measured in one run of this tool.
 
 Hidden 2048, 16 heads, sequence 1024, bf16, mock data; global batch 64 unless a row says otherwise.
 Each row is one pretrain_gpt.py run; a case compares its rows by the median iteration time of the
