@@ -347,3 +347,29 @@ def test_resident_step_in_slices_equals_the_whole_masters_step(moments):
         assert torch.equal(entry_master(split).view(torch.int32), whole["param"].view(torch.int32)), key
         for m in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(split[m], whole[m]), (key, m)
+
+
+@pytest.mark.unit
+def test_a_torchrun_rank_takes_its_process_group_down_when_it_ends(monkeypatch):
+    """Left to the interpreter's exit, gloo's threads once outlived the group and a rank that had saved
+    died with SIGABRT (status 134). One process without torchrun keeps its group for the next train()."""
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if dist.is_initialized():  # an earlier test's one-process group: this rank starts its own
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    for name, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    assert training.main([*TINY, "--train-iters", "1", "--mock-data"]) == 0
+    assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name)
+    assert training.main([*TINY, "--train-iters", "1", "--mock-data"]) == 0
+    assert dist.is_initialized()  # one process: the group stays

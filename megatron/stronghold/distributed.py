@@ -44,6 +44,19 @@ def init_distributed(device: torch.device, tensor_parallel: int = 1) -> None:
         parallel_state.initialize_model_parallel(tensor_parallel, 1)
 
 
+def leave_process_group() -> None:
+    """A torchrun rank that trained to its end takes its process group down itself: left to the
+    interpreter's exit, gloo's threads were once still running when it went, and the rank died with
+    SIGABRT after saving. One process (tests call train() again and again) keeps its group. Not after
+    an error: a rank that failed may have peers still inside a collective with it."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if "WORLD_SIZE" in os.environ and dist.is_initialized():
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
 def pick_device() -> torch.device:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -17,7 +17,7 @@ import torch
 from . import arguments, checkpointing, methods, run_control, tensorboard_log
 from .checkpointing import save_dir
 from .config import Config
-from .distributed import device_name, init_distributed, is_first_rank, pick_device
+from .distributed import device_name, init_distributed, is_first_rank, leave_process_group, pick_device
 from .dropout import DropoutSeeds
 from .logs import Progress, iteration_line, summary_line
 from .model import build_model, flops_per_iteration, num_parameters
@@ -328,6 +328,8 @@ def log_summary(args, method, history, device) -> None:
 def main(argv=None) -> int:
     try:
         args = arguments.parse_args(argv)
-        return train(args).exit_code
+        exit_code = train(args).exit_code
     except run_control.REPORTED as exc:  # the user's to act on: one message, no traceback
         return run_control.report(exc)
+    leave_process_group()
+    return exit_code
