@@ -357,7 +357,7 @@ class ScriptedProbe:
 
     def layer(self):
         self.calls.append("layer")
-        return [1e-3, 2.5e-3, 4e-3]
+        return [1e-3, 2.5e-3, 4e-3, 20e9]
 
 
 def test_machine_rates_are_measured_once_per_machine_and_card(tmp_path, monkeypatch):
@@ -368,7 +368,8 @@ def test_machine_rates_are_measured_once_per_machine_and_card(tmp_path, monkeypa
     first = ScriptedProbe()
     rates = measured_rates(first, args, 50304, (16, 8))
     assert sorted(first.calls) == ["adam 16", "adam 8", "copies", "layer"]
-    assert (rates.h2d, rates.layer_backward, rates.adam_rate(8), rates.adam_rate(None)) == (50e9, 2.5e-3, 2e9, 4e9)
+    assert (rates.h2d, rates.layer_backward, rates.adam_rate(8), rates.adam_rate(None), rates.resident_step) == (
+        50e9, 2.5e-3, 2e9, 4e9, 20e9)
     again = ScriptedProbe()
     assert measured_rates(again, args, 50304, (16, 8)) == rates and again.calls == []  # the cache
     refreshed = ScriptedProbe()
@@ -387,19 +388,21 @@ def test_machine_rates_are_measured_once_per_machine_and_card(tmp_path, monkeypa
 
 
 def test_the_prediction_is_made_of_the_measured_rates():
-    """All resident, full recompute, 4 micro-batches: 4 x (layers x (2 forward + backward) + head); streamed
-    layers add their loads over the measured link and their CPU steps at the measured rate."""
+    """All resident, full recompute, 4 micro-batches: 4 x (layers x (2 forward + backward) + head) and the GPU
+    optimizer's step over the resident parameters; streamed layers add their loads over the measured link and
+    their CPU steps at the measured rate."""
     import dataclasses
 
     from megatron.stronghold.planner.machine import Rates
     from megatron.stronghold.planner.plan import predicted_seconds
 
-    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9), (16, 4e9)), 1e-3, 2.5e-3, 4e-3)
+    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9), (16, 4e9)), 1e-3, 2.5e-3, 4e-3, 20e9)
     c = dataclasses.replace(costs(12, "--global-batch-size", "16", "--recompute-granularity", "full"), rates=rates)
     assert c.microbatches == 4
-    assert predicted_seconds(c, 12, 0) == pytest.approx(4 * (12 * (2e-3 + 2.5e-3) + 4e-3))
+    assert predicted_seconds(c, 12, 0) == pytest.approx(4 * (12 * (2e-3 + 2.5e-3) + 4e-3)
+                                                        + (c.other_params + 12 * c.layer_params) / 20e9)
     streamed = predicted_seconds(c, 8, 2, threads=8)
-    compute = 4 * (12 * 4.5e-3 + 4e-3)
+    compute = 4 * (12 * 4.5e-3 + 4e-3) + (c.other_params + 8 * c.layer_params) / 20e9
     one_layer = c.layer_params * (1 / 2e9 + 2 / 50e9)
     cpu = 4 * c.layer_params / 2e9
     assert streamed == pytest.approx(max(compute + max(0.0, cpu - 4 * 4 * 1e-3), 6 * c.layer_params * 2 / 50e9)
@@ -408,23 +411,45 @@ def test_the_prediction_is_made_of_the_measured_rates():
     assert "rates (measured on card A): host->GPU 50 GB/s, GPU->host 40 GB/s, CPU AdamW 2.00 G params/s" in plan.describe(c)
 
 
-def test_the_probe_times_the_real_layer_and_kernel():
+def test_the_probe_times_the_real_layer_and_kernel(monkeypatch):
     """GpuProbe's layer and CPU AdamW timings run the trainer's own layer and the host store's kernel (here
-    on the CPU, where the copies have no GPU to go to), in the run's dtype and layer kind."""
+    on the CPU, where the copies have no GPU to go to), in the run's dtype and layer kind. Every weight
+    gradient it times is summed into a main grad, as the run sums it: the layer's, the output layer's and
+    the word embedding's (one table when tied, two when not)."""
+    import collections
+
     import torch
 
     from megatron.stronghold import distributed
-    from megatron.stronghold.planner.machine import GpuProbe
+    from megatron.stronghold.optim import ResidentOptimizer
+    from megatron.stronghold.planner.machine import REPEATS, GpuProbe
 
+    summed = collections.Counter()  # shape of a main grad -> gradients summed into one of that shape
+    original = ResidentOptimizer.accumulator
+
+    def counting(main_grad):
+        hook = original(main_grad)
+
+        def accumulate(param):
+            summed[tuple(main_grad.shape)] += 1
+            hook(param)
+        return accumulate
+
+    monkeypatch.setattr(ResidentOptimizer, "accumulator", staticmethod(counting))
     distributed.init_distributed(torch.device("cpu"))
-    for flags in (["--bf16"], ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
-                               "--group-query-attention", "--num-query-groups", "2"]):
+    for flags, tables in ((["--bf16"], 1), (["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type",
+                                             "rope", "--group-query-attention", "--num-query-groups", "2",
+                                             "--untie-embeddings-and-output-weights"], 2)):
         args = arguments.parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
                                      "--seq-length", "32", "--micro-batch-size", "2", *flags])
+        summed.clear()
         probe = GpuProbe(args, torch.device("cpu"), 512)
-        forward, backward, head = probe.layer()
-        assert forward > 0 and backward > 0 and head > 0
+        forward, backward, head, step = probe.layer()
+        assert forward > 0 and backward > 0 and head > 0 and step > 0
         assert probe.cpu_adam(1) > 0
+        timed = 2 + REPEATS  # warm-up and timed backward passes
+        assert summed[(64, 64)] >= timed  # the layer's projection weights, in every timed backward
+        assert summed[(512, 64)] == tables * (2 + REPEATS)  # the head's warm-up and timed passes
 
 
 def test_the_plan_recomputes_only_the_resident_layers_the_gpu_needs():
@@ -478,7 +503,7 @@ def test_the_plan_is_the_fastest_placement_that_fits(flags):
     from megatron.stronghold.planner.machine import Rates
     from megatron.stronghold.planner.plan import predicted_seconds
 
-    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9),), 4e-3, 9e-3, 20e-3)
+    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9),), 4e-3, 9e-3, 20e-3, 20e9)
     c = dataclasses.replace(costs(96, *flags), rates=rates)
     gpu, host = 60 * GiB, 200 * GiB
     plan = make_plan(c, gpu, host, threads=8)

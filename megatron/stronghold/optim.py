@@ -125,7 +125,7 @@ class ResidentOptimizer:
             for m, p in zip(self.masters, self.params):
                 self._init_state(m, p)
         for p, g in zip(self.params, self.main_grads):
-            p.register_post_accumulate_grad_hook(self._make_accumulator(g))
+            p.register_post_accumulate_grad_hook(self.accumulator(g))
 
     def _init_state(self, master, param) -> None:
         """Moments in their stored dtypes, allocated up front (torch would make fp32 ones lazily)."""
@@ -135,7 +135,8 @@ class ResidentOptimizer:
             "exp_avg_sq": torch.zeros_like(param, dtype=self.moment_dtypes[1])}
 
     @staticmethod
-    def _make_accumulator(main_grad):
+    def accumulator(main_grad):
+        """The post-accumulate-grad hook that adds a parameter's gradient into main_grad and frees it."""
         def accumulate(param):
             main_grad.add_(param.grad)
             param.grad = None

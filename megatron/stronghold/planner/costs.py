@@ -278,8 +278,9 @@ def layer_backward_seconds(costs: ModelCosts) -> float:
 
 def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool = True, resident_recompute=None) -> float:
     """GPU time of one step: forward and backward of every layer and micro-batch, a second forward
-    where it runs again (resident_recompute of the resident layers: None, all with recompute), and the
-    output layer with its loss."""
+    where it runs again (resident_recompute of the resident layers: None, all with recompute), the
+    output layer with its loss and the embedding, and the GPU optimizer's step over the resident
+    parameters (where measured: the constants leave it out)."""
     streamed = costs.layers - resident
     k, f, b = costs.microbatches, layer_forward_seconds(costs), layer_backward_seconds(costs)
     again = (resident if costs.recompute else 0) if resident_recompute is None else resident_recompute
@@ -289,7 +290,14 @@ def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool =
         head = k * costs.rates.head
     else:
         head = k * 3 * 2 * costs.tokens * costs.hidden * costs.vocab / ACHIEVED_FLOPS
-    return resident_time + streamed_time + head
+    return resident_time + streamed_time + head + resident_step_seconds(costs, resident)
+
+
+def resident_step_seconds(costs: ModelCosts, resident: int) -> float:
+    """The GPU optimizer's step over the parameters that live on the GPU, after every backward."""
+    if costs.rates.resident_step is None:
+        return 0.0
+    return (costs.other_params + resident * costs.layer_params) / costs.rates.resident_step
 
 
 def cpu_adam_rate(costs: ModelCosts, threads=None) -> float:

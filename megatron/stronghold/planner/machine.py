@@ -6,8 +6,11 @@ and layer shape; `--refresh-machine-rates` measures again):
 - the host store's CPU AdamW kernel (stronghold_ext) in this run's layout, at each thread count the plan
   may give the CPU optimizer;
 - one transformer layer of this run's shape, forward and backward over one micro-batch with the real
-  kernels and dtype, and the output layer with its loss: the launch-bound time of small layers included,
-  which a FLOP count misses.
+  kernels and dtype, each gradient summed into its main grad as the run sums it, and the output layer
+  with its loss and the word embedding, both with their weight gradients: the launch-bound time of small
+  layers included, which a FLOP count misses;
+- the GPU optimizer's step (optim.ResidentOptimizer, the run's precision and layout) over that layer's
+  parameters, as parameters/s: the resident parameters step on the GPU after every backward.
 Without a GPU nothing is measured: the plan predicts no iteration there.
 
 The cache is a JSON file (STRONGHOLD_CACHE_DIR, else ~/.cache/stronghold-megatron); an unreadable one is
@@ -39,7 +42,8 @@ class Rates:
     cpu_adam: Tuple[Tuple[int, float], ...] = ()  # (threads, parameters/s) in this run's host-store layout
     layer_forward: Optional[float] = None  # seconds: one layer, one micro-batch
     layer_backward: Optional[float] = None
-    head: Optional[float] = None  # seconds: output layer and loss, forward and backward, one micro-batch
+    head: Optional[float] = None  # seconds: output layer, loss and embedding, forward and backward, one micro-batch
+    resident_step: Optional[float] = None  # parameters/s of the GPU optimizer's step
 
     def adam_rate(self, threads: Optional[int]) -> Optional[float]:
         """Parameters/s at `threads` (the nearest measured count; None: the most threads measured)."""
@@ -55,7 +59,8 @@ class Rates:
         return (f"rates ({self.source}): host->GPU {self.h2d / 1e9:.0f} GB/s, GPU->host {self.d2h / 1e9:.0f} GB/s, "
                 f"CPU AdamW {self.adam_rate(threads) / 1e9:.2f} G params/s, layer forward "
                 f"{self.layer_forward * 1e3:.2f} ms + backward {self.layer_backward * 1e3:.2f} ms per micro-batch, "
-                f"output layer {self.head * 1e3:.2f} ms")
+                f"output layer and embedding {self.head * 1e3:.2f} ms, GPU optimizer step "
+                f"{self.resident_step / 1e9:.1f} G params/s")
 
 
 ASSUMED = Rates()
@@ -115,10 +120,12 @@ def measured_rates(probe, args, vocab: int, threads: Tuple[int, ...], refresh: b
     adam = tuple((t, get(f"the CPU AdamW rate at {t} threads", f"{socket.gethostname()}|adam|{layout_key(args)}|threads={t}",
                          lambda t=t: probe.cpu_adam(t)))
                  for t in sorted(set(threads)))
-    forward, backward, head = get("one layer's forward and backward", f"{where}|layer|{shape_key(args, vocab)}",
-                                  probe.layer)
+    # the key names what is measured: entries of a probe that measured less are measured again
+    forward, backward, head, step = get("one layer's forward, backward and optimizer step",
+                                        f"{where}|layer+step|{shape_key(args, vocab)}|{layout_key(args)}"
+                                        f"|main-grads={args.main_grads_torch_dtype}", probe.layer)
     _write_cache(path, cache)
-    return Rates(f"measured on {probe.card}", h2d, d2h, adam, forward, backward, head)
+    return Rates(f"measured on {probe.card}", h2d, d2h, adam, forward, backward, head, step)
 
 
 def rates_or_constants(probe, args, vocab: int, threads: Tuple[int, ...], refresh: bool = False, log=None) -> Rates:
@@ -212,19 +219,23 @@ class GpuProbe:
             torch.set_num_threads(before)
 
     def layer(self) -> list:
-        """Seconds of one layer's forward and of its backward, and of the output layer's forward and
-        backward with the loss, over one micro-batch."""
+        """Seconds of one layer's forward and of its backward, and of the output layer's and the word
+        embedding's forward and backward with the loss, over one micro-batch, every weight gradient summed
+        into a main grad as the run does; and the parameters/s of the GPU optimizer's step."""
         import torch
         import torch.nn.functional as F
         from megatron.core import parallel_state
         from megatron.core.transformer.spec_utils import build_module
 
         from ..model import LayerInputs, RotaryEmbedding, layer_spec, run_layer, transformer_config
+        from ..optim import ResidentOptimizer
 
         args, device, dtype = self.args, self.device, self.args.params_dtype
         s, b, h = args.seq_length, args.micro_batch_size, args.hidden_size
         config = transformer_config(args)
         layer = build_module(layer_spec(args).layer_specs[0], config=config, layer_number=1).to(device, dtype)
+        # the resident layers' optimizer: its hooks sum each gradient into the main grads during backward
+        optimizer = ResidentOptimizer(list(layer.named_parameters()), args)
         rotary = None
         if args.position_embedding_type == "rope":
             rope = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=args.rotary_percent,
@@ -247,16 +258,27 @@ class GpuProbe:
             backward()
         forward_s = _median_seconds(forward, self.sync, warmup=0)  # holds REPEATS graphs, which backward frees
         backward_s = _median_seconds(backward, self.sync, warmup=0)
-        del layer, held, x, grad
+        numel = sum(p.numel() for p in optimizer.params)
+        step_rate = numel / _median_seconds(lambda: optimizer.step(1.0, skip=False), self.sync, warmup=1, repeats=3)
+        del layer, optimizer, held, x, grad
 
-        weight = torch.randn(self.vocab, h, device=device, dtype=dtype) * 0.02
+        def weight():  # a vocabulary-sized weight whose gradient is summed into its main grad
+            w = (torch.randn(self.vocab, h, device=device, dtype=dtype) * 0.02).requires_grad_()
+            w.register_post_accumulate_grad_hook(
+                ResidentOptimizer.accumulator(torch.zeros_like(w, dtype=args.main_grads_torch_dtype)))
+            return w
+
+        output = weight()
+        table = output if not args.untie_embeddings_and_output_weights else weight()
         hidden = torch.randn(s * b, h, device=device, dtype=dtype, requires_grad=True)
         labels = torch.randint(0, self.vocab, (s * b,), device=device)
+        embedding_grad = torch.randn(s * b, h, device=device, dtype=dtype)
 
         def head():
-            F.cross_entropy((hidden @ weight.t()).float(), labels).backward()
+            loss = F.cross_entropy((hidden @ output.t()).float(), labels)
+            torch.autograd.backward([loss, F.embedding(labels, table)], [None, embedding_grad])
 
         head_s = _median_seconds(head, self.sync)
-        del weight, hidden, labels
+        del output, table, hidden, labels, embedding_grad
         self._release()
-        return [forward_s, backward_s, head_s]
+        return [forward_s, backward_s, head_s, step_rate]
