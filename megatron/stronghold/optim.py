@@ -19,7 +19,6 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from stronghold_ext.remainders import join_master, split_into, ties_within
 
 from .checkpointing.format import entry_master, shape_mismatch
-from .planner.costs import STEP_SLICE
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -84,6 +83,11 @@ class LossScaler:
         self._hysteresis_left = state["hysteresis_left"]
 
 
+# Elements stepped at a time where the resident step rebuilds fp32 masters or widens moments: what that
+# step holds at once beyond the model (the planner counts it, planner/costs.py's STEP_BYTES).
+STEP_SLICE = 1 << 26
+
+
 class ResidentOptimizer:
     """Mixed-precision AdamW for parameters that live on the compute device.
 
@@ -96,7 +100,7 @@ class ResidentOptimizer:
     (to nearest: the host store's CPU kernel does the same arithmetic).
     """
 
-    CHUNK = STEP_SLICE  # elements stepped at a time when masters or moments are rebuilt (planner/costs.py)
+    CHUNK = STEP_SLICE
 
     def __init__(self, named_params, args):
         self.names = [n for n, _ in named_params]

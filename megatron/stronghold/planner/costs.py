@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layer_shape import LayerShape
+from ..optim import STEP_SLICE
 from ..precision import gradient_dtype
 from .machine import ASSUMED, Rates
 
@@ -45,9 +46,8 @@ GPU_RESERVE = 5 * GiB // 2   # GPU bytes beyond the counted ones: cuBLAS workspa
 # process holds about 1 GiB beyond the counted bytes (0.43 GiB measured for a tiny model).
 CPU_ONLY_SAVING = HOST_RESERVE + GPU_RESERVE - 1 * GiB
 # The resident optimizer rebuilds fp32 masters (from remainders) and widens bf16 moments a slice of at most
-# STEP_SLICE elements at a time (optim.ResidentOptimizer); a slice holds STEP_BYTES per element at once: the
-# master, two int32 temporaries of its join or split, both moments in fp32.
-STEP_SLICE = 1 << 26
+# STEP_SLICE elements at a time (optim.py); a slice holds STEP_BYTES per element at once: the master, two
+# int32 temporaries of its join or split, both moments in fp32.
 STEP_BYTES = 20
 ACHIEVED_FLOPS = 450e12      # FLOP/s an H200 sustains on a layer's matrix products and attention in bf16
                              # (Megatron's FLOPs count, the recompute's included)
