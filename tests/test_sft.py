@@ -137,6 +137,26 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4
          "HuggingFaceTokenizer", "--split", "1,0,0"]
 
 
+@pytest.mark.unit
+def test_the_attention_check_tool_holds_each_kernel_to_fp32_attention(capsys, monkeypatch):
+    """tools/attention_check.py (run by the GPU's fine-tuning stage): on the CPU every kernel and layout
+    equals fp32 attention, and every row reports the output and, with autograd, the three gradients."""
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "attention_check.py")
+    spec = importlib.util.spec_from_file_location("attention_check", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(sys, "argv", ["attention_check.py", "--seq", "48", "--heads", "4", "--groups", "2", "--dim", "8"])
+    assert tool.main() == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 8  # 2 masks x 2 layouts x autograd off and on
+    errors = [float(cell) for row in rows for cell in row if "e-" in cell or "e+" in cell]
+    assert len(errors) == 4 * 1 + 4 * 4 and max(errors) < 1e-5
+
+
 @pytest.mark.parametrize("line, message", [
     (b"{not json", "not a JSON object"),
     ({"text": "hello"}, 'no "messages" list'),

@@ -42,7 +42,8 @@
 #   offload   megatron-core's optimizer CPU offload (-m megatron-offload): its GPU test against megatron-lm and
 #             across checkpoints, then 96 layers h2048 (micro-batch 8, global batch 64, full recompute) beside
 #             stronghold, then its largest model (tools/largest_model.py); offload.txt
-#   sft       the GPU test of causal fine-tuning losses, then the fine-tuning path (tools/sft_round_trip.py): a Llama-3-8B-shaped Hugging Face model at SFT_LAYERS
+#   sft       the attention kernels against fp32 (tools/attention_check.py) and the GPU tests of causal
+#             fine-tuning losses, then the fine-tuning path (tools/sft_round_trip.py): a Llama-3-8B-shaped Hugging Face model at SFT_LAYERS
 #             (16 of its 32: at 32 the HF model, the imported fp32 checkpoint and the trained one exceed the
 #             machine's 64 GiB disk) made with transformers, imported, fine-tuned with --sft by stronghold at
 #             global batch 32 x 2048 tokens, packed (saved) and padded, exported in bf16, and transformers' loss
@@ -206,6 +207,7 @@ for s in "$@"; do
             # first: the attention kernels against fp32 attention, and training and validation losses on
             # random-word chats above the data's floor, packed and padded, on this GPU (a padded run here
             # once logged losses below it)
+            "$PY" tools/attention_check.py 2>&1 | grep -v -i warn | keep "."
             "$PY" -m pytest -q tests/gpu/test_gpu_training.py -k "causality or attention_kernels" 2>&1 | tail -5 | keep "passed|failed|rror|assert"
             "$PY" tools/sft_round_trip.py make --out "$d" --layers "${SFT_LAYERS:-16}" \
                 --hidden "${SFT_HIDDEN:-4096}" 2>&1 | keep "made|wrote|rror"
