@@ -492,6 +492,44 @@ def test_a_plans_partial_recompute_trains_like_megatron(tmp_path):
     assert all(torch.isfinite(torch.tensor(reference)))
 
 
+def test_block_recompute_is_counted_and_recomputes_the_first_resident_layers(monkeypatch):
+    """--recompute-method block --recompute-num-layers N (Megatron-LM's flags): the plan and megatron-lm's check
+    count N layers recomputing and the rest keeping their activations (they counted every layer recomputing,
+    so a plan could overflow the GPU); stronghold recomputes the first N of its resident layers (the streamed
+    ones come first and follow the plan) and still trains like megatron-lm."""
+    from megatron.stronghold import model as model_lib, training
+    from megatron.stronghold.planner.costs import gpu_bytes
+    from megatron.stronghold.planner.preflight import megatron_check
+
+    block = costs(32, "--recompute-granularity", "full", "--global-batch-size", "16", "--recompute-method", "block",
+                  "--recompute-num-layers", "3")
+    plan = make_plan(block, 200 * GiB, 200 * GiB)
+    assert (plan.resident, plan.resident_recompute) == (32, 3)
+    assert plan.gpu_bytes == gpu_bytes(block, 32, 0, resident_recompute=3) > gpu_bytes(block, 32, 0, resident_recompute=32)
+    assert gpu_bytes(block, 32, 0) == plan.gpu_bytes  # megatron-lm's count: the same 3 layers
+    with pytest.raises(DoesNotFit):
+        megatron_check(block, gpu_bytes(block, 32, 0, resident_recompute=32), 200 * GiB)
+
+    recomputed = []
+    enable = model_lib.enable_recompute
+    monkeypatch.setattr(model_lib, "enable_recompute", lambda layer: (recomputed.append(layer.layer_number - 1),
+                                                                      enable(layer)))
+
+    def run(*extra):
+        recomputed.clear()
+        argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+                "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3", "--mock-data",
+                "--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1",
+                "--seed", "3", *extra]
+        return training.train(arguments.parse_args(argv)).losses, list(recomputed)
+
+    reference, megatron_recomputed = run()
+    assert megatron_recomputed == [0]
+    losses, stronghold_recomputed = run("--offload-method", "stronghold", "--resident-layers", "2")
+    assert stronghold_recomputed == [2]  # layers 0 and 1 stream; 2 is the first resident one
+    assert losses == pytest.approx(reference, rel=1e-6)
+
+
 @pytest.mark.parametrize("flags", [(), ("--recompute-granularity", "full"), ("--global-batch-size", "32"),
                                    ("--recompute-granularity", "full", "--global-batch-size", "32")])
 def test_the_plan_is_the_fastest_placement_that_fits(flags):

@@ -114,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: recompute each checkpointed layer in backward. selective: recompute only "
                    "core attention, which the fused SDPA kernel already does, so it changes nothing here.")
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
-                   help="uniform: checkpoint every layer. block: checkpoint the first --recompute-num-layers. "
-                   "Not given: every layer for megatron-lm; stronghold's plan recomputes only as many of its "
-                   "resident layers as the GPU needs (the fewest that fit: recompute is exact, so only speed "
-                   "changes).")
+                   help="uniform: checkpoint every layer. block: checkpoint the first --recompute-num-layers "
+                   "(stronghold: the first of its resident layers; the streamed ones follow the plan). Not given: "
+                   "every layer for megatron-lm; stronghold's plan recomputes only as many of its resident layers "
+                   "as the GPU needs (the fewest that fit: recompute is exact, so only speed changes).")
     g.add_argument("--recompute-num-layers", type=int, default=1,
                    help="block: how many layers to checkpoint. uniform: layers per checkpoint (each layer "
                    "is checkpointed on its own here, which saves the same activations per layer).")

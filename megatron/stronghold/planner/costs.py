@@ -27,6 +27,7 @@ constant below; plan.py combines them into the predicted iteration.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -77,6 +78,7 @@ class ModelCosts:
     tokens: int  # per micro-batch
     recompute: bool  # the user's --recompute-granularity full
     recompute_chosen: bool  # ... without --recompute-method: the plan picks how many resident layers recompute
+    recompute_block: Optional[int]  # ... --recompute-method block: the first N (resident) layers recompute
     microbatches: int
     seq_length: int
     hidden: int  # the output layer's input width: whole on every rank
@@ -107,6 +109,8 @@ class ModelCosts:
                    hidden_state=c * s * b * h // tp, act_fixed=(3 * 4 + c) * s * b * vocab_size // tp, tokens=s * b,
                    recompute=args.recompute_granularity == "full",
                    recompute_chosen=args.recompute_granularity == "full" and args.recompute_method is None,
+                   recompute_block=(args.recompute_num_layers if args.recompute_granularity == "full"
+                                    and args.recompute_method == "block" else None),
                    microbatches=args.num_microbatches,
                    seq_length=s, hidden=h, vocab=vocab_size // tp,
                    data_parallel=args.data_parallel_size, fp16=bool(args.fp16),
@@ -157,7 +161,10 @@ class ModelCosts:
 
     def resident_activations(self, resident: int, recomputed=None) -> int:
         """Activations the resident layers keep for one micro-batch; recomputed: how many of them run
-        again in backward (None: all with --recompute-granularity full, else none)."""
+        again in backward (None: as the flags say: all with --recompute-granularity full, the first N
+        with --recompute-method block, else none)."""
+        if recomputed is None and self.recompute_block is not None:
+            recomputed = min(self.recompute_block, resident)
         if recomputed is None:
             return resident * self.act_per_layer
         return recomputed * self.hidden_state + (resident - recomputed) * self.layer_activations
@@ -283,7 +290,10 @@ def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool =
     parameters (where measured: the constants leave it out)."""
     streamed = costs.layers - resident
     k, f, b = costs.microbatches, layer_forward_seconds(costs), layer_backward_seconds(costs)
-    again = (resident if costs.recompute else 0) if resident_recompute is None else resident_recompute
+    if resident_recompute is None:  # as the flags say
+        resident_recompute = (min(costs.recompute_block, resident) if costs.recompute_block is not None
+                              else resident if costs.recompute else 0)
+    again = resident_recompute
     resident_time = k * (resident * (f + b) + again * f)
     streamed_time = streamed * k * (f * (2 if streamed_recompute else 1) + b)
     if costs.rates.head is not None:

@@ -112,9 +112,13 @@ def _window(costs, resident, window):
 
 
 def _fewest_recomputed(costs: ModelCosts, resident: int, fits):
-    """How many resident layers recompute: None (as the flags say) unless the plan chooses
-    (costs.recompute_chosen), then the fewest that fit, since a layer that keeps its activations runs a
-    third faster; False where even the flags' choice or all recomputing does not fit."""
+    """How many resident layers recompute: the fewest that fit where the plan chooses
+    (costs.recompute_chosen), since a layer that keeps its activations runs a third faster; the first N
+    with --recompute-method block; otherwise None (as the flags say: all or none). False where that
+    does not fit."""
+    if costs.recompute_block is not None:
+        n = min(costs.recompute_block, resident)
+        return n if fits(n) else False
     if not costs.recompute_chosen:
         return None if fits(None) else False
     if not fits(resident):
