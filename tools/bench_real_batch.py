@@ -6,7 +6,7 @@ Each row is one pretrain_gpt.py run; a case compares its rows by the median iter
 iterations after the first two (and by model TFLOP/s where the sizes differ), and prints the plan's
 predicted iteration beside each stronghold run.
 
-    python tools/bench_real_batch.py --out results/h200/real-batch [--cases 1 2 3 4 5 6] [--iters 8]
+    python tools/bench_real_batch.py --out results/h200/real-batch [--cases 1 2 3 4 5 6 7 8] [--iters 8]
     [--baseline-tree DIR]   (case 4: the code before the layer-major schedule, e.g. a `git archive` of it)
     [--override FLAGS]      (appended to every run, e.g. smaller sizes for a smoke test on a CPU)
 
@@ -26,6 +26,11 @@ Cases (the issue's benchmark):
     placement (target: measured within +-20% of predicted): 12 Llama-style layers at hidden 1024 with 4
     micro-batches (launch-bound small layers), 96 layers at hidden 2048 (micro-batch 8, global batch 64)
     and Llama-2-7B's shape (micro-batch 2, global batch 32), both with full recompute.
+ 7. A hand sweep around the plan's choice at case 6's 96-layer shape: the plan's placement (R resident
+    layers, N of them recomputing), then R and R - 4 and R - 8 resident layers with N and N + 4 of them
+    recomputing (--resident-layers, --recompute-method block --recompute-num-layers); target: the plan's
+    iteration within 5% of the fastest row.
+ 8. The same sweep at Llama-2-7B's shape (case 6's third row).
 """
 
 import argparse
@@ -52,6 +57,7 @@ LLAMA = ["--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", 
 LLAMA2_7B = LLAMA + ["--hidden-size", "4096", "--num-attention-heads", "32", "--ffn-hidden-size", "11008",
                      "--seq-length", "2048", "--max-position-embeddings", "2048"]
 STREAM_ALL = ["--resident-layers", "0"]
+SWEEPS = {7: 1, 8: 2}  # case -> the row of case 6 whose plan it sweeps around
 
 
 def rows_of(case: int):
@@ -86,7 +92,29 @@ def rows_of(case: int):
                 ("stronghold 96 layers mb8 recompute", "stronghold", 96, 8, g64 + RECOMPUTE, None),
                 ("stronghold Llama-2-7B mb2 gb32 recompute", "stronghold", 32, 2,
                  LLAMA2_7B + ["--global-batch-size", "32"] + RECOMPUTE, None)]
+    if case in SWEEPS:
+        return [rows_of(6)[SWEEPS[case]]]  # the plan's own placement; sweep_rows adds the rest once it is known
     raise ValueError(case)
+
+
+def sweep_rows(plan_row) -> list:
+    """Placements around the plan's (its R resident layers, N of them recomputing): R, R - 4 and R - 8
+    resident layers, with N and N + 4 recomputing (N = 0: the plan's own choice of how many)."""
+    match = re.search(r"resident layers: (\d+) \|.*resident layers recompute: (\d+|None) \|", plan_row.get("plan", ""))
+    if not match:
+        return []
+    resident, chosen = int(match.group(1)), match.group(2)
+    chosen = 0 if chosen == "None" else int(chosen)
+    label, method, layers, micro, extra, tree = rows_of(plan_row["case"])[0]
+    rows = []
+    for r in (resident, resident - 4, resident - 8):
+        for n in (chosen, chosen + 4):
+            if r < 0 or n > r or (r, n) == (resident, chosen):
+                continue
+            block = ["--recompute-method", "block", "--recompute-num-layers", str(n)] if n else []
+            rows.append((f"{label}, R={r} N={n or 'plan'}", method, layers, micro,
+                         extra + ["--resident-layers", str(r)] + block, tree))
+    return rows
 
 
 def run(label, method, layers, micro, extra, tree, iters, out, baseline_tree, override=()):
@@ -163,6 +191,12 @@ def verdicts(case, rows):
     elif case == 4:
         ratio("this code / before, paper regime", ms("stronghold (paper regime)"),
               ms("stronghold before (paper regime)"), 1.0)
+    elif case in SWEEPS:
+        measured = [r for r in rows if r.get("median iteration (ms)") is not None]
+        if measured:
+            fastest = min(measured, key=lambda r: r["median iteration (ms)"])
+            ratio(f"the plan's placement / the fastest of the sweep ({fastest['label']})", ms(rows_of(case)[0][0]),
+                  fastest["median iteration (ms)"], 1.05)
     for r in rows:
         if "measured / predicted" in r:
             ok = 0.8 <= r["measured / predicted"] <= 1.2
@@ -191,6 +225,9 @@ def main():
     for case in a.cases:
         case_rows = [dict(run(*spec, a.iters, a.out, a.baseline_tree, a.override.split()), case=case)
                      for spec in rows_of(case)]
+        if case in SWEEPS:
+            case_rows += [dict(run(*spec, a.iters, a.out, a.baseline_tree, a.override.split()), case=case)
+                          for spec in sweep_rows(case_rows[0])]
         rows += case_rows
         lines += verdicts(case, case_rows)
         with open(os.path.join(a.out, "real_batch.csv"), "w", newline="") as f:
