@@ -27,11 +27,15 @@ def test_the_sweep_surrounds_the_plans_placement():
     placements = [(r[4][r[4].index("--resident-layers") + 1],
                    r[4][r[4].index("--recompute-num-layers") + 1] if "--recompute-num-layers" in r[4] else "plan")
                   for r in rows]
-    assert placements == [("79", "34"), ("75", "30"), ("75", "34"), ("71", "30"), ("71", "34")]
+    assert placements == [("79", "34"), ("75", "plan"), ("75", "30"), ("75", "34"), ("71", "plan"), ("71", "30"),
+                          ("71", "34")]
     assert all(r[2] == 96 and r[3] == 8 for r in rows)  # case 6's 96-layer shape, micro-batch 8
     # the plan chose none recomputing: its own choice stands in for N = 0
     rows = bench.sweep_rows({"case": 8, "plan": plan.replace("recompute: 30", "recompute: 0")})
     assert [r[0].split(", ")[-1] for r in rows] == ["R=79 N=4", "R=75 N=plan", "R=75 N=4", "R=71 N=plan", "R=71 N=4"]
+    # explicit recompute flags leave the field out of the plan line: the plan's choice counts as none
+    rows = bench.sweep_rows({"case": 7, "plan": plan.replace(" resident layers recompute: 30 |", "")})
+    assert [r[0].split(", ")[-1] for r in rows][:2] == ["R=79 N=4", "R=75 N=plan"]
     verdict = bench.verdicts(7, [{"label": bench.rows_of(7)[0][0], "median iteration (ms)": 104.0},
                                  {"label": "other", "median iteration (ms)": 100.0}])
     assert verdict == ["case 7: the plan's placement / the fastest of the sweep (other) = 1.040 (target <= 1.05) met"]

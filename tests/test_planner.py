@@ -357,7 +357,7 @@ class ScriptedProbe:
 
     def layer(self):
         self.calls.append("layer")
-        return [1e-3, 2.5e-3, 4e-3, 20e9]
+        return [1e-3, 2.5e-3, 4e-3, 20e9, 50e9]
 
 
 def test_machine_rates_are_measured_once_per_machine_and_card(tmp_path, monkeypatch):
@@ -368,8 +368,8 @@ def test_machine_rates_are_measured_once_per_machine_and_card(tmp_path, monkeypa
     first = ScriptedProbe()
     rates = measured_rates(first, args, 50304, (16, 8))
     assert sorted(first.calls) == ["adam 16", "adam 8", "copies", "layer"]
-    assert (rates.h2d, rates.layer_backward, rates.adam_rate(8), rates.adam_rate(None), rates.resident_step) == (
-        50e9, 2.5e-3, 2e9, 4e9, 20e9)
+    assert (rates.h2d, rates.layer_backward, rates.adam_rate(8), rates.adam_rate(None), rates.resident_step,
+            rates.embedding_step) == (50e9, 2.5e-3, 2e9, 4e9, 20e9, 50e9)
     again = ScriptedProbe()
     assert measured_rates(again, args, 50304, (16, 8)) == rates and again.calls == []  # the cache
     refreshed = ScriptedProbe()
@@ -381,6 +381,10 @@ def test_machine_rates_are_measured_once_per_machine_and_card(tmp_path, monkeypa
     longer = ScriptedProbe()  # another shape: its layer again, nothing else
     measured_rates(longer, arguments.parse_args(["--num-layers", "4", "--bf16", "--seq-length", "2048"]), 50304, (16, 8))
     assert longer.calls == ["layer"]
+    untied = ScriptedProbe()  # an untied output layer: the head's time differs, so the layer is measured again
+    measured_rates(untied, arguments.parse_args(["--num-layers", "4", "--bf16", "--untie-embeddings-and-output-weights"]),
+                   50304, (16, 8))
+    assert untied.calls == ["layer"]
     (tmp_path / "machine-rates.json").write_text("{not json")  # a damaged cache is measured again
     damaged = ScriptedProbe()
     measured_rates(damaged, args, 50304, (16, 8))
@@ -396,13 +400,13 @@ def test_the_prediction_is_made_of_the_measured_rates():
     from megatron.stronghold.planner.machine import Rates
     from megatron.stronghold.planner.plan import predicted_seconds
 
-    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9), (16, 4e9)), 1e-3, 2.5e-3, 4e-3, 20e9)
+    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9), (16, 4e9)), 1e-3, 2.5e-3, 4e-3, 20e9, 50e9)
     c = dataclasses.replace(costs(12, "--global-batch-size", "16", "--recompute-granularity", "full"), rates=rates)
     assert c.microbatches == 4
     assert predicted_seconds(c, 12, 0) == pytest.approx(4 * (12 * (2e-3 + 2.5e-3) + 4e-3)
-                                                        + (c.other_params + 12 * c.layer_params) / 20e9)
+                                                        + c.other_params / 50e9 + 12 * c.layer_params / 20e9)
     streamed = predicted_seconds(c, 8, 2, threads=8)
-    compute = 4 * (12 * 4.5e-3 + 4e-3) + (c.other_params + 8 * c.layer_params) / 20e9
+    compute = 4 * (12 * 4.5e-3 + 4e-3) + c.other_params / 50e9 + 8 * c.layer_params / 20e9
     one_layer = c.layer_params * (1 / 2e9 + 2 / 50e9)
     cpu = 4 * c.layer_params / 2e9
     assert streamed == pytest.approx(max(compute + max(0.0, cpu - 4 * 4 * 1e-3), 6 * c.layer_params * 2 / 50e9)
@@ -444,8 +448,8 @@ def test_the_probe_times_the_real_layer_and_kernel(monkeypatch):
                                      "--seq-length", "32", "--micro-batch-size", "2", *flags])
         summed.clear()
         probe = GpuProbe(args, torch.device("cpu"), 512)
-        forward, backward, head, step = probe.layer()
-        assert forward > 0 and backward > 0 and head > 0 and step > 0
+        forward, backward, head, step, embedding_step = probe.layer()
+        assert forward > 0 and backward > 0 and head > 0 and step > 0 and embedding_step > 0
         assert probe.cpu_adam(1) > 0
         timed = 2 + REPEATS  # warm-up and timed backward passes
         assert summed[(64, 64)] >= timed  # the layer's projection weights, in every timed backward
@@ -498,7 +502,7 @@ def test_block_recompute_is_counted_and_recomputes_the_first_resident_layers(mon
     so a plan could overflow the GPU); stronghold recomputes the first N of its resident layers (the streamed
     ones come first and follow the plan) and still trains like megatron-lm."""
     from megatron.stronghold import model as model_lib, training
-    from megatron.stronghold.planner.costs import gpu_bytes
+    from megatron.stronghold.planner.costs import gpu_bytes, zero_bytes
     from megatron.stronghold.planner.preflight import megatron_check
 
     block = costs(32, "--recompute-granularity", "full", "--global-batch-size", "16", "--recompute-method", "block",
@@ -509,6 +513,10 @@ def test_block_recompute_is_counted_and_recomputes_the_first_resident_layers(mon
     assert gpu_bytes(block, 32, 0) == plan.gpu_bytes  # megatron-lm's count: the same 3 layers
     with pytest.raises(DoesNotFit):
         megatron_check(block, gpu_bytes(block, 32, 0, resident_recompute=32), 200 * GiB)
+    uniform = costs(32, "--recompute-granularity", "full", "--global-batch-size", "16", "--recompute-method", "uniform")
+    for method in ("zero-offload", "zero-infinity"):  # DeepSpeed's model recomputes the same first 3 layers
+        assert (zero_bytes(block, method)[1] - zero_bytes(uniform, method)[1]
+                == 29 * (block.layer_activations - block.hidden_state))
 
     recomputed = []
     enable = model_lib.enable_recompute
@@ -541,7 +549,7 @@ def test_the_plan_is_the_fastest_placement_that_fits(flags):
     from megatron.stronghold.planner.machine import Rates
     from megatron.stronghold.planner.plan import predicted_seconds
 
-    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9),), 4e-3, 9e-3, 20e-3, 20e9)
+    rates = Rates("measured on card A", 50e9, 40e9, ((8, 2e9),), 4e-3, 9e-3, 20e-3, 20e9, 50e9)
     c = dataclasses.replace(costs(96, *flags), rates=rates)
     gpu, host = 60 * GiB, 200 * GiB
     plan = make_plan(c, gpu, host, threads=8)

@@ -27,9 +27,9 @@ Cases (the issue's benchmark):
     micro-batches (launch-bound small layers), 96 layers at hidden 2048 (micro-batch 8, global batch 64)
     and Llama-2-7B's shape (micro-batch 2, global batch 32), both with full recompute.
  7. A hand sweep around the plan's choice at case 6's 96-layer shape: the plan's placement (R resident
-    layers, N of them recomputing), then R and R - 4 and R - 8 resident layers with N and N + 4 of them
-    recomputing (--resident-layers, --recompute-method block --recompute-num-layers); target: the plan's
-    iteration within 5% of the fastest row.
+    layers, N of them recomputing), then R, R - 4 and R - 8 resident layers (--resident-layers) with the
+    plan's choice of recompute at that R, with N and with N + 4 recomputing (--recompute-method block
+    --recompute-num-layers); target: the plan's iteration within 5% of the fastest row.
  8. The same sweep at Llama-2-7B's shape (case 6's third row).
 """
 
@@ -99,20 +99,23 @@ def rows_of(case: int):
 
 def sweep_rows(plan_row) -> list:
     """Placements around the plan's (its R resident layers, N of them recomputing): R, R - 4 and R - 8
-    resident layers, with N and N + 4 recomputing (N = 0: the plan's own choice of how many)."""
-    match = re.search(r"resident layers: (\d+) \|.*resident layers recompute: (\d+|None) \|", plan_row.get("plan", ""))
+    resident layers, each with the plan's own choice of how many recompute at that R (fewer resident
+    layers leave room to recompute fewer), with N and with N + 4 (--recompute-method block)."""
+    plan = plan_row.get("plan", "")
+    match = re.search(r"resident layers: (\d+) \|", plan)
     if not match:
         return []
-    resident, chosen = int(match.group(1)), match.group(2)
-    chosen = 0 if chosen == "None" else int(chosen)
+    resident = int(match.group(1))
+    chosen = re.search(r"resident layers recompute: (\d+) \|", plan)
+    chosen = int(chosen.group(1)) if chosen else 0
     label, method, layers, micro, extra, tree = rows_of(plan_row["case"])[0]
     rows = []
     for r in (resident, resident - 4, resident - 8):
-        for n in (chosen, chosen + 4):
-            if r < 0 or n > r or (r, n) == (resident, chosen):
+        for n in dict.fromkeys((None, chosen, chosen + 4)):  # None: the plan's choice at this r
+            if r < 0 or (n is not None and not 1 <= n <= r) or (r == resident and n in (None, chosen)):
                 continue
             block = ["--recompute-method", "block", "--recompute-num-layers", str(n)] if n else []
-            rows.append((f"{label}, R={r} N={n or 'plan'}", method, layers, micro,
+            rows.append((f"{label}, R={r} N={'plan' if n is None else n}", method, layers, micro,
                          extra + ["--resident-layers", str(r)] + block, tree))
     return rows
 

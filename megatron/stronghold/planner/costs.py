@@ -122,11 +122,6 @@ class ModelCosts:
                    layer_forward_flops=shape.forward_flops(s * b, s) // tp)
 
     @property
-    def act_per_layer(self) -> int:
-        """Activations one resident layer keeps for one micro-batch."""
-        return self.hidden_state if self.recompute else self.layer_activations
-
-    @property
     def params(self) -> int:
         """This rank's parameters: every layer's and the others (embeddings, final norm)."""
         return self.layers * self.layer_params + self.other_params
@@ -166,7 +161,7 @@ class ModelCosts:
         if recomputed is None and self.recompute_block is not None:
             recomputed = min(self.recompute_block, resident)
         if recomputed is None:
-            return resident * self.act_per_layer
+            return resident * (self.hidden_state if self.recompute else self.layer_activations)
         return recomputed * self.hidden_state + (resident - recomputed) * self.layer_activations
 
     def streamed_activations(self, streamed: int, recompute: bool, on_host: bool = False) -> int:
@@ -247,7 +242,7 @@ def zero_bytes(costs: ModelCosts, method: str) -> tuple:
     params = costs.params
     host = params * zero_host_bytes_per_param(costs, method)
     gpu = ((0 if method == "zero-infinity" else ZERO_OFFLOAD_GPU_COPIES * params * costs.compute_bytes)
-           + costs.layers * costs.act_per_layer + costs.act_fixed)
+           + costs.resident_activations(costs.layers) + costs.act_fixed)
     return host, gpu
 
 
@@ -304,10 +299,11 @@ def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool =
 
 
 def resident_step_seconds(costs: ModelCosts, resident: int) -> float:
-    """The GPU optimizer's step over the parameters that live on the GPU, after every backward."""
+    """The GPU optimizer's step over the parameters that live on the GPU, after every backward: the
+    embeddings' and the resident layers', each at its measured rate."""
     if costs.rates.resident_step is None:
         return 0.0
-    return (costs.other_params + resident * costs.layer_params) / costs.rates.resident_step
+    return costs.other_params / costs.rates.embedding_step + resident * costs.layer_params / costs.rates.resident_step
 
 
 def cpu_adam_rate(costs: ModelCosts, threads=None) -> float:

@@ -10,7 +10,9 @@ and layer shape; `--refresh-machine-rates` measures again):
   with its loss and the word embedding, both with their weight gradients: the launch-bound time of small
   layers included, which a FLOP count misses;
 - the GPU optimizer's step (optim.ResidentOptimizer, the run's precision and layout) over that layer's
-  parameters, as parameters/s: the resident parameters step on the GPU after every backward.
+  parameters and over the vocabulary-sized weights, as parameters/s each: the resident parameters step on
+  the GPU after every backward, a layer's dozen tensors at the rate of their launches, an embedding's one
+  large tensor nearer the memory's.
 Without a GPU nothing is measured: the plan predicts no iteration there.
 
 The cache is a JSON file (STRONGHOLD_CACHE_DIR, else ~/.cache/stronghold-megatron); an unreadable one is
@@ -43,7 +45,8 @@ class Rates:
     layer_forward: Optional[float] = None  # seconds: one layer, one micro-batch
     layer_backward: Optional[float] = None
     head: Optional[float] = None  # seconds: output layer, loss and embedding, forward and backward, one micro-batch
-    resident_step: Optional[float] = None  # parameters/s of the GPU optimizer's step
+    resident_step: Optional[float] = None  # parameters/s of the GPU optimizer's step over a layer's parameters
+    embedding_step: Optional[float] = None  # ... over the embedding and output layer
 
     def adam_rate(self, threads: Optional[int]) -> Optional[float]:
         """Parameters/s at `threads` (the nearest measured count; None: the most threads measured)."""
@@ -60,7 +63,7 @@ class Rates:
                 f"CPU AdamW {self.adam_rate(threads) / 1e9:.2f} G params/s, layer forward "
                 f"{self.layer_forward * 1e3:.2f} ms + backward {self.layer_backward * 1e3:.2f} ms per micro-batch, "
                 f"output layer and embedding {self.head * 1e3:.2f} ms, GPU optimizer step "
-                f"{self.resident_step / 1e9:.1f} G params/s")
+                f"{self.resident_step / 1e9:.1f} (layers) / {self.embedding_step / 1e9:.1f} (embeddings) G params/s")
 
 
 ASSUMED = Rates()
@@ -100,7 +103,7 @@ def layout_key(args) -> str:
 
 def shape_key(args, vocab: int) -> str:
     return (f"{LayerShape.of(args)}|seq={args.seq_length}|micro={args.micro_batch_size}|{args.params_dtype_name}"
-            f"|vocab={vocab}")
+            f"|vocab={vocab}|untied={bool(args.untie_embeddings_and_output_weights)}")
 
 
 def measured_rates(probe, args, vocab: int, threads: Tuple[int, ...], refresh: bool = False, log=None) -> Rates:
@@ -121,11 +124,11 @@ def measured_rates(probe, args, vocab: int, threads: Tuple[int, ...], refresh: b
                          lambda t=t: probe.cpu_adam(t)))
                  for t in sorted(set(threads)))
     # the key names what is measured: entries of a probe that measured less are measured again
-    forward, backward, head, step = get("one layer's forward, backward and optimizer step",
-                                        f"{where}|layer+step|{shape_key(args, vocab)}|{layout_key(args)}"
-                                        f"|main-grads={args.main_grads_torch_dtype}", probe.layer)
+    forward, backward, head, step, embedding_step = get(
+        "one layer's forward, backward and optimizer step", f"{where}|layer+steps|{shape_key(args, vocab)}|"
+        f"{layout_key(args)}|main-grads={args.main_grads_torch_dtype}", probe.layer)
     _write_cache(path, cache)
-    return Rates(f"measured on {probe.card}", h2d, d2h, adam, forward, backward, head, step)
+    return Rates(f"measured on {probe.card}", h2d, d2h, adam, forward, backward, head, step, embedding_step)
 
 
 def rates_or_constants(probe, args, vocab: int, threads: Tuple[int, ...], refresh: bool = False, log=None) -> Rates:
@@ -136,11 +139,12 @@ def rates_or_constants(probe, args, vocab: int, threads: Tuple[int, ...], refres
     try:
         return measured_rates(probe, args, vocab, threads, refresh, log)
     except torch.OutOfMemoryError:
-        if probe.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if log is not None:
-            log("> measuring this machine ran out of GPU memory: the plan uses costs.py's constants")
-        return ASSUMED
+        pass  # the memory goes back below, once the traceback no longer holds the probe's tensors
+    if probe.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if log is not None:
+        log("> measuring this machine ran out of GPU memory: the plan uses costs.py's constants")
+    return ASSUMED
 
 
 def _median_seconds(fn, synchronize=lambda: None, warmup: int = 2, repeats: int = REPEATS) -> float:
@@ -221,7 +225,8 @@ class GpuProbe:
     def layer(self) -> list:
         """Seconds of one layer's forward and of its backward, and of the output layer's and the word
         embedding's forward and backward with the loss, over one micro-batch, every weight gradient summed
-        into a main grad as the run does; and the parameters/s of the GPU optimizer's step."""
+        into a main grad as the run does; and the parameters/s of the GPU optimizer's step over the layer
+        and over the vocabulary-sized weights."""
         import torch
         import torch.nn.functional as F
         from megatron.core import parallel_state
@@ -262,14 +267,18 @@ class GpuProbe:
         step_rate = numel / _median_seconds(lambda: optimizer.step(1.0, skip=False), self.sync, warmup=1, repeats=3)
         del layer, optimizer, held, x, grad
 
-        def weight():  # a vocabulary-sized weight whose gradient is summed into its main grad
-            w = (torch.randn(self.vocab, h, device=device, dtype=dtype) * 0.02).requires_grad_()
-            w.register_post_accumulate_grad_hook(
-                ResidentOptimizer.accumulator(torch.zeros_like(w, dtype=args.main_grads_torch_dtype)))
-            return w
+        def weight():
+            return (torch.randn(self.vocab, h, device=device, dtype=dtype) * 0.02).requires_grad_()
 
         output = weight()
-        table = output if not args.untie_embeddings_and_output_weights else weight()
+        # the output layer's optimizer (its hook sums the gradient into a main grad) gives the embeddings' step
+        # rate; an untied word embedding only sums its gradient, which spares the probe its optimizer state
+        optimizer = ResidentOptimizer([("output_layer.weight", output)], args)
+        table = output
+        if args.untie_embeddings_and_output_weights:
+            table = weight()
+            table.register_post_accumulate_grad_hook(
+                ResidentOptimizer.accumulator(torch.zeros_like(table, dtype=args.main_grads_torch_dtype)))
         hidden = torch.randn(s * b, h, device=device, dtype=dtype, requires_grad=True)
         labels = torch.randint(0, self.vocab, (s * b,), device=device)
         embedding_grad = torch.randn(s * b, h, device=device, dtype=dtype)
@@ -279,6 +288,8 @@ class GpuProbe:
             torch.autograd.backward([loss, F.embedding(labels, table)], [None, embedding_grad])
 
         head_s = _median_seconds(head, self.sync)
-        del output, table, hidden, labels, embedding_grad
+        embedding_rate = output.numel() / _median_seconds(lambda: optimizer.step(1.0, skip=False), self.sync,
+                                                          warmup=1, repeats=3)
+        del output, table, optimizer, hidden, labels, embedding_grad
         self._release()
-        return [forward_s, backward_s, head_s, step_rate]
+        return [forward_s, backward_s, head_s, step_rate, embedding_rate]
