@@ -2,6 +2,7 @@
 state, and the rank that logs, publishes checkpoints and writes TensorBoard events."""
 
 import os
+import sys
 
 import torch
 
@@ -53,8 +54,12 @@ def leave_process_group() -> None:
     from megatron.core import parallel_state
 
     if "WORLD_SIZE" in os.environ and dist.is_initialized():
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        try:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+        except Exception as exc:  # the run itself is done and saved: say so, keep its exit status
+            print(f"warning: leaving the process group failed after the run: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
 
 
 def pick_device() -> torch.device:
