@@ -138,9 +138,32 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4
 
 
 @pytest.mark.unit
+def test_attention_keeps_off_cudnn(monkeypatch):
+    """model.attend runs with cuDNN's attention disabled (torch would pick it first on recent Hopper setups)
+    and flash and memory-efficient attention enabled, and leaves torch's settings as they were."""
+    from megatron.stronghold import model as model_lib
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(model_lib.F, "scaled_dot_product_attention", recording)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    q = torch.randn(8, 1, 4, 16)
+    model_lib.attend(q, q[:, :, :2], q[:, :, :2])
+    model_lib.attend(q, q[:, :, :2], q[:, :, :2], segments=torch.tensor([[0] * 4 + [1] * 4]))
+    assert seen == [(False, True, True)] * 2
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+@pytest.mark.unit
 def test_the_attention_check_tool_holds_each_kernel_to_fp32_attention(capsys, monkeypatch):
-    """tools/attention_check.py (run by the GPU's fine-tuning stage): on the CPU every kernel and layout
-    equals fp32 attention, and every row reports the output and, with autograd, the three gradients."""
+    """tools/attention_check.py (run by the GPU's fine-tuning stage): on the CPU every kernel that runs and
+    layout equals fp32 attention, and every row reports the output and, with autograd, the three gradients."""
     import importlib.util
     import os
     import sys
@@ -151,10 +174,13 @@ def test_the_attention_check_tool_holds_each_kernel_to_fp32_attention(capsys, mo
     spec.loader.exec_module(tool)
     monkeypatch.setattr(sys, "argv", ["attention_check.py", "--seq", "48", "--heads", "4", "--groups", "2", "--dim", "8"])
     assert tool.main() == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert len(rows) == 8  # 2 masks x 2 layouts x autograd off and on
-    errors = [float(cell) for row in rows for cell in row if "e-" in cell or "e+" in cell]
-    assert len(errors) == 4 * 1 + 4 * 4 and max(errors) < 1e-5
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 2 * 5 * 2 * 2  # masks x (torch's choice and 4 backends) x layouts x autograd off and on
+    ran = [row for row in rows if not row.rstrip().endswith("-")]
+    # a CPU has flash and math (torch's choice among them) and neither cuDNN nor memory-efficient attention
+    assert {row[22:40].strip() for row in ran} == {"torch: flash", "flash", "math"} and len(ran) == 2 * 3 * 2 * 2
+    errors = [float(cell) for row in ran for cell in row[66:].split()]
+    assert len(errors) == len(ran) // 2 * (1 + 4) and max(errors) < 1e-5
 
 
 @pytest.mark.parametrize("line, message", [

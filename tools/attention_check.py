@@ -1,11 +1,12 @@
 """torch's attention kernels on this machine against fp32 attention, at the fine-tuning run's shapes.
 
-For one causal sequence (flash on a GPU) and for packed conversations (a boolean mask: the
-memory-efficient kernel), with the inputs as permuted views of megatron-core's [s, b, heads, dim] and
-as contiguous copies, with and without autograd: the largest difference of the output, and of the
-three input gradients, from the same attention in fp32 over the tokens each token may see. A padded
-fine-tuning run on an H100 once logged training losses below its data's floor; this table tells a
-kernel's error from the rest of the step.
+Each backend torch has (cuDNN, flash, memory-efficient, math) and torch's own choice ("torch: NAME"), for one causal
+sequence (model.attend's padded and pre-training path) and for packed conversations (a boolean mask),
+with the inputs as permuted views of megatron-core's [s, b, heads, dim] and as contiguous copies, with
+and without autograd: the largest difference of the output, and of the three input gradients, from the
+same attention in fp32 over the tokens each token may see; "-" where a backend cannot run the case. A
+padded fine-tuning run on an H100 once logged training losses below its data's floor; this table tells
+a kernel's error from the rest of the step (model.attend keeps to flash, memory-efficient and math).
 
     python tools/attention_check.py [--seq 2048 --batch 2 --heads 32 --groups 8 --dim 128]
 """
@@ -14,6 +15,10 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = {"torch": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def reference(q, k, v, allowed):
@@ -21,7 +26,17 @@ def reference(q, k, v, allowed):
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
 
 
+def chosen(q, k, v, mask) -> str:
+    """The backend torch picks for these inputs under its default order."""
+    try:
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, mask, 0.0, mask is None)).name.lower().removesuffix(
+            "_attention")
+    except Exception:  # a private function: its name or signature may change
+        return "?"
+
+
 def check(ns, device, dtype) -> list:
+    """(mask, backend, inputs, autograd, [output error, d query, d key, d value errors] or None)."""
     from megatron.stronghold.model import conversation_mask
 
     s, b, heads, groups, dim = ns.seq, ns.batch, ns.heads, ns.groups, ns.dim
@@ -39,24 +54,29 @@ def check(ns, device, dtype) -> list:
                            ("packed conversations", (torch.arange(s, device=device) // max(1, s // 3)).expand(b, s))):
         allowed = conversation_mask(segments if segments is not None else torch.zeros(b, s, dtype=torch.long,
                                                                                      device=device))
+        mask = None if segments is None else allowed
         leaves = [t.permute(1, 2, 0, 3).float().requires_grad_() for t in (query, key, value)]
         expected = reference(*leaves, allowed)
         expected_grads = torch.autograd.grad(expected, leaves, grad_out.float())
-        for layout in ("permuted views", "contiguous"):
-            for grad in (False, True):
-                inputs = [t.detach().requires_grad_(grad) for t in (query, key, value)]
-                q, k, v = (t.permute(1, 2, 0, 3) for t in inputs)
-                if layout == "contiguous":
-                    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-                with torch.set_grad_enabled(grad):
-                    mask = None if segments is None else allowed
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-                errors = [(out.float() - expected).abs().max().item()]
-                if grad:
-                    got = torch.autograd.grad(out, inputs, grad_out)
+        for label, backend in BACKENDS.items():
+            for layout in ("permuted views", "contiguous"):
+                for grad in (False, True):
+                    inputs = [t.detach().requires_grad_(grad) for t in (query, key, value)]
+                    q, k, v = (t.permute(1, 2, 0, 3) for t in inputs)
+                    if layout == "contiguous":
+                        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+                    which = f"torch: {chosen(q, k, v, mask)}" if backend is None else label
+                    try:
+                        with torch.set_grad_enabled(grad), sdpa_kernel([backend] if backend else list(BACKENDS.values())[1:]):
+                            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+                            got = torch.autograd.grad(out, inputs, grad_out) if grad else []
+                    except RuntimeError:  # this backend cannot run the case (hardware, mask, dtype)
+                        rows.append((name, which, layout, grad, None))
+                        continue
+                    errors = [(out.float() - expected).abs().max().item()]
                     errors += [(g.permute(1, 2, 0, 3).float() - e).abs().max().item()
                                for g, e in zip(got, expected_grads)]
-                rows.append((name, layout, grad, errors))
+                    rows.append((name, which, layout, grad, errors))
     return rows
 
 
@@ -72,13 +92,15 @@ def main() -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     card = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"attention kernels on {card}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, "
+    cudnn = torch.backends.cudnn.version() if cuda else None
+    print(f"attention kernels on {card}, torch {torch.__version__}, cuDNN {cudnn}, {str(dtype).removeprefix('torch.')}, "
           f"[s, b, heads, groups, dim] = [{ns.seq}, {ns.batch}, {ns.heads}, {ns.groups}, {ns.dim}]: largest "
           "difference from fp32 attention")
-    print(f"{'mask':<22}{'inputs':<16}{'autograd':<10}{'output':>10}{'d query':>10}{'d key':>10}{'d value':>10}")
-    for name, layout, grad, errors in check(ns, device, dtype):
-        cells = "".join(f"{e:>10.2e}" for e in errors)
-        print(f"{name:<22}{layout:<16}{'on' if grad else 'off':<10}{cells}", flush=True)
+    print(f"{'mask':<22}{'backend':<18}{'inputs':<16}{'autograd':<10}{'output':>10}{'d query':>10}{'d key':>10}"
+          f"{'d value':>10}")
+    for name, which, layout, grad, errors in check(ns, device, dtype):
+        cells = "".join(f"{e:>10.2e}" for e in errors) if errors is not None else f"{'-':>10}"
+        print(f"{name:<22}{which:<18}{layout:<16}{'on' if grad else 'off':<10}{cells}", flush=True)
     return 0
 
 

@@ -230,19 +230,15 @@ for s in "$@"; do
             keep "timed|rror" < "$d/export.log"
             "$PY" tools/sft_round_trip.py score --hf "$d/export" --data "$d/chat.jsonl" 2>&1 | keep "loss|rror" "after fine-tuning: "
             # last, for its time (the round trip comes first where a time limit cuts the stage short): from the
-            # fine-tuned weights, the imported ones being gone for the disk's sake; packed again from the same
-            # weights, so that the first iteration's loss of each layout is on the same model; then padded on torch's
-            # memory-efficient kernel instead of flash (a padded run here once logged losses below the data's floor)
+            # fine-tuned weights, the imported ones being gone for the disk's sake; then packed again from the same
+            # weights, so that the first iteration's loss of each layout is on the same model (a padded run here
+            # once logged losses below the data's floor)
             rm -rf "$d/export"
             from_trained=(--load "$d/trained" --train-iters 3 --eval-interval 3)
             RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- "${imported[@]}" "${sft[@]}" \
                 "${from_trained[@]}" --no-sft-packing 2>&1 | keep "$lines" "padded "
             RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- "${imported[@]}" "${sft[@]}" \
                 "${from_trained[@]}" 2>&1 | keep "$lines" "packed-again "
-            mkdir -p /tmp/no_flash && echo "import torch; torch.backends.cuda.enable_flash_sdp(False)" \
-                > /tmp/no_flash/sitecustomize.py
-            PYTHONPATH="/tmp/no_flash:${PYTHONPATH:-}" RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- \
-                "${imported[@]}" "${sft[@]}" "${from_trained[@]}" --no-sft-packing 2>&1 | keep "$lines" "padded-no-flash "
             rm -rf "$d/trained"
             "$PY" tools/sft_round_trip.py rates "$OUT/sft.txt" | tee -a "$OUT/sft.txt" ;;
         *) echo "unknown stage $s" >&2; exit 2 ;;
