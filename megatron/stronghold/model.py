@@ -50,9 +50,10 @@ class SDPAttention(DotProductAttention):
 
     attention_mask is None (one causal sequence: the flash kernel) or, for packed conversations, each
     token's conversation number [b, s]: a token then sees only its own conversation (a boolean mask,
-    which takes the memory-efficient kernel on a GPU). Never cuDNN's attention: see attend. Rotary embeddings stay those of each token's
-    place in the packed sequence: within a conversation they differ from its own positions by a
-    constant, and a rotary score depends only on the difference of two positions."""
+    which takes the memory-efficient kernel on a GPU; never cuDNN's attention, see KERNELS). Rotary
+    embeddings stay those of each token's place in the packed sequence: within a conversation they
+    differ from its own positions by a constant, and a rotary score depends only on the difference of
+    two positions."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -62,11 +63,12 @@ class SDPAttention(DotProductAttention):
 
 
 # The kernels attend may take. torch puts cuDNN's attention first on Hopper and Blackwell cards (with a
-# recent cuDNN); its silent-correctness bugs there are on record (e.g. pytorch/pytorch#193893), it builds a
-# different graph when autograd needs the softmax statistics, and a padded fine-tuning run on an H100 (the
-# is_causal path, which torch's order likely gave to cuDNN there) logged training losses below its data's
-# floor while evaluation agreed with transformers. Flash and memory-efficient attention are the kernels this model is measured
-# with; tools/attention_check.py holds every backend, cuDNN's included, to fp32 attention on a card.
+# recent cuDNN); its silent-correctness bugs there are on record (e.g. pytorch/pytorch#193893), it builds
+# a different graph when autograd needs the softmax statistics, and a padded fine-tuning run on an H100
+# (the is_causal path, which torch's order likely gave to cuDNN there) logged training losses below its
+# data's floor while evaluation agreed with transformers. Flash and memory-efficient attention are the
+# kernels this model is measured with; tools/attention_check.py holds every backend, cuDNN's included,
+# to fp32 attention on a card.
 KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
