@@ -226,11 +226,12 @@ def main():
     print(f"card: {card}", flush=True)
     rows, lines = [], []
     for case in a.cases:
-        case_rows = [dict(run(*spec, a.iters, a.out, a.baseline_tree, a.override.split()), case=case)
-                     for spec in rows_of(case)]
+        def run_all(specs):
+            return [dict(run(*spec, a.iters, a.out, a.baseline_tree, a.override.split()), case=case) for spec in specs]
+
+        case_rows = run_all(rows_of(case))
         if case in SWEEPS:
-            case_rows += [dict(run(*spec, a.iters, a.out, a.baseline_tree, a.override.split()), case=case)
-                          for spec in sweep_rows(case_rows[0])]
+            case_rows += run_all(sweep_rows(case_rows[0]))
         rows += case_rows
         lines += verdicts(case, case_rows)
         with open(os.path.join(a.out, "real_batch.csv"), "w", newline="") as f:

@@ -156,13 +156,17 @@ class ModelCosts:
 
     def resident_activations(self, resident: int, recomputed=None) -> int:
         """Activations the resident layers keep for one micro-batch; recomputed: how many of them run
-        again in backward (None: as the flags say: all with --recompute-granularity full, the first N
-        with --recompute-method block, else none)."""
-        if recomputed is None and self.recompute_block is not None:
-            recomputed = min(self.recompute_block, resident)
+        again in backward (None: as the flags say, recomputed_by_flags)."""
         if recomputed is None:
-            return resident * (self.hidden_state if self.recompute else self.layer_activations)
+            recomputed = self.recomputed_by_flags(resident)
         return recomputed * self.hidden_state + (resident - recomputed) * self.layer_activations
+
+    def recomputed_by_flags(self, resident: int) -> int:
+        """How many of `resident` layers recompute as the flags say: the first N with --recompute-method
+        block, all with --recompute-granularity full, else none."""
+        if self.recompute_block is not None:
+            return min(self.recompute_block, resident)
+        return resident if self.recompute else 0
 
     def streamed_activations(self, streamed: int, recompute: bool, on_host: bool = False) -> int:
         """GPU bytes of the streamed layers' activations (on_host: the boundaries wait on the host)."""
@@ -285,11 +289,9 @@ def compute_seconds(costs: ModelCosts, resident: int, streamed_recompute: bool =
     parameters (where measured: the constants leave it out)."""
     streamed = costs.layers - resident
     k, f, b = costs.microbatches, layer_forward_seconds(costs), layer_backward_seconds(costs)
-    if resident_recompute is None:  # as the flags say
-        resident_recompute = (min(costs.recompute_block, resident) if costs.recompute_block is not None
-                              else resident if costs.recompute else 0)
-    again = resident_recompute
-    resident_time = k * (resident * (f + b) + again * f)
+    if resident_recompute is None:
+        resident_recompute = costs.recomputed_by_flags(resident)
+    resident_time = k * (resident * (f + b) + resident_recompute * f)
     streamed_time = streamed * k * (f * (2 if streamed_recompute else 1) + b)
     if costs.rates.head is not None:
         head = k * costs.rates.head

@@ -117,7 +117,7 @@ def _fewest_recomputed(costs: ModelCosts, resident: int, fits):
     with --recompute-method block; otherwise None (as the flags say: all or none). False where that
     does not fit."""
     if costs.recompute_block is not None:
-        n = min(costs.recompute_block, resident)
+        n = costs.recomputed_by_flags(resident)
         return n if fits(n) else False
     if not costs.recompute_chosen:
         return None if fits(None) else False
