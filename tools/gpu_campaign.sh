@@ -42,6 +42,9 @@
 #   offload   megatron-core's optimizer CPU offload (-m megatron-offload): its GPU test against megatron-lm and
 #             across checkpoints, then 96 layers h2048 (micro-batch 8, global batch 64, full recompute) beside
 #             stronghold, then its largest model (tools/largest_model.py); offload.txt
+#   sft-seen  fine-tuning losses on seen and unseen batches: padded and packed from imported weights, then
+#             from weights fine-tuned 4 iterations on those batches again (--finetune) and on the next ones
+#             (resumed); sft-seen.txt
 #   sft       the attention kernels against fp32 (tools/attention_check.py) and the GPU tests of causal
 #             fine-tuning losses, then the fine-tuning path (tools/sft_round_trip.py): a Llama-3-8B-shaped Hugging Face model at SFT_LAYERS
 #             (16 of its 32: at 32 the HF model, the imported fp32 checkpoint and the trained one exceed the
@@ -200,6 +203,29 @@ for s in "$@"; do
             done
             "$PY" tools/largest_model.py --method megatron-offload --start planner --timeout "${LARGEST_TIMEOUT:-480}" \
                 --budget "${LARGEST_BUDGET:-0}" --out "$OUT/offload" 2>&1 | tee -a "$OUT/offload.txt" ;;
+        sft-seen)
+            # the first iteration's loss of each layout on batches the model has not seen, from the imported
+            # weights; then from weights fine-tuned for 4 iterations, on those 4 batches again (--finetune
+            # restarts the data) and on the next ones (resumed): the gap is what the model memorised
+            d=/tmp/sft_seen
+            rm -rf "$d" && mkdir -p "$d"
+            keep() { grep -E "$1" | sed "s/^/${2:-}/" | tee -a "$OUT/sft-seen.txt"; }
+            "$PY" tools/sft_round_trip.py make --out "$d" --layers "${SFT_LAYERS:-4}" --hidden "${SFT_HIDDEN:-4096}" 2>&1 | keep "made|wrote|rror"
+            "$PY" tools/convert_hf.py import --hf "$d/hf" --output "$d/ckpt" > "$d/import.log" 2>&1
+            read -r -a imported < <(grep -E "^--load " "$d/import.log" | tail -1)
+            sft=(--sft --data-path "$d/chat.jsonl" --split 1500,40,0 --seq-length "${SFT_SEQ:-2048}" --micro-batch-size 2
+                 --global-batch-size "${SFT_BATCH:-32}" --bf16 --use-precision-aware-optimizer --exp-avg-dtype bf16
+                 --exp-avg-sq-dtype bf16 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 1 --log-interval 1 --eval-iters 1)
+            lines="iteration +[0-9]+/|validation|loaded|exited|rror"
+            run() { label="$1"; shift; RESULTS_DIR="$OUT/sft-seen" bash examples/run.sh -m stronghold -- \
+                "${sft[@]}" "$@" 2>&1 | keep "$lines" "$label "; }
+            run "imported-padded" "${imported[@]}" --no-sft-packing --train-iters 2 --eval-interval 2
+            run "imported-packed" "${imported[@]}" --train-iters 4 --eval-interval 4 --save "$d/trained"
+            run "trained-seen" "${imported[@]}" --load "$d/trained" --train-iters 2 --eval-interval 2
+            resumed=(); for a in "${imported[@]}"; do [[ "$a" == --finetune ]] || resumed+=("$a"); done
+            run "trained-unseen" "${resumed[@]}" --load "$d/trained" --train-iters 6 --eval-interval 6 \
+                --override-opt_param-scheduler
+            rm -rf "$d" ;;
         sft)
             d=/tmp/sft_round_trip
             rm -rf "$d" && mkdir -p "$d"
