@@ -138,29 +138,6 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4
 
 
 @pytest.mark.unit
-def test_attention_keeps_off_cudnn(monkeypatch):
-    """model.attend runs with cuDNN's attention disabled (torch would pick it first on recent Hopper setups)
-    and flash and memory-efficient attention enabled, and leaves torch's settings as they were."""
-    from megatron.stronghold import model as model_lib
-
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
-                     torch.backends.cuda.mem_efficient_sdp_enabled()))
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(model_lib.F, "scaled_dot_product_attention", recording)
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    q = torch.randn(8, 1, 4, 16)
-    model_lib.attend(q, q[:, :, :2], q[:, :, :2])
-    model_lib.attend(q, q[:, :, :2], q[:, :, :2], segments=torch.tensor([[0] * 4 + [1] * 4]))
-    assert seen == [(False, True, True)] * 2
-    assert torch.backends.cuda.cudnn_sdp_enabled() == before
-
-
-@pytest.mark.unit
 def test_the_attention_check_tool_holds_each_kernel_to_fp32_attention(capsys, monkeypatch):
     """tools/attention_check.py (run by the GPU's fine-tuning stage): on the CPU every kernel that runs and
     layout equals fp32 attention, and every row reports the output and, with autograd, the three gradients."""

@@ -4,9 +4,8 @@ Each backend torch has (cuDNN, flash, memory-efficient, math) and torch's own ch
 sequence (model.attend's padded and pre-training path) and for packed conversations (a boolean mask),
 with the inputs as permuted views of megatron-core's [s, b, heads, dim] and as contiguous copies, with
 and without autograd: the largest difference of the output, and of the three input gradients, from the
-same attention in fp32 over the tokens each token may see; "-" where a backend cannot run the case. A
-padded fine-tuning run on an H100 once logged training losses below its data's floor; this table tells
-a kernel's error from the rest of the step (model.attend keeps to flash, memory-efficient and math).
+same attention in fp32 over the tokens each token may see; "-" where a backend cannot run the case.
+model.attend takes torch's choice; this table tells a kernel's error on a card from the rest of the step.
 
     python tools/attention_check.py [--seq 2048 --batch 2 --heads 32 --groups 8 --dim 128]
 """

@@ -230,9 +230,7 @@ for s in "$@"; do
             d=/tmp/sft_round_trip
             rm -rf "$d" && mkdir -p "$d"
             keep() { grep -E "$1" | sed "s/^/${2:-}/" | tee -a "$OUT/sft.txt"; }
-            # first: the attention kernels against fp32 attention, and training and validation losses on
-            # random-word chats above the data's floor, packed and padded, on this GPU (a padded run here
-            # once logged losses below it)
+            # first: the attention kernels against fp32 attention, and the GPU tests of causal losses
             "$PY" tools/attention_check.py 2>&1 | grep -v -i warn | keep "."
             "$PY" -m pytest -q tests/gpu/test_gpu_training.py -k "causality or attention_kernels" 2>&1 | tail -5 | keep "passed|failed|rror|assert"
             "$PY" tools/sft_round_trip.py make --out "$d" --layers "${SFT_LAYERS:-16}" \
@@ -255,10 +253,10 @@ for s in "$@"; do
                 --output "$d/export" --dtype bfloat16 --tokenizer-model "$d/hf" > "$d/export.log" 2>&1
             keep "timed|rror" < "$d/export.log"
             "$PY" tools/sft_round_trip.py score --hf "$d/export" --data "$d/chat.jsonl" 2>&1 | keep "loss|rror" "after fine-tuning: "
-            # last, for its time (the round trip comes first where a time limit cuts the stage short): from the
-            # fine-tuned weights, the imported ones being gone for the disk's sake; then packed again from the same
-            # weights, so that the first iteration's loss of each layout is on the same model (a padded run here
-            # once logged losses below the data's floor)
+            # last, for its time (the round trip comes first where a time limit cuts the stage short): each
+            # layout's speed from the fine-tuned weights (the imported ones being gone for the disk's sake). Its
+            # losses are on the batches those weights were trained on (--finetune restarts the data), so they lie
+            # far below the validation loss: memorised, as the sft-seen stage shows
             rm -rf "$d/export"
             from_trained=(--load "$d/trained" --train-iters 3 --eval-interval 3)
             RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- "${imported[@]}" "${sft[@]}" \

@@ -20,7 +20,6 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from megatron.core.models.common.embeddings import rotary_pos_embedding
@@ -48,9 +47,8 @@ def conversation_mask(segments: torch.Tensor) -> torch.Tensor:
 class SDPAttention(DotProductAttention):
     """Causal attention through F.scaled_dot_product_attention, for [s, b, heads, dim] inputs.
 
-    attention_mask is None (one causal sequence: the flash kernel) or, for packed conversations, each
-    token's conversation number [b, s]: a token then sees only its own conversation (a boolean mask,
-    which takes the memory-efficient kernel on a GPU; never cuDNN's attention, see KERNELS). Rotary
+    attention_mask is None (one causal sequence) or, for packed conversations, each token's
+    conversation number [b, s]: a token then sees only its own conversation (a boolean mask). Rotary
     embeddings stay those of each token's place in the packed sequence: within a conversation they
     differ from its own positions by a constant, and a rotary score depends only on the difference of
     two positions."""
@@ -62,33 +60,20 @@ class SDPAttention(DotProductAttention):
         return attend(query, key, value, attention_mask, dropout, self.softmax_scale)
 
 
-# The kernels attend may take. torch puts cuDNN's attention first on Hopper and Blackwell cards (with a
-# recent cuDNN); its silent-correctness bugs there are on record (e.g. pytorch/pytorch#193893), it builds
-# a different graph when autograd needs the softmax statistics, and a padded fine-tuning run on an H100
-# (the is_causal path, which torch's order likely gave to cuDNN there) logged training losses below its
-# data's floor while evaluation agreed with transformers. Flash and memory-efficient attention are the
-# kernels this model is measured with; tools/attention_check.py holds every backend, cuDNN's included,
-# to fp32 attention on a card.
-KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 def attend(query, key, value, segments=None, dropout=0.0, scale=None):
     """SDPAttention's computation: [s, b, heads, dim] query and [s, b, groups, dim] key and value ->
-    [s, b, heads * dim], causal, and within each token's conversation where `segments` ([b, s]) is given."""
+    [s, b, heads * dim], causal, and within each token's conversation where `segments` ([b, s]) is given.
+    torch picks the kernel (on an H100 with torch 2.11, cuDNN's for both paths); tools/attention_check.py
+    holds each kernel to fp32 attention on a card."""
     s, b, heads = query.shape[0], query.shape[1], query.shape[2]
     groups = heads // key.shape[2]
-    # [b, heads, s, dim], contiguous: the layout torch's kernels are built and tested for (kernels that
-    # misread permuted views are a known class of bug; tools/attention_check.py compares both layouts). The
-    # copies move about 0.2 GB per Llama-3-8B layer and micro-batch of 2 x 2048 tokens: some 0.07 ms
-    # at HBM speed beside the layer's 5 ms forward (estimated). Grouped keys and values are expanded to
-    # every head by that same copy.
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-    q = q.contiguous()
-    k, v = (t.repeat_interleave(groups, dim=1) if groups > 1 else t.contiguous() for t in (k, v))
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=2)
+        value = value.repeat_interleave(groups, dim=2)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
     mask = None if segments is None else conversation_mask(segments)
-    with sdpa_kernel(KERNELS):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                             scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                         scale=scale)
     return out.permute(2, 0, 1, 3).reshape(s, b, heads * query.shape[3])
 
 

@@ -160,9 +160,9 @@ def test_megatron_offload_trains_like_megatron_and_their_checkpoints_cross(tmp_p
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_sft_losses_respect_causality_on_gpu(tmp_path, packing):
-    """tests/test_sft.py's check on the GPU's kernels (flash for padded sequences, memory-efficient with the
-    conversation mask for packed ones), by stronghold in the planner's placement, in the fine-tuning stage's
-    precision and recompute: the flags of the H100 run whose padded losses fell below the data's floor."""
+    """tests/test_sft.py's check on the GPU's kernels (torch's choice for padded sequences and for packed
+    ones with the conversation mask), by stronghold in the planner's placement, in the fine-tuning stage's
+    precision and recompute."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from test_sft import sft_losses_respect_causality
 
@@ -174,11 +174,10 @@ def test_sft_losses_respect_causality_on_gpu(tmp_path, packing):
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_attention_kernels_match_the_causal_reference_on_gpu(grad, packed):
-    """model.attend on the GPU's kernels (flash for one causal sequence, memory-efficient with the
-    conversation mask), with the fine-tuning run's shapes (Llama-3-8B's 32 heads in 8 groups, 2 x 2048,
-    bf16, inputs permuted from megatron-core's [s, b, heads, dim]), with and without autograd: the output
-    of every token equals fp32 attention over the tokens it may see. Training and evaluation took these
-    two autograd modes when a padded fine-tuning run logged losses below its data's floor."""
+    """model.attend on the GPU's kernels (torch's choice, for one causal sequence and with the conversation
+    mask), with the fine-tuning run's shapes (Llama-3-8B's 32 heads in 8 groups, 2 x 2048, bf16, inputs
+    permuted from megatron-core's [s, b, heads, dim]), with and without autograd (training's and
+    evaluation's modes): the output of every token equals fp32 attention over the tokens it may see."""
     from megatron.stronghold.model import attend, conversation_mask
 
     torch.manual_seed(0)
