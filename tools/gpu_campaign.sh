@@ -61,6 +61,14 @@ free -g | tee -a "$OUT/card.txt"
 
 stage() { echo; echo "===== $1 ($(date +%T))"; }
 
+# the fine-tuning stages' training flags (sft, sft-seen), over DIR/chat.jsonl: sets the array sft
+sft_flags() {
+    sft=(--sft --data-path "$1/chat.jsonl" --split 1500,40,0 --seq-length "${SFT_SEQ:-2048}" --micro-batch-size 2
+         --global-batch-size "${SFT_BATCH:-32}" --bf16 --recompute-granularity full --use-precision-aware-optimizer
+         --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 1
+         --log-interval 1 --eval-iters 1)
+}
+
 for s in "$@"; do
     stage "$s"
     case "$s" in
@@ -213,9 +221,7 @@ for s in "$@"; do
             "$PY" tools/sft_round_trip.py make --out "$d" --layers "${SFT_LAYERS:-4}" --hidden "${SFT_HIDDEN:-4096}" 2>&1 | keep "made|wrote|rror"
             "$PY" tools/convert_hf.py import --hf "$d/hf" --output "$d/ckpt" > "$d/import.log" 2>&1
             read -r -a imported < <(grep -E "^--load " "$d/import.log" | tail -1)
-            sft=(--sft --data-path "$d/chat.jsonl" --split 1500,40,0 --seq-length "${SFT_SEQ:-2048}" --micro-batch-size 2
-                 --global-batch-size "${SFT_BATCH:-32}" --bf16 --use-precision-aware-optimizer --exp-avg-dtype bf16
-                 --exp-avg-sq-dtype bf16 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 1 --log-interval 1 --eval-iters 1)
+            sft_flags "$d"
             lines="iteration +[0-9]+/|validation|loaded|exited|rror"
             run() { label="$1"; shift; RESULTS_DIR="$OUT/sft-seen" bash examples/run.sh -m stronghold -- \
                 "${sft[@]}" "$@" 2>&1 | keep "$lines" "$label "; }
@@ -241,10 +247,7 @@ for s in "$@"; do
             keep "timed|rror" < "$d/import.log"
             read -r -a imported < <(grep -E "^--load " "$d/import.log" | tail -1)
             rm -f "$d"/hf/*.safetensors  # the disk holds the imported and the trained checkpoint, not this too
-            sft=(--sft --data-path "$d/chat.jsonl" --split 1500,40,0 --seq-length "${SFT_SEQ:-2048}" --micro-batch-size 2
-                 --global-batch-size "${SFT_BATCH:-32}" --bf16 --recompute-granularity full --use-precision-aware-optimizer
-                 --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 1
-                 --log-interval 1 --eval-iters 1)
+            sft_flags "$d"
             lines="total parameters|^plan|> measuring|host store|start-up|> sft|iteration +[0-9]+/|validation|summary|exited|rror"
             RESULTS_DIR="$OUT/sft" bash examples/run.sh -m stronghold -- "${imported[@]}" "${sft[@]}" \
                 --train-iters 4 --eval-interval 4 --save "$d/trained" 2>&1 | keep "$lines" "packed "

@@ -100,7 +100,7 @@ class ResidentOptimizer:
     (to nearest: the host store's CPU kernel does the same arithmetic).
     """
 
-    CHUNK = STEP_SLICE
+    CHUNK = STEP_SLICE  # per instance, so that a test can cut parameters into smaller slices
 
     def __init__(self, named_params, args):
         self.names = [n for n, _ in named_params]
