@@ -179,6 +179,9 @@ def test_attention_kernels_match_the_causal_reference_on_gpu(grad, packed):
     permuted from megatron-core's [s, b, heads, dim]), with and without autograd (training's and
     evaluation's modes): the output of every token equals fp32 attention over the tokens it may see."""
     from megatron.stronghold.model import attend, conversation_mask
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.join(root, "tools"))
+    from attention_check import reference as fp32_attention  # the card check's fp32 attention
 
     torch.manual_seed(0)
     s, b, heads, groups, dim = 2048, 2, 32, 8, 128
@@ -191,7 +194,5 @@ def test_attention_kernels_match_the_causal_reference_on_gpu(grad, packed):
     allowed = conversation_mask(segments if packed else torch.zeros(b, s, dtype=torch.long, device="cuda"))
     q, k, v = (t.detach().float().permute(1, 2, 0, 3) for t in (query, key.repeat_interleave(heads // groups, 2),
                                                                   value.repeat_interleave(heads // groups, 2)))
-    scores = (q @ k.transpose(-1, -2)) / dim ** 0.5
-    reference = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v  # [b, heads, s, dim]
-    reference = reference.permute(2, 0, 1, 3).reshape(s, b, heads * dim)
+    reference = fp32_attention(q, k, v, allowed).permute(2, 0, 1, 3).reshape(s, b, heads * dim)
     assert (got - reference).abs().max().item() < 2e-2
