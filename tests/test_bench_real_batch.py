@@ -56,3 +56,28 @@ def test_a_sweep_runs_through_on_a_cpu(tmp_path):
     assert "resident layers: 0 |" in rows[0]["plan"]
     assert ("case 7: the plan's placement / the fastest of the sweep (stronghold 96 layers mb8 recompute) = 1.000 "
             "(target <= 1.05) met") in proc.stdout
+
+
+@pytest.mark.integration
+def test_a_budget_stops_the_tool_and_resume_runs_the_rest(tmp_path):
+    """A call cut by its budget writes the rows it ran; the next call, given that CSV, runs only the rest and
+    judges all of them together."""
+    tiny = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
+            "--micro-batch-size 2 --global-batch-size 4 --ffn-hidden-size 256 --num-query-groups 4")
+
+    def bench(out, *more):
+        proc = subprocess.run([sys.executable, "tools/bench_real_batch.py", "--out", str(out), "--cases", "6",
+                               "--iters", "3", "--override", tiny, *more], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        with open(out / "real_batch.csv") as f:
+            return proc.stdout, list(csv.DictReader(f))
+
+    first, rows = bench(tmp_path / "first", "--budget", "1")
+    assert [r["exit"] for r in rows] == ["0", "not run", "not run"]
+    assert first.count("not run (the budget of 1 s") == 2
+    measured_first = rows[0]
+    second, rows = bench(tmp_path / "second", "--resume", str(tmp_path / "first" / "real_batch.csv"))
+    assert [r["exit"] for r in rows] == ["0", "0", "0"]
+    assert second.count("measured by the earlier run") == 1
+    assert {k: v for k, v in rows[0].items() if v} == {k: v for k, v in measured_first.items() if v}  # not rerun

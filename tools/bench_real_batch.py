@@ -9,6 +9,9 @@ predicted iteration beside each stronghold run.
     python tools/bench_real_batch.py --out results/h200/real-batch [--cases 1 2 3 4 5 6 7 8] [--iters 8]
     [--baseline-tree DIR]   (case 4: the code before the layer-major schedule, e.g. a `git archive` of it)
     [--override FLAGS]      (appended to every run, e.g. smaller sizes for a smoke test on a CPU)
+    [--budget S]            (start no row once the next one, as long as the longest so far, would end past S s)
+    [--resume CSV]          (take the rows an earlier run of the tool measured from its real_batch.csv: a sweep
+                             longer than one machine call continues where the last call stopped)
 
 Cases (the issue's benchmark):
  1. 32 layers all streamed, micro-batch 4: stronghold vs megatron-lm with full recompute at micro-batch 4
@@ -156,6 +159,22 @@ def run(label, method, layers, micro, extra, tree, iters, out, baseline_tree, ov
     return row
 
 
+def read_rows(path) -> dict:
+    """(case, label) -> row of an earlier run's real_batch.csv, its numbers as numbers; the rows it did not
+    run (its budget ran out) are left out, to run now."""
+    def value(text):
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="") as f:
+        rows = [{k: value(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    return {(r["case"], r["label"]): r for r in rows if isinstance(r.get("exit"), int)}
+
+
 def verdicts(case, rows):
     by = {r["label"]: r for r in rows}
     ms = lambda label: by[label].get("median iteration (ms)")  # noqa: E731
@@ -216,29 +235,55 @@ def main():
     parser.add_argument("--baseline-tree", default=None)
     parser.add_argument("--override", default="", help="pretrain_gpt.py flags appended to every run (a smoke "
                         "test on a CPU: --override '--hidden-size 64 --num-attention-heads 4 --seq-length 32')")
+    parser.add_argument("--budget", type=float, default=0, help="seconds (0: no limit): no row starts that would "
+                        "end past them, if it takes as long as the longest row so far")
+    parser.add_argument("--resume", default=None, help="an earlier run's real_batch.csv: its finished rows are "
+                        "taken as measured, the rest run")
     a = parser.parse_args()
     if 4 in a.cases and not a.baseline_tree:
         parser.error("case 4 needs --baseline-tree (the code before, e.g. `git archive b90e1b6 | tar -x -C DIR`)")
+    if a.resume and not os.path.isfile(a.resume):
+        parser.error(f"--resume {a.resume}: no such file")
     os.makedirs(a.out, exist_ok=True)
     import torch
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"card: {card}", flush=True)
+    earlier = read_rows(a.resume) if a.resume else {}
+    start, longest = time.time(), 0.0
     rows, lines = [], []
-    for case in a.cases:
-        def run_all(specs):
-            return [dict(run(*spec, a.iters, a.out, a.baseline_tree, a.override.split()), case=case) for spec in specs]
 
-        case_rows = run_all(rows_of(case))
-        if case in SWEEPS:
-            case_rows += run_all(sweep_rows(case_rows[0]))
-        rows += case_rows
-        lines += verdicts(case, case_rows)
+    def write_csv():  # after every row: a call cut short keeps what it measured
         with open(os.path.join(a.out, "real_batch.csv"), "w", newline="") as f:
             keys = ["case"] + [k for k in dict.fromkeys(k for r in rows for k in r) if k != "case"]
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
+
+    def measure(case, spec):
+        nonlocal longest
+        label = spec[0]
+        if (case, label) in earlier:
+            print(f"{label}: measured by the earlier run ({a.resume})", flush=True)
+            return dict(earlier[(case, label)])
+        if a.budget and time.time() - start + longest > a.budget:
+            print(f"{label}: not run (the budget of {a.budget:.0f} s would not hold it)", flush=True)
+            return {"label": label, "method": spec[1], "layers": spec[2], "micro batch": spec[3], "exit": "not run"}
+        row = dict(run(*spec, a.iters, a.out, a.baseline_tree, a.override.split()), case=case)
+        longest = max(longest, row["wall (s)"])
+        return row
+
+    for case in a.cases:
+        case_rows = []
+        specs = list(rows_of(case))
+        while specs:
+            row = dict(measure(case, specs.pop(0)), case=case)
+            case_rows.append(row)
+            rows.append(row)
+            write_csv()
+            if case in SWEEPS and len(case_rows) == 1:
+                specs += sweep_rows(row)  # around the plan's placement, once its plan line is known
+        lines += verdicts(case, case_rows)
     text = "\n".join([f"card: {card}", *lines])
     with open(os.path.join(a.out, "verdicts.txt"), "w") as f:
         f.write(text + "\n")
