@@ -22,8 +22,8 @@
 #             the tests stage on such a machine also runs the 2-GPU data-parallel tests
 #   llama     a Llama-style model (RMSNorm, SwiGLU, rope, grouped-query attention, no biases, untied,
 #             Llama 3's vocabulary; hidden 4096, 32 heads, 8 query groups, ffn 14336, seq 4096) with
-#             stronghold at LLAMA_LAYERS (48: more than the card holds, so layers stream) beside
-#             megatron-lm at LLAMA_MEGATRON_LAYERS (16); llama.csv: samples/s and TFLOP/s of both
+#             LLAMA_RUNS (model_runs below; default "stronghold:48 megatron-lm:16": more layers than the card
+#             holds, so layers stream, beside megatron-lm); llama.csv: samples/s and TFLOP/s of each
 #   cpuadam   tools/bench_cpu_adam.py: the CPU AdamW kernel's rate in each host-store layout, 15 threads
 #   layouts   the paper's regime (BYTES_LAYERS=64 layers h2048 all streamed, W=2, global batch 4, no
 #             clipping), then a real batch (global batch 64, micro-batch 8, full recompute), each in the
@@ -34,8 +34,8 @@
 #             the planner's capacity (tools/largest_model.py --start planner --max-layers planner)
 #   qwen14b   Qwen2.5-14B's shape (h5120, 48 layers, 40 heads, 8 query groups, ffn 13824, qkv bias, untied,
 #             vocabulary 152064, seq 4096), global batch 16, full recompute, bf16 moments: QWEN_RUNS, each
-#             METHOD:LAYERS or METHOD:search (the most layers that train, from the planner's count down);
-#             default "stronghold:48 megatron-lm:search"
+#             METHOD:LAYERS or METHOD:search, each with :norecompute where it should run without recompute
+#             (model_runs below); default "stronghold:48 megatron-lm:search"
 #   zerobytes the host and GPU bytes DeepSpeed really holds per parameter: ZERO_METHODS (zero-offload
 #             zero-infinity) at ZERO_LAYERS (16 48) layers h2048, paper batch, 3 iterations each;
 #             zerobytes.txt: their summary lines (peak host RSS, peak GPU memory) for the pre-flight counts
@@ -56,6 +56,35 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-results/gpu}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
+model_runs() {
+    # model_runs NAME HIDDEN HEADS SEQ MICRO_BATCH "RUN..." FLAGS...: each RUN is METHOD:LAYERS or
+    # METHOD:search (the most layers that train, from the pre-flight count down: tools/largest_model.py),
+    # with :norecompute appended to drop --recompute-granularity full (megatron-lm's fastest configuration
+    # where it fits); logs under OUT/NAME[-norecompute], their key lines in OUT/NAME.txt
+    local name=$1 hidden=$2 heads=$3 seq=$4 micro=$5 runs=$6 run method layers variant dir flags i
+    shift 6
+    for run in $runs; do
+        IFS=: read -r method layers variant <<< "$run"
+        flags=() dir="$OUT/$name"
+        for ((i = 1; i <= $#; i++)); do
+            if [[ "${variant:-}" == norecompute && "${!i}" == --recompute-granularity ]]; then
+                ((i++)) && continue  # and its value
+            fi
+            flags+=("${!i}")
+        done
+        [[ "${variant:-}" == norecompute ]] && dir="$OUT/$name-norecompute"
+        if [[ "$layers" == search ]]; then
+            "$PY" tools/largest_model.py --method "$method" --start planner --max-layers planner --hidden "$hidden" \
+                --heads "$heads" --seq "$seq" --batch "$micro" --iters 4 --timeout 400 --out "$dir" -- "${flags[@]}" 2>&1 |
+                sed "s/^/$run /" | tee -a "$OUT/$name.txt"
+            continue
+        fi
+        RESULTS_DIR="$dir" bash examples/run.sh -m "$method" -l "$layers" -h "$hidden" -b "$micro" -w "${WINDOW:-4}" \
+            -- "${flags[@]}" 2>&1 | grep -E "total parameters|^plan|host store|start-up|iteration +[0-9]+/|summary|exited|error" |
+            sed "s/^/$run /" | tee -a "$OUT/$name.txt"
+    done
+}
+
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 free -g | tee -a "$OUT/card.txt"
 
@@ -141,12 +170,8 @@ for s in "$@"; do
                    --attention-dropout 0 --tokenizer-type NullTokenizer --vocab-size "${LLAMA_VOCAB:-128255}"
                    --seq-length "${LLAMA_SEQ:-4096}" --global-batch-size "${LLAMA_GLOBAL_BATCH:-8}"
                    --recompute-granularity full --train-iters "${LLAMA_ITERS:-6}" --log-interval 1)
-            for run in "stronghold ${LLAMA_LAYERS:-48}" "megatron-lm ${LLAMA_MEGATRON_LAYERS:-16}"; do
-                set -- $run
-                RESULTS_DIR="$OUT/llama" bash examples/run.sh -m "$1" -l "$2" -h "${LLAMA_HIDDEN:-4096}" -b 1 -- \
-                    "${llama[@]}" 2>&1 | grep -E "total parameters|^plan|host store|start-up|iteration +[0-9]+/|summary|exited" |
-                    sed "s/^/$1 L=$2 /" | tee -a "$OUT/llama.txt"
-            done
+            model_runs llama "${LLAMA_HIDDEN:-4096}" "${LLAMA_HEADS:-32}" "${LLAMA_SEQ:-4096}" 1 \
+                "${LLAMA_RUNS:-stronghold:48 megatron-lm:16}" "${llama[@]}"
             "$PY" tools/extract_results.py llama --results "$OUT" && tee -a "$OUT/llama.txt" < "$OUT/llama.csv" ;;
         cpuadam)
             "$PY" tools/bench_cpu_adam.py --threads "${ADAM_THREADS:-15}" 2>&1 | tee "$OUT/cpuadam.txt" ;;
@@ -180,19 +205,8 @@ for s in "$@"; do
                   --seq-length 4096 --global-batch-size 16 --recompute-granularity full --bf16
                   --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
                   --train-iters "${QWEN_ITERS:-4}" --log-interval 1)
-            for run in ${QWEN_RUNS:-stronghold:48 megatron-lm:search}; do
-                method=${run%%:*} layers=${run#*:}
-                if [[ "$layers" == search ]]; then
-                    "$PY" tools/largest_model.py --method "$method" --start planner --max-layers planner \
-                        --hidden 5120 --heads 40 --seq 4096 --batch 1 --iters "${QWEN_ITERS:-4}" --timeout 400 \
-                        --out "$OUT/qwen14b" -- "${qwen[@]}" 2>&1 | tee -a "$OUT/qwen14b.txt"
-                    continue
-                fi
-                RESULTS_DIR="$OUT/qwen14b" bash examples/run.sh -m "$method" -l "$layers" -h 5120 -b 1 \
-                    -w "${QWEN_WINDOW:-2}" -- "${qwen[@]}" 2>&1 |
-                    grep -E "total parameters|^plan|host store|start-up|iteration +[0-9]+/|summary|exited|error" |
-                    sed "s/^/$method L=$layers /" | tee -a "$OUT/qwen14b.txt"
-            done ;;
+            WINDOW="${QWEN_WINDOW:-2}" model_runs qwen14b 5120 40 4096 1 \
+                "${QWEN_RUNS:-stronghold:48 megatron-lm:search}" "${qwen[@]}" ;;
         zerobytes)
             for m in ${ZERO_METHODS:-zero-offload zero-infinity}; do
                 for l in ${ZERO_LAYERS:-16 48}; do
