@@ -79,6 +79,7 @@ BF16_MOMENTS = ("--use-precision-aware-optimizer", "--exp-avg-dtype", "bf16", "-
 @pytest.mark.parametrize("flags,expected", [
     (("--bf16",), 14), (("--bf16", "--global-batch-size", "4"), 14),  # the sum stays on the device
     (("--bf16", "--no-store-param-remainders"), 16), (("--bf16", *BF16_MOMENTS), 10),
+    (("--bf16", *BF16_MOMENTS, "--main-grads-dtype", "bf16"), 10),
     ((), 16), (BF16_MOMENTS, 12), (("--fp16",), 18), (("--fp16", *BF16_MOMENTS), 14),
 ])
 def test_host_store_bytes_per_parameter_are_the_planners(flags, expected):
@@ -102,7 +103,8 @@ def test_host_store_bytes_per_parameter_are_the_planners(flags, expected):
 @pytest.mark.unit
 @pytest.mark.parametrize("flags,expected", [
     (("--bf16",), 16), (("--bf16", "--no-store-param-remainders"), 18), (("--bf16", *BF16_MOMENTS), 12),
-    (BF16_MOMENTS, 12), (("--bf16", *BF16_MOMENTS, "--main-grads-dtype", "bf16"), 10)])
+    (BF16_MOMENTS, 12), (("--bf16", *BF16_MOMENTS, "--main-grads-dtype", "bf16"), 10), ((), 16),
+    (("--fp16",), 18), (("--fp16", *BF16_MOMENTS), 14)])
 def test_resident_optimizer_bytes_per_parameter_are_the_planners(flags, expected):
     """What the planner counts per resident parameter is what the megatron-lm step holds after its first
     step: weights, master, main grad and moments (fp32 moments are allocated by torch at that step)."""
