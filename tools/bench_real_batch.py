@@ -269,7 +269,7 @@ def main():
         if a.budget and time.time() - start + longest > a.budget:
             print(f"{label}: not run (the budget of {a.budget:.0f} s would not hold it)", flush=True)
             return {"label": label, "method": spec[1], "layers": spec[2], "micro batch": spec[3], "exit": "not run"}
-        row = dict(run(*spec, a.iters, a.out, a.baseline_tree, a.override.split()), case=case)
+        row = run(*spec, a.iters, a.out, a.baseline_tree, a.override.split())
         longest = max(longest, row["wall (s)"])
         return row
 

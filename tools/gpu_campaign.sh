@@ -60,22 +60,23 @@ model_runs() {
     # model_runs NAME HIDDEN HEADS SEQ MICRO_BATCH "RUN..." FLAGS...: each RUN is METHOD:LAYERS or
     # METHOD:search (the most layers that train, from the pre-flight count down: tools/largest_model.py),
     # with :norecompute appended to drop --recompute-granularity full (megatron-lm's fastest configuration
-    # where it fits); logs under OUT/NAME[-norecompute], their key lines in OUT/NAME.txt
+    # where it fits); WINDOW and ITERS (the iterations a search trial must finish) from the environment;
+    # logs under OUT/NAME[-norecompute], their key lines in OUT/NAME.txt
     local name=$1 hidden=$2 heads=$3 seq=$4 micro=$5 runs=$6 run method layers variant dir flags i
     shift 6
     for run in $runs; do
         IFS=: read -r method layers variant <<< "$run"
-        flags=() dir="$OUT/$name"
-        for ((i = 1; i <= $#; i++)); do
-            if [[ "${variant:-}" == norecompute && "${!i}" == --recompute-granularity ]]; then
-                ((i++)) && continue  # and its value
-            fi
-            flags+=("${!i}")
-        done
-        [[ "${variant:-}" == norecompute ]] && dir="$OUT/$name-norecompute"
+        flags=("$@") dir="$OUT/$name"
+        if [[ "${variant:-}" == norecompute ]]; then
+            flags=() dir="$OUT/$name-norecompute"
+            for ((i = 1; i <= $#; i++)); do
+                [[ "${!i}" == --recompute-granularity ]] && { i=$((i + 1)); continue; }  # and its value
+                flags+=("${!i}")
+            done
+        fi
         if [[ "$layers" == search ]]; then
             "$PY" tools/largest_model.py --method "$method" --start planner --max-layers planner --hidden "$hidden" \
-                --heads "$heads" --seq "$seq" --batch "$micro" --iters 4 --timeout 400 --out "$dir" -- "${flags[@]}" 2>&1 |
+                --heads "$heads" --seq "$seq" --batch "$micro" --iters "${ITERS:-4}" --timeout 400 --out "$dir" -- "${flags[@]}" 2>&1 |
                 sed "s/^/$run /" | tee -a "$OUT/$name.txt"
             continue
         fi
@@ -170,7 +171,7 @@ for s in "$@"; do
                    --attention-dropout 0 --tokenizer-type NullTokenizer --vocab-size "${LLAMA_VOCAB:-128255}"
                    --seq-length "${LLAMA_SEQ:-4096}" --global-batch-size "${LLAMA_GLOBAL_BATCH:-8}"
                    --recompute-granularity full --train-iters "${LLAMA_ITERS:-6}" --log-interval 1)
-            model_runs llama "${LLAMA_HIDDEN:-4096}" "${LLAMA_HEADS:-32}" "${LLAMA_SEQ:-4096}" 1 \
+            ITERS="${LLAMA_ITERS:-6}" model_runs llama "${LLAMA_HIDDEN:-4096}" "${LLAMA_HEADS:-32}" "${LLAMA_SEQ:-4096}" 1 \
                 "${LLAMA_RUNS:-stronghold:48 megatron-lm:16}" "${llama[@]}"
             "$PY" tools/extract_results.py llama --results "$OUT" && tee -a "$OUT/llama.txt" < "$OUT/llama.csv" ;;
         cpuadam)
@@ -205,7 +206,7 @@ for s in "$@"; do
                   --seq-length 4096 --global-batch-size 16 --recompute-granularity full --bf16
                   --use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16
                   --train-iters "${QWEN_ITERS:-4}" --log-interval 1)
-            WINDOW="${QWEN_WINDOW:-2}" model_runs qwen14b 5120 40 4096 1 \
+            WINDOW="${QWEN_WINDOW:-2}" ITERS="${QWEN_ITERS:-4}" model_runs qwen14b 5120 40 4096 1 \
                 "${QWEN_RUNS:-stronghold:48 megatron-lm:search}" "${qwen[@]}" ;;
         zerobytes)
             for m in ${ZERO_METHODS:-zero-offload zero-infinity}; do
